@@ -1,0 +1,75 @@
+# shellcheck shell=bash
+# Shared helpers for scripts/setup/*.sh (sourced, not executed).
+#
+# Why: every setup step needs the same cache location, logging and a way to
+# call apt-get that waits for a concurrently running apt/dpkg instead of
+# failing on its lock.
+
+VN_CACHE=${VN_CACHE:-/var/cache/vfiouser-net}
+export VN_CACHE
+# Suite that provides QEMU >= 10.1 (vfio-user-pci) and the guest image parts.
+VN_SUITE=${VN_SUITE:-trixie}
+VN_MIRROR=${VN_MIRROR:-http://deb.debian.org/debian}
+export DEBIAN_FRONTEND=noninteractive
+
+vn_log() { printf '[%s] %s\n' "${VN_STEP:-setup}" "$*" >&2; }
+vn_die() { vn_log "ERROR: $*"; exit 1; }
+
+vn_need_root() {
+    [[ $(id -u) -eq 0 ]] || vn_die "must run as root"
+}
+
+# Debian major version of the host ("12", "13", ...).
+vn_debian_major() {
+    local v
+    v=$(cat /etc/debian_version 2>/dev/null || echo unknown)
+    case "$v" in
+        trixie*) echo 13 ;;
+        bookworm*) echo 12 ;;
+        *) echo "${v%%.*}" ;;
+    esac
+}
+
+# apt-get wrapper: waits for the dpkg/apt locks held by another apt process
+# (e.g. an install still running in the background) instead of failing.
+vn_apt_get() {
+    local try out rc
+    out=$(mktemp)
+    for try in $(seq 1 120); do
+        set +e
+        apt-get -o DPkg::Lock::Timeout=600 "$@" 2>&1 | tee "$out"
+        rc=${PIPESTATUS[0]}
+        set -e
+        if [[ $rc -eq 0 ]]; then
+            rm -f "$out"
+            return 0
+        fi
+        if grep -qiE 'could not get lock|unable to lock|is another process using it' "$out"; then
+            vn_log "apt lock busy, waiting (try $try)"
+            sleep 5
+            continue
+        fi
+        rm -f "$out"
+        return "$rc"
+    done
+    rm -f "$out"
+    vn_die "gave up waiting for the apt lock"
+}
+
+# Returns 0 when all given Debian packages are installed on the host.
+vn_pkgs_installed() {
+    local p st
+    for p in "$@"; do
+        st=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
+        [[ $st == installed ]] || return 1
+    done
+    return 0
+}
+
+# Print the packages from the arguments that are not installed.
+vn_pkgs_missing() {
+    local p
+    for p in "$@"; do
+        vn_pkgs_installed "$p" || printf '%s\n' "$p"
+    done
+}
