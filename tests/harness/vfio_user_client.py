@@ -832,16 +832,23 @@ class VfioUserClient:
         major: int = LIB_VFIO_USER_MAJOR,
         minor: int = LIB_VFIO_USER_MINOR,
         caps: dict[str, Any] | None = None,
+        no_json: bool = False,
     ) -> ServerVersion:
-        """Send VFIO_USER_VERSION; the first message on a connection."""
-        if caps is None:
+        """Send VFIO_USER_VERSION; the first message on a connection.
+
+        ``caps`` replaces the default capabilities JSON; ``no_json`` sends none
+        (the server then assumes max_msg_fds 1).
+        """
+        if caps is None and not no_json:
             caps = {
                 "capabilities": {
                     "max_msg_fds": self.max_msg_fds,
                     "max_data_xfer_size": self.max_data_xfer_size,
                 }
             }
-        reply = self._call(Command.VERSION, pack_version(major, minor, caps))
+        reply = self._call(
+            Command.VERSION, pack_version(major, minor, None if no_json else caps)
+        )
         reply.close_fds()
         smajor, sminor, scaps = unpack_version(reply.payload)
         if smajor != major:
