@@ -21,7 +21,7 @@ PKGS=(
     python3-venv python3-dev
     debootstrap dpkg-dev
     iproute2 iperf3 ethtool procps psmisc
-    cpio xz-utils zstd file
+    cpio xz-utils zstd gzip file binutils
     clang
     prometheus
 )

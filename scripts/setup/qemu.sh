@@ -27,7 +27,7 @@ MIN_MINOR=1
 
 # Succeeds when the wrapper runs a QEMU >= 10.1 that has vfio-user-pci.
 verify() {
-    local ver major minor
+    local ver major minor devices
     [[ -x $WRAPPER ]] || return 1
     ver=$("$WRAPPER" -version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9][0-9]*\.[0-9][0-9]*\(\.[0-9][0-9]*\)\?\).*/\1/p') || return 1
     [[ -n $ver ]] || return 1
@@ -38,7 +38,8 @@ verify() {
         vn_log "QEMU $ver is older than $MIN_MAJOR.$MIN_MINOR"
         return 1
     fi
-    "$WRAPPER" -device help 2>/dev/null | grep -q '"vfio-user-pci"' || {
+    devices=$("$WRAPPER" -device help 2>/dev/null) || return 1
+    grep -q '"vfio-user-pci"' <<<"$devices" || {
         vn_log "QEMU $ver has no vfio-user-pci device"
         return 1
     }
