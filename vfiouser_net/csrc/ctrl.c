@@ -1,0 +1,182 @@
+/* The control virtqueue (virtio 1.x 5.1.6.5): parse and apply commands.
+ *
+ * Runs on the context thread from the control queue's doorbell; the Linux
+ * driver busy-waits for the ack, so commands are answered synchronously.
+ * Every command is validated for its exact length and for the features the
+ * driver negotiated; anything else gets VIRTIO_NET_ERR and changes nothing. */
+#include <string.h>
+#include <syslog.h>
+
+#include "device.h"
+#include "le.h"
+#include "net_hdr.h"
+#include "tap.h"
+
+/* Bigger than any valid command: two full MAC tables (8 + 2*64*6 bytes). */
+#define CTRL_MAX_REQ 2048
+
+static uint8_t ctrl_rx(struct vn_dev *dev, uint8_t cmd, const uint8_t *data, uint32_t len)
+{
+    if (!VN_HAS(dev->features, VN_F_CTRL_RX) || len != 1 || data[0] > 1)
+        return VN_CTRL_ERR;
+    bool on = data[0] != 0;
+    switch (cmd) {
+    case VN_CTRL_RX_PROMISC:
+        vn_dev_pause_workers(dev);
+        dev->filter.promisc = on;
+        vn_dev_resume_workers(dev);
+        return VN_CTRL_OK;
+    case VN_CTRL_RX_ALLMULTI:
+        vn_dev_pause_workers(dev);
+        dev->filter.allmulti = on;
+        vn_dev_resume_workers(dev);
+        return VN_CTRL_OK;
+    default:
+        return VN_CTRL_ERR;
+    }
+}
+
+/* One table of struct virtio_net_ctrl_mac { le32 entries; u8 macs[][6]; }.
+ * Returns the bytes consumed or 0 when malformed. */
+static uint32_t parse_mac_table(const uint8_t *data, uint32_t len, uint32_t *entries)
+{
+    if (len < 4)
+        return 0;
+    uint32_t n = vn_le32_get(data);
+    if (n > (len - 4) / 6)
+        return 0;
+    *entries = n;
+    return 4 + 6 * n;
+}
+
+static uint8_t ctrl_mac(struct vn_dev *dev, uint8_t cmd, const uint8_t *data, uint32_t len)
+{
+    if (cmd == VN_CTRL_MAC_ADDR_SET) {
+        if (!VN_HAS(dev->features, VN_F_CTRL_MAC_ADDR) || len != 6)
+            return VN_CTRL_ERR;
+        vn_dev_pause_workers(dev);
+        memcpy(dev->filter.mac, data, 6);
+        vn_dev_resume_workers(dev);
+        return VN_CTRL_OK;
+    }
+    if (cmd != VN_CTRL_MAC_TABLE_SET || !VN_HAS(dev->features, VN_F_CTRL_RX))
+        return VN_CTRL_ERR;
+    uint32_t n_uc, n_mc;
+    uint32_t uc_len = parse_mac_table(data, len, &n_uc);
+    if (uc_len == 0)
+        return VN_CTRL_ERR;
+    uint32_t mc_len = parse_mac_table(data + uc_len, len - uc_len, &n_mc);
+    if (mc_len == 0 || uc_len + mc_len != len)
+        return VN_CTRL_ERR;
+    vn_dev_pause_workers(dev);
+    struct vn_rx_filter *f = &dev->filter;
+    f->uni_overflow = n_uc > VN_MAC_TABLE_ENTRIES;
+    f->n_uc = f->uni_overflow ? 0 : n_uc;
+    memcpy(f->uc, data + 4, 6 * (size_t)f->n_uc);
+    f->multi_overflow = n_mc > VN_MAC_TABLE_ENTRIES;
+    f->n_mc = f->multi_overflow ? 0 : n_mc;
+    memcpy(f->mc, data + uc_len + 4, 6 * (size_t)f->n_mc);
+    vn_dev_resume_workers(dev);
+    return VN_CTRL_OK;
+}
+
+static uint8_t ctrl_guest_offloads(struct vn_dev *dev, uint8_t cmd, const uint8_t *data, uint32_t len)
+{
+    if (!VN_HAS(dev->features, VN_F_CTRL_GUEST_OFFLOADS) || cmd != VN_CTRL_GUEST_OFFLOADS_SET ||
+        len != 8)
+        return VN_CTRL_ERR;
+    uint64_t want = vn_le64_get(data);
+    const uint64_t guest_bits = (1ull << VN_F_GUEST_CSUM) | (1ull << VN_F_GUEST_TSO4) |
+                                (1ull << VN_F_GUEST_TSO6) | (1ull << VN_F_GUEST_ECN) |
+                                (1ull << VN_F_GUEST_UFO);
+    /* Only offloads that were negotiated can be switched. */
+    if ((want & ~(dev->features & guest_bits)) != 0)
+        return VN_CTRL_ERR;
+    for (unsigned i = 0; i < dev->active_qps; i++)
+        if (dev->qp[i].tap_fd >= 0 && vn_tap_set_guest_offloads(dev->qp[i].tap_fd, want) < 0)
+            return VN_CTRL_ERR;
+    return VN_CTRL_OK;
+}
+
+uint8_t vn_ctrl_handle(struct vn_dev *dev, const uint8_t *req, uint32_t len)
+{
+    if (len < 2)
+        return VN_CTRL_ERR;
+    uint8_t cls = req[0], cmd = req[1];
+    const uint8_t *data = req + 2;
+    uint32_t dlen = len - 2;
+    switch (cls) {
+    case VN_CTRL_RX:
+        return ctrl_rx(dev, cmd, data, dlen);
+    case VN_CTRL_MAC:
+        return ctrl_mac(dev, cmd, data, dlen);
+    case VN_CTRL_ANNOUNCE:
+        if (!VN_HAS(dev->features, VN_F_GUEST_ANNOUNCE) || cmd != VN_CTRL_ANNOUNCE_ACK || dlen != 0)
+            return VN_CTRL_ERR;
+        atomic_store(&dev->announce, false);
+        return VN_CTRL_OK;
+    case VN_CTRL_GUEST_OFFLOADS:
+        return ctrl_guest_offloads(dev, cmd, data, dlen);
+    default:
+        return VN_CTRL_ERR;
+    }
+}
+
+void vn_ctrl_process(struct vn_dev *dev)
+{
+    struct vn_vq *vq = &dev->ctrl;
+    if (!vn_vq_ready(vq))
+        return;
+    struct iovec iov[64];
+    uint8_t req[CTRL_MAX_REQ];
+    bool pushed = false;
+    for (;;) {
+        struct vn_chain c;
+        int err;
+        int r = vn_vq_pop(vq, iov, 64, &c, &err);
+        if (r == VN_POP_EMPTY)
+            break;
+        if (r == VN_POP_FATAL) {
+            vn_dev_fatal(dev, "control queue ring corrupt");
+            break;
+        }
+        pushed = true;
+        if (r == VN_POP_BAD || c.nout == c.niov) {
+            /* Malformed, or no byte to put the ack in: nothing to answer. */
+            vn_log(dev, LOG_WARNING, "control queue: malformed command chain (%s)",
+                   r == VN_POP_BAD ? vn_error_reason_name(err) : "no ack buffer");
+            VN_STAT_INC(dev->st.ctrl_err);
+            vn_vq_push(vq, c.head, 0);
+            continue;
+        }
+        uint8_t ack = VN_CTRL_ERR;
+        if (c.out_len <= CTRL_MAX_REQ) {
+            uint32_t off = 0;
+            for (unsigned i = 0; i < c.nout; i++) {
+                memcpy(req + off, iov[i].iov_base, iov[i].iov_len);
+                off += (uint32_t)iov[i].iov_len;
+            }
+            ack = vn_ctrl_handle(dev, req, off);
+            if (ack != VN_CTRL_OK)
+                vn_log(dev, LOG_WARNING, "control queue: command class %u cmd %u (%u bytes) refused",
+                       off > 0 ? req[0] : 0, off > 1 ? req[1] : 0, off);
+        }
+        if (ack == VN_CTRL_OK)
+            VN_STAT_INC(dev->st.ctrl_ok);
+        else
+            VN_STAT_INC(dev->st.ctrl_err);
+        /* The ack is the last device-writable byte. */
+        const struct iovec *last = &iov[c.niov - 1];
+        ((uint8_t *)last->iov_base)[last->iov_len - 1] = ack;
+        vn_vq_push(vq, c.head, 1);
+        if (dev->hooks.event != NULL)
+            dev->hooks.event(dev->hooks.py, VN_EVENT_CTRL);
+    }
+    if (pushed) {
+        vn_vq_publish(vq);
+        if (vn_vq_should_notify(vq) && vq->msix_vector != VN_VQ_NO_VECTOR) {
+            vn_irq_raise(dev, vq->msix_vector);
+            VN_STAT_INC(vq->st->interrupts);
+        }
+    }
+}

@@ -1,0 +1,423 @@
+#include "device.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <syslog.h>
+#include <unistd.h>
+
+#include "libvfio-user.h"
+#include "net_hdr.h"
+#include "tap.h"
+
+static const char *const drop_names[VN_DROP__COUNT] = {
+    [VN_DROP_BAD_CHAIN] = "bad_chain",
+    [VN_DROP_HEADER_TOO_SHORT] = "header_too_short",
+    [VN_DROP_FRAME_TOO_BIG] = "frame_too_big",
+    [VN_DROP_BUFFER_TOO_SMALL] = "buffer_too_small",
+    [VN_DROP_MAC_FILTER] = "mac_filter",
+    [VN_DROP_LINK_DOWN] = "link_down",
+    [VN_DROP_TAP_ERROR] = "tap_error",
+    [VN_DROP_QUEUE_BROKEN] = "queue_broken",
+};
+
+static const char *const error_names[VN_ERR__COUNT] = {
+    [VN_ERR_DESC_ADDR] = "desc_addr",
+    [VN_ERR_DESC_NEXT] = "desc_next",
+    [VN_ERR_DESC_LOOP] = "desc_loop",
+    [VN_ERR_DESC_ORDER] = "desc_order",
+    [VN_ERR_INDIRECT] = "indirect",
+    [VN_ERR_CHAIN_TOO_LONG] = "chain_too_long",
+    [VN_ERR_AVAIL_IDX] = "avail_idx",
+    [VN_ERR_HEAD_INDEX] = "head_index",
+    [VN_ERR_RING_ADDR] = "ring_addr",
+    [VN_ERR_ZERO_LENGTH] = "zero_length",
+};
+
+const char *vn_drop_reason_name(int reason)
+{
+    return reason >= 0 && reason < VN_DROP__COUNT ? drop_names[reason] : "unknown";
+}
+
+const char *vn_error_reason_name(int reason)
+{
+    return reason >= 0 && reason < VN_ERR__COUNT ? error_names[reason] : "unknown";
+}
+
+void vn_log(struct vn_dev *dev, int level, const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    if (dev->hooks.log != NULL)
+        dev->hooks.log(dev->hooks.py, level, buf);
+    else
+        fprintf(stderr, "vfiouser-net: %s\n", buf);
+}
+
+struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu)
+{
+    if (max_qps == 0 || max_qps > VN_MAX_QUEUE_PAIRS)
+        return NULL;
+    struct vn_dev *dev = calloc(1, sizeof(*dev));
+    if (dev == NULL)
+        return NULL;
+    dev->max_qps = max_qps;
+    dev->mtu = mtu;
+    vn_mem_init(&dev->mem);
+    vn_rx_filter_reset(&dev->filter, mac);
+    pthread_rwlock_init(&dev->irq_lock, NULL);
+    atomic_store(&dev->config_vector, VN_VQ_NO_VECTOR);
+    atomic_store(&dev->link_up, true);
+    dev->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    for (unsigned i = 0; i < max_qps; i++) {
+        struct vn_qp *qp = &dev->qp[i];
+        qp->dev = dev;
+        qp->index = i;
+        qp->tap_fd = -1;
+        qp->kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        pthread_mutex_init(&qp->lock, NULL);
+        pthread_cond_init(&qp->cond, NULL);
+        vn_vq_init(&qp->rx, &dev->mem, &qp->st.rx);
+        vn_vq_init(&qp->tx, &dev->mem, &qp->st.tx);
+    }
+    vn_vq_init(&dev->ctrl, &dev->mem, &dev->ctrl_stats);
+    return dev;
+}
+
+void vn_dev_free(struct vn_dev *dev)
+{
+    if (dev == NULL)
+        return;
+    vn_dev_reset(dev);
+    for (unsigned i = 0; i < dev->max_qps; i++) {
+        close(dev->qp[i].kick_fd);
+        pthread_mutex_destroy(&dev->qp[i].lock);
+        pthread_cond_destroy(&dev->qp[i].cond);
+    }
+    close(dev->stop_fd);
+    pthread_rwlock_destroy(&dev->irq_lock);
+    free(dev);
+}
+
+void vn_dev_set_hooks(struct vn_dev *dev, const struct vn_hooks *hooks)
+{
+    dev->hooks = *hooks;
+}
+
+void vn_dev_set_tap(struct vn_dev *dev, unsigned qp, int fd)
+{
+    if (qp < dev->max_qps)
+        dev->qp[qp].tap_fd = fd;
+}
+
+static struct vn_vq *queue_by_index(struct vn_dev *dev, unsigned qidx)
+{
+    if (qidx < 2 * dev->max_qps)
+        return qidx % 2 == 0 ? &dev->qp[qidx / 2].rx : &dev->qp[qidx / 2].tx;
+    if (qidx == 2 * dev->max_qps)
+        return &dev->ctrl;
+    return NULL;
+}
+
+int vn_dev_config_queue(struct vn_dev *dev, unsigned qidx, uint16_t size, uint64_t desc,
+                        uint64_t avail, uint64_t used, uint16_t vector)
+{
+    struct vn_vq *vq = queue_by_index(dev, qidx);
+    if (vq == NULL || dev->started)
+        return -EINVAL;
+    vq->size = size;
+    vq->desc_gpa = desc;
+    vq->avail_gpa = avail;
+    vq->used_gpa = used;
+    vq->msix_vector = vector;
+    return 0;
+}
+
+static void start_worker(struct vn_qp *qp)
+{
+    atomic_store(&qp->req, VN_QP_RUN);
+    qp->parked = false;
+    if (pthread_create(&qp->thread, NULL, vn_qp_worker, qp) == 0)
+        qp->thread_started = true;
+    else
+        vn_log(qp->dev, LOG_ERR, "queue pair %u: cannot start worker", qp->index);
+}
+
+int vn_dev_start(struct vn_dev *dev, uint64_t features)
+{
+    if (dev->started)
+        return 0;
+    dev->features = features;
+    bool event_idx = VN_HAS(features, VN_F_RING_EVENT_IDX);
+    bool indirect = VN_HAS(features, VN_F_RING_INDIRECT_DESC);
+    int ret = 0;
+    /* Without MQ only the first pair exists for the driver. */
+    dev->active_qps = VN_HAS(features, VN_F_MQ) ? dev->max_qps : 1;
+    for (unsigned i = 0; i < dev->active_qps; i++) {
+        struct vn_qp *qp = &dev->qp[i];
+        struct vn_vq *vqs[2] = { &qp->rx, &qp->tx };
+        for (int k = 0; k < 2; k++) {
+            vn_vq_reset_state(vqs[k]);
+            vqs[k]->event_idx = event_idx;
+            vqs[k]->indirect = indirect;
+            if (vqs[k]->size != 0 && !vn_vq_map(vqs[k])) {
+                vn_log(dev, LOG_ERR, "queue %u: ring addresses outside guest memory", 2 * i + k);
+                ret = -1;
+            }
+        }
+        if (qp->tap_fd >= 0)
+            vn_tap_set_guest_offloads(qp->tap_fd, features);
+    }
+    vn_vq_reset_state(&dev->ctrl);
+    dev->ctrl.event_idx = event_idx;
+    dev->ctrl.indirect = indirect;
+    if (VN_HAS(features, VN_F_CTRL_VQ) && dev->ctrl.size != 0 && !vn_vq_map(&dev->ctrl)) {
+        vn_log(dev, LOG_ERR, "control queue: ring addresses outside guest memory");
+        ret = -1;
+    }
+    if (ret != 0)
+        return ret;
+    for (unsigned i = 0; i < dev->active_qps; i++)
+        start_worker(&dev->qp[i]);
+    dev->started = true;
+    return 0;
+}
+
+static void stop_worker(struct vn_qp *qp)
+{
+    if (!qp->thread_started)
+        return;
+    pthread_mutex_lock(&qp->lock);
+    atomic_store(&qp->req, VN_QP_STOP);
+    pthread_cond_broadcast(&qp->cond);
+    pthread_mutex_unlock(&qp->lock);
+    eventfd_write(qp->kick_fd, 1);
+    pthread_join(qp->thread, NULL);
+    qp->thread_started = false;
+}
+
+void vn_dev_reset(struct vn_dev *dev)
+{
+    for (unsigned i = 0; i < dev->max_qps; i++) {
+        struct vn_qp *qp = &dev->qp[i];
+        stop_worker(qp);
+        eventfd_t v;
+        eventfd_read(qp->kick_fd, &v);
+        vn_vq_reset_state(&qp->rx);
+        vn_vq_reset_state(&qp->tx);
+        qp->rx.size = qp->tx.size = 0;
+        qp->rx.msix_vector = qp->tx.msix_vector = VN_VQ_NO_VECTOR;
+        qp->rx_first = qp->rx_count = qp->rx_iov_end = 0;
+        qp->rx_prefetched_bytes = 0;
+        if (qp->tap_fd >= 0)
+            vn_tap_set_guest_offloads(qp->tap_fd, 0);
+    }
+    vn_vq_reset_state(&dev->ctrl);
+    dev->ctrl.size = 0;
+    dev->ctrl.msix_vector = VN_VQ_NO_VECTOR;
+    dev->started = false;
+    dev->workers_paused = false;
+    dev->features = 0;
+    dev->active_qps = 0;
+    atomic_store(&dev->needs_reset, false);
+    atomic_store(&dev->announce, false);
+    atomic_store(&dev->config_vector, VN_VQ_NO_VECTOR);
+    uint8_t mac[6];
+    memcpy(mac, dev->filter.mac, 6);
+    vn_rx_filter_reset(&dev->filter, mac);
+}
+
+void vn_dev_pause_workers(struct vn_dev *dev)
+{
+    if (dev->workers_paused)
+        return;
+    dev->workers_paused = true;
+    for (unsigned i = 0; i < dev->max_qps; i++) {
+        struct vn_qp *qp = &dev->qp[i];
+        if (!qp->thread_started)
+            continue;
+        atomic_store(&qp->req, VN_QP_PAUSE);
+        eventfd_write(qp->kick_fd, 1);
+    }
+    for (unsigned i = 0; i < dev->max_qps; i++) {
+        struct vn_qp *qp = &dev->qp[i];
+        if (!qp->thread_started)
+            continue;
+        pthread_mutex_lock(&qp->lock);
+        while (!qp->parked)
+            pthread_cond_wait(&qp->cond, &qp->lock);
+        pthread_mutex_unlock(&qp->lock);
+    }
+}
+
+void vn_dev_resume_workers(struct vn_dev *dev)
+{
+    if (!dev->workers_paused)
+        return;
+    dev->workers_paused = false;
+    for (unsigned i = 0; i < dev->max_qps; i++) {
+        struct vn_qp *qp = &dev->qp[i];
+        if (!qp->thread_started)
+            continue;
+        pthread_mutex_lock(&qp->lock);
+        atomic_store(&qp->req, VN_QP_RUN);
+        pthread_cond_broadcast(&qp->cond);
+        pthread_mutex_unlock(&qp->lock);
+    }
+    /* The control queue runs on this thread: re-translate its rings now. */
+    if (dev->started && dev->ctrl.size != 0 && !dev->ctrl.broken && !vn_vq_map(&dev->ctrl))
+        vn_dev_fatal(dev, "control queue ring no longer in guest memory");
+}
+
+void vn_dev_set_link(struct vn_dev *dev, bool up)
+{
+    atomic_store(&dev->link_up, up);
+}
+
+void vn_dev_set_announce(struct vn_dev *dev, bool on)
+{
+    atomic_store(&dev->announce, on);
+}
+
+bool vn_dev_get_announce(struct vn_dev *dev)
+{
+    return atomic_load(&dev->announce);
+}
+
+bool vn_dev_get_needs_reset(struct vn_dev *dev)
+{
+    return atomic_load(&dev->needs_reset);
+}
+
+void vn_dev_set_config_vector(struct vn_dev *dev, uint16_t vector)
+{
+    atomic_store(&dev->config_vector, vector);
+}
+
+void vn_dev_get_mac(struct vn_dev *dev, uint8_t mac_out[6])
+{
+    memcpy(mac_out, dev->filter.mac, 6);
+}
+
+void vn_dev_get_filter(struct vn_dev *dev, struct vn_rx_filter *out)
+{
+    *out = dev->filter;
+}
+
+void vn_dev_fatal(struct vn_dev *dev, const char *why)
+{
+    bool was = atomic_exchange(&dev->needs_reset, true);
+    if (was)
+        return;
+    VN_STAT_INC(dev->st.needs_reset);
+    vn_log(dev, LOG_ERR, "device needs reset: %s", why);
+    vn_irq_raise(dev, atomic_load(&dev->config_vector));
+}
+
+void vn_dev_doorbell(struct vn_dev *dev, unsigned qidx)
+{
+    if (!dev->started) {
+        /* Early or stray doorbells are harmless; DRIVER_OK starts the queues. */
+        return;
+    }
+    if (qidx == 2 * dev->max_qps && VN_HAS(dev->features, VN_F_CTRL_VQ)) {
+        VN_STAT_INC(dev->ctrl_stats.doorbells);
+        vn_ctrl_process(dev);
+        return;
+    }
+    if (qidx >= 2 * dev->active_qps) {
+        VN_STAT_INC(dev->st.doorbells_invalid);
+        return;
+    }
+    struct vn_qp *qp = &dev->qp[qidx / 2];
+    if (qidx % 2 == 0)
+        VN_STAT_INC(qp->st.rx.doorbells);
+    else
+        VN_STAT_INC(qp->st.tx.doorbells);
+    eventfd_write(qp->kick_fd, 1);
+}
+
+static void trigger(struct vn_dev *dev, uint16_t vector)
+{
+    if (vfu_irq_trigger(dev->vfu, vector) < 0)
+        VN_STAT_INC(dev->st.irq_errors);
+    else
+        __atomic_fetch_add(&dev->irq_sent[vector], 1, __ATOMIC_RELAXED);
+}
+
+/* Called with irq_lock held for reading. */
+static void flush_locked(struct vn_dev *dev)
+{
+    for (unsigned w = 0; w < sizeof(dev->irq_pending) / sizeof(dev->irq_pending[0]); w++) {
+        uint64_t bits = atomic_exchange(&dev->irq_pending[w], 0);
+        while (bits != 0) {
+            unsigned b = (unsigned)__builtin_ctzll(bits);
+            bits &= bits - 1;
+            trigger(dev, (uint16_t)(w * 64 + b));
+        }
+    }
+}
+
+void vn_irq_raise(struct vn_dev *dev, uint16_t vector)
+{
+    if (vector >= VN_MAX_VECTORS || dev->vfu == NULL)
+        return;
+    /* Publish the request first: if the context thread holds the lock for a
+     * message (maybe SET_IRQS replacing this eventfd), it flushes the pending
+     * bits after releasing it, so no interrupt is lost or sent to a stale fd. */
+    atomic_fetch_or(&dev->irq_pending[vector / 64], 1ull << (vector % 64));
+    if (pthread_rwlock_tryrdlock(&dev->irq_lock) == 0) {
+        flush_locked(dev);
+        pthread_rwlock_unlock(&dev->irq_lock);
+    }
+}
+
+void vn_irq_flush_pending(struct vn_dev *dev)
+{
+    pthread_rwlock_rdlock(&dev->irq_lock);
+    flush_locked(dev);
+    pthread_rwlock_unlock(&dev->irq_lock);
+}
+
+static void copy_dir(struct vn_dir_stats *out, const struct vn_dir_stats *in)
+{
+    const uint64_t *src = (const uint64_t *)in;
+    uint64_t *dst = (uint64_t *)out;
+    for (size_t i = 0; i < sizeof(*in) / sizeof(uint64_t); i++)
+        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+}
+
+void vn_dev_get_qp_stats(struct vn_dev *dev, unsigned qp, struct vn_qp_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (qp >= dev->max_qps)
+        return;
+    copy_dir(&out->rx, &dev->qp[qp].st.rx);
+    copy_dir(&out->tx, &dev->qp[qp].st.tx);
+}
+
+void vn_dev_get_ctrl_stats(struct vn_dev *dev, struct vn_dir_stats *out)
+{
+    copy_dir(out, &dev->ctrl_stats);
+}
+
+void vn_dev_get_dev_stats(struct vn_dev *dev, struct vn_dev_stats *out)
+{
+    const uint64_t *src = (const uint64_t *)&dev->st;
+    uint64_t *dst = (uint64_t *)out;
+    for (size_t i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
+        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+}
+
+uint64_t vn_dev_get_irq_count(struct vn_dev *dev, uint16_t vector)
+{
+    if (vector >= VN_MAX_VECTORS)
+        return 0;
+    return __atomic_load_n(&dev->irq_sent[vector], __ATOMIC_RELAXED);
+}

@@ -1,0 +1,186 @@
+/* The virtio-net device as the datapath sees it: queue pairs with their
+ * workers, the control queue, guest memory, the rx filter and interrupts.
+ *
+ * Threads (see also server.c):
+ *  - the context thread runs vfu_run_ctx() and every libvfio-user callback,
+ *    the Python control plane (called from those callbacks) and the control
+ *    queue. It alone changes guest memory mappings, queue configuration and
+ *    the rx filter, and only while the workers are paused or stopped;
+ *  - one worker thread per started queue pair moves packets between its rx/tx
+ *    rings and its TAP queue;
+ *  - any thread may raise an interrupt through vn_irq_raise(), which never
+ *    races SET_IRQS (the context thread holds irq_lock for writing while it
+ *    processes a message). */
+#ifndef VN_DEVICE_H
+#define VN_DEVICE_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "guest_mem.h"
+#include "rx_filter.h"
+#include "stats.h"
+#include "virtq.h"
+
+#define VN_MAX_QUEUE_PAIRS 16
+#define VN_MAX_QUEUES (2 * VN_MAX_QUEUE_PAIRS + 1)
+#define VN_MAX_VECTORS (VN_MAX_QUEUES + 1)
+#define VN_TX_IOV_MAX 256
+#define VN_RX_IOV_MAX 256
+#define VN_RX_BUF_MAX 128
+
+enum vn_qp_req { VN_QP_RUN = 0, VN_QP_PAUSE = 1, VN_QP_STOP = 2 };
+
+struct vn_dev;
+
+/* An rx buffer (one descriptor chain) popped ahead of the packet it will hold. */
+struct vn_rx_buf {
+    uint16_t head;
+    uint16_t iov_start;
+    uint16_t niov;
+    bool bad;        /* malformed chain: returned with length 0 in turn */
+    uint32_t len;
+};
+
+struct vn_qp {
+    struct vn_dev *dev;
+    unsigned index;
+    struct vn_vq rx, tx;
+    int tap_fd;
+    int kick_fd;     /* eventfd: doorbells and pause/stop requests */
+    pthread_t thread;
+    bool thread_started;
+    _Atomic int req;
+    bool parked;     /* under lock */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    struct vn_qp_stats st;
+
+    /* Worker-private. */
+    struct iovec tx_iov[VN_TX_IOV_MAX];
+    struct iovec rx_iov[VN_RX_IOV_MAX];
+    struct vn_rx_buf rx_buf[VN_RX_BUF_MAX];
+    unsigned rx_first, rx_count;   /* prefetched rx buffers */
+    unsigned rx_iov_end;
+    uint64_t rx_prefetched_bytes;
+    uint64_t log_budget_refill_ns;
+    unsigned log_budget;
+};
+
+/* Hooks into the Python control plane, called on the context thread (and,
+ * rarely and rate limited, log from workers). */
+struct vn_hooks {
+    void *py;
+    /* BAR0 accesses outside the notify area: common/ISR/device config. */
+    int (*bar_access)(void *py, uint64_t offset, uint8_t *buf, uint32_t count, int is_write);
+    void (*reset)(void *py, int type);
+    void (*log)(void *py, int level, const char *msg);
+    void (*event)(void *py, int event);
+};
+
+enum vn_event {
+    VN_EVENT_CONNECTED = 1,
+    VN_EVENT_DISCONNECTED = 2,
+    VN_EVENT_NEEDS_RESET = 3,
+    VN_EVENT_CTRL = 4,
+};
+
+struct vn_dev_stats {
+    uint64_t ctrl_ok;
+    uint64_t ctrl_err;
+    uint64_t needs_reset;
+    uint64_t doorbells_invalid;
+    uint64_t dma_maps;
+    uint64_t dma_unmaps;
+    uint64_t quiesces;
+    uint64_t irq_errors;
+};
+
+struct vn_dev {
+    void *vfu;                   /* vfu_ctx_t */
+    struct vn_hooks hooks;
+    struct vn_mem mem;
+
+    unsigned max_qps;
+    unsigned active_qps;
+    struct vn_qp qp[VN_MAX_QUEUE_PAIRS];
+    struct vn_vq ctrl;
+    struct vn_dir_stats ctrl_stats;
+    bool started;
+
+    uint64_t features;           /* negotiated */
+    uint32_t mtu;
+    struct vn_rx_filter filter;
+    _Atomic bool link_up;
+    _Atomic bool announce;
+    _Atomic bool needs_reset;
+    _Atomic uint16_t config_vector;
+    bool workers_paused;
+
+    pthread_rwlock_t irq_lock;
+    _Atomic uint64_t irq_pending[(VN_MAX_VECTORS + 63) / 64];
+    uint64_t irq_sent[VN_MAX_VECTORS];
+
+    int stop_fd;
+    struct vn_dev_stats st;
+};
+
+/* Notify area inside BAR0: one 4-byte doorbell per queue. */
+#define VN_NOTIFY_MULTIPLIER 4
+
+struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu);
+void vn_dev_free(struct vn_dev *dev);
+void vn_dev_set_hooks(struct vn_dev *dev, const struct vn_hooks *hooks);
+/* Hand the TAP queue fd for pair qp (owned by the caller). */
+void vn_dev_set_tap(struct vn_dev *dev, unsigned qp, int fd);
+
+/* Queue configuration from common config; qidx: rx0, tx0, ..., ctrl. */
+int vn_dev_config_queue(struct vn_dev *dev, unsigned qidx, uint16_t size, uint64_t desc,
+                        uint64_t avail, uint64_t used, uint16_t vector);
+/* DRIVER_OK: map rings and start the workers. Returns 0, or -1 when a ring
+ * is unusable (the caller sets DEVICE_NEEDS_RESET). */
+int vn_dev_start(struct vn_dev *dev, uint64_t features);
+/* Stop and join the workers and forget all queue state (device reset). */
+void vn_dev_reset(struct vn_dev *dev);
+
+void vn_dev_pause_workers(struct vn_dev *dev);
+void vn_dev_resume_workers(struct vn_dev *dev);
+
+void vn_dev_set_link(struct vn_dev *dev, bool up);
+void vn_dev_set_announce(struct vn_dev *dev, bool on);
+bool vn_dev_get_announce(struct vn_dev *dev);
+bool vn_dev_get_needs_reset(struct vn_dev *dev);
+void vn_dev_set_config_vector(struct vn_dev *dev, uint16_t vector);
+void vn_dev_get_mac(struct vn_dev *dev, uint8_t mac_out[6]);
+void vn_dev_get_filter(struct vn_dev *dev, struct vn_rx_filter *out);
+
+/* Mark the device broken (DEVICE_NEEDS_RESET) and raise the config interrupt. */
+void vn_dev_fatal(struct vn_dev *dev, const char *why);
+
+/* Doorbell for queue qidx (context thread). */
+void vn_dev_doorbell(struct vn_dev *dev, unsigned qidx);
+
+/* Interrupts: safe from any thread. */
+void vn_irq_raise(struct vn_dev *dev, uint16_t vector);
+void vn_irq_flush_pending(struct vn_dev *dev);
+
+/* Counters snapshot (lock-free relaxed reads). */
+void vn_dev_get_qp_stats(struct vn_dev *dev, unsigned qp, struct vn_qp_stats *out);
+void vn_dev_get_ctrl_stats(struct vn_dev *dev, struct vn_dir_stats *out);
+void vn_dev_get_dev_stats(struct vn_dev *dev, struct vn_dev_stats *out);
+uint64_t vn_dev_get_irq_count(struct vn_dev *dev, uint16_t vector);
+
+/* Log through the control plane (context thread, or rate limited). */
+void vn_log(struct vn_dev *dev, int level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Worker (worker.c). */
+void *vn_qp_worker(void *arg);
+
+/* Control queue (ctrl.c). */
+void vn_ctrl_process(struct vn_dev *dev);
+uint8_t vn_ctrl_handle(struct vn_dev *dev, const uint8_t *req, uint32_t len);
+
+#endif

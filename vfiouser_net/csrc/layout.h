@@ -1,0 +1,22 @@
+/* The device's BAR layout, chosen for QEMU's vfio-user client (see README,
+ * "PCI layout"). No region is mmappable: QEMU then sends doorbell writes as
+ * posted (fire-and-forget) region writes, which is what keeps kicks cheap. */
+#ifndef VN_LAYOUT_H
+#define VN_LAYOUT_H
+
+#define VN_BAR0_SIZE 0x4000
+#define VN_COMMON_CFG_OFF 0x0000
+#define VN_COMMON_CFG_LEN 0x0038
+#define VN_ISR_OFF 0x1000
+#define VN_ISR_LEN 0x0004
+#define VN_DEVICE_CFG_OFF 0x2000
+#define VN_DEVICE_CFG_LEN 0x0100
+#define VN_NOTIFY_OFF 0x3000
+#define VN_NOTIFY_LEN 0x1000
+
+#define VN_MSIX_BAR 4
+#define VN_MSIX_BAR_SIZE 0x1000
+#define VN_MSIX_TABLE_OFF 0x0000
+#define VN_MSIX_PBA_OFF 0x0800
+
+#endif

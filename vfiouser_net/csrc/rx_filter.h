@@ -1,0 +1,26 @@
+/* Receive filter: what the guest asked to receive (CTRL_RX, CTRL_MAC). */
+#ifndef VN_RX_FILTER_H
+#define VN_RX_FILTER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#define VN_MAC_TABLE_ENTRIES 64
+
+struct vn_rx_filter {
+    uint8_t mac[6];
+    bool promisc;
+    bool allmulti;
+    bool uni_overflow;    /* guest listed more unicast addresses than we keep */
+    bool multi_overflow;
+    unsigned n_uc, n_mc;
+    uint8_t uc[VN_MAC_TABLE_ENTRIES][6];
+    uint8_t mc[VN_MAC_TABLE_ENTRIES][6];
+};
+
+/* The state after reset: promiscuous until the driver programs the filter,
+ * which is what drivers without CTRL_RX rely on. */
+void vn_rx_filter_reset(struct vn_rx_filter *f, const uint8_t mac[6]);
+bool vn_rx_filter_accepts(const struct vn_rx_filter *f, const uint8_t dst[6]);
+
+#endif

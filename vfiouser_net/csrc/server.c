@@ -1,0 +1,207 @@
+/* libvfio-user glue: the context thread's loop and every callback.
+ *
+ * Ownership: the vfio-user context belongs to the thread that runs
+ * vn_server_run(); every libvfio-user call except vfu_irq_trigger happens
+ * there. Workers are paused through the quiesce callback before libvfio-user
+ * maps or unmaps guest memory or resets the device, and resumed when
+ * vfu_run_ctx() returns. vfu_irq_trigger() writes an eventfd that a SET_IRQS
+ * message may close and replace: the loop holds irq_lock for writing while it
+ * processes a message and workers only trigger under the read lock (see
+ * vn_irq_raise). */
+#include "server.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <syslog.h>
+
+#include "device.h"
+#include "layout.h"
+#include "libvfio-user.h"
+
+static struct vn_dev *dev_of(vfu_ctx_t *ctx)
+{
+    return vfu_get_private(ctx);
+}
+
+static ssize_t bar0_access(vfu_ctx_t *ctx, char *buf, size_t count, loff_t offset, bool is_write)
+{
+    struct vn_dev *dev = dev_of(ctx);
+    if (offset < 0 || count == 0 || count > 8 || (uint64_t)offset + count > VN_BAR0_SIZE) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (offset >= VN_NOTIFY_OFF && offset < VN_NOTIFY_OFF + VN_NOTIFY_LEN) {
+        if (is_write) {
+            /* The queue is given by the address (notify_off_multiplier 4);
+             * the value written (the queue index) is not trusted. */
+            vn_dev_doorbell(dev, (unsigned)(offset - VN_NOTIFY_OFF) / VN_NOTIFY_MULTIPLIER);
+        } else {
+            memset(buf, 0, count);
+        }
+        return (ssize_t)count;
+    }
+    if (dev->hooks.bar_access == NULL) {
+        memset(buf, 0, is_write ? 0 : count);
+        return (ssize_t)count;
+    }
+    int r = dev->hooks.bar_access(dev->hooks.py, (uint64_t)offset, (uint8_t *)buf, (uint32_t)count,
+                                  is_write);
+    if (r < 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    return (ssize_t)count;
+}
+
+/* QEMU emulates the MSI-X table and PBA itself; accesses that still reach
+ * us read as zero and are otherwise ignored. */
+static ssize_t msix_bar_access(vfu_ctx_t *ctx, char *buf, size_t count, loff_t offset, bool is_write)
+{
+    (void)ctx;
+    if (offset < 0 || (uint64_t)offset + count > VN_MSIX_BAR_SIZE) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (!is_write)
+        memset(buf, 0, count);
+    return (ssize_t)count;
+}
+
+static void dma_register(vfu_ctx_t *ctx, vfu_dma_info_t *info)
+{
+    struct vn_dev *dev = dev_of(ctx);
+    uint64_t gpa = (uint64_t)(uintptr_t)info->iova.iov_base;
+    VN_STAT_INC(dev->st.dma_maps);
+    if (info->vaddr == NULL) {
+        vn_log(dev, LOG_WARNING,
+               "DMA region 0x%llx+0x%zx is not mappable (guest RAM must be shared memory)",
+               (unsigned long long)gpa, info->iova.iov_len);
+        return;
+    }
+    int r = vn_mem_add(&dev->mem, gpa, info->iova.iov_len, info->vaddr, (info->prot & PROT_WRITE) != 0);
+    if (r < 0)
+        vn_log(dev, LOG_ERR, "DMA region 0x%llx+0x%zx rejected: %s", (unsigned long long)gpa,
+               info->iova.iov_len, strerror(-r));
+    else
+        vn_log(dev, LOG_DEBUG, "DMA region 0x%llx+0x%zx mapped", (unsigned long long)gpa,
+               info->iova.iov_len);
+}
+
+static void dma_unregister(vfu_ctx_t *ctx, vfu_dma_info_t *info)
+{
+    struct vn_dev *dev = dev_of(ctx);
+    VN_STAT_INC(dev->st.dma_unmaps);
+    vn_mem_remove(&dev->mem, (uint64_t)(uintptr_t)info->iova.iov_base, info->iova.iov_len);
+}
+
+static int quiesce(vfu_ctx_t *ctx)
+{
+    struct vn_dev *dev = dev_of(ctx);
+    VN_STAT_INC(dev->st.quiesces);
+    vn_dev_pause_workers(dev);
+    return 0;
+}
+
+static int reset(vfu_ctx_t *ctx, vfu_reset_type_t type)
+{
+    struct vn_dev *dev = dev_of(ctx);
+    vn_log(dev, LOG_INFO, "reset (%s)",
+           type == VFU_RESET_DEVICE ? "device" : type == VFU_RESET_LOST_CONN ? "client lost" : "FLR");
+    if (dev->hooks.reset != NULL)
+        dev->hooks.reset(dev->hooks.py, (int)type);
+    else
+        vn_dev_reset(dev);
+    return 0;
+}
+
+static void vfu_log_cb(vfu_ctx_t *ctx, int level, const char *msg)
+{
+    struct vn_dev *dev = dev_of(ctx);
+    if (dev->hooks.log != NULL)
+        dev->hooks.log(dev->hooks.py, level, msg);
+}
+
+int vn_server_setup(struct vn_dev *dev, void *vfu_ctx, int log_level)
+{
+    vfu_ctx_t *ctx = vfu_ctx;
+    dev->vfu = ctx;
+    if (vfu_setup_log(ctx, vfu_log_cb, log_level) < 0)
+        return -errno;
+    if (vfu_setup_region(ctx, VFU_PCI_DEV_BAR0_REGION_IDX, VN_BAR0_SIZE, bar0_access,
+                         VFU_REGION_FLAG_RW | VFU_REGION_FLAG_MEM, NULL, 0, -1, 0) < 0)
+        return -errno;
+    if (vfu_setup_region(ctx, VFU_PCI_DEV_BAR4_REGION_IDX, VN_MSIX_BAR_SIZE, msix_bar_access,
+                         VFU_REGION_FLAG_RW | VFU_REGION_FLAG_MEM, NULL, 0, -1, 0) < 0)
+        return -errno;
+    if (vfu_setup_device_dma(ctx, dma_register, dma_unregister) < 0)
+        return -errno;
+    vfu_setup_device_quiesce_cb(ctx, quiesce);
+    if (vfu_setup_device_reset_cb(ctx, reset) < 0)
+        return -errno;
+    if (vfu_setup_device_nr_irqs(ctx, VFU_DEV_MSIX_IRQ, 2 * dev->max_qps + 2) < 0)
+        return -errno;
+    return 0;
+}
+
+void vn_server_stop(struct vn_dev *dev)
+{
+    eventfd_write(dev->stop_fd, 1);
+}
+
+static void after_messages(struct vn_dev *dev)
+{
+    /* A quiesce ends when vfu_run_ctx returns. */
+    vn_dev_resume_workers(dev);
+    vn_irq_flush_pending(dev);
+}
+
+int vn_server_run(struct vn_dev *dev)
+{
+    vfu_ctx_t *ctx = dev->vfu;
+    bool attached = false;
+    for (;;) {
+        struct pollfd pfd[2] = {
+            { .fd = vfu_get_poll_fd(ctx), .events = POLLIN },
+            { .fd = dev->stop_fd, .events = POLLIN },
+        };
+        if (poll(pfd, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (pfd[1].revents & POLLIN)
+            break;
+        if (!attached) {
+            if (vfu_attach_ctx(ctx) < 0) {
+                if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                    continue;
+                vn_log(dev, LOG_ERR, "accepting a client failed: %s", strerror(errno));
+                continue;
+            }
+            attached = true;
+            if (dev->hooks.event != NULL)
+                dev->hooks.event(dev->hooks.py, VN_EVENT_CONNECTED);
+            continue;
+        }
+        int r;
+        do {
+            pthread_rwlock_wrlock(&dev->irq_lock);
+            r = vfu_run_ctx(ctx);
+            pthread_rwlock_unlock(&dev->irq_lock);
+            after_messages(dev);
+        } while (r > 0);
+        if (r < 0 && errno != EAGAIN && errno != EINTR) {
+            if (errno != ENOTCONN)
+                vn_log(dev, LOG_WARNING, "client connection failed: %s", strerror(errno));
+            /* libvfio-user has reset the device (LOST_CONN) and dropped the
+             * client; accept the next one on the same socket. */
+            attached = false;
+            if (dev->hooks.event != NULL)
+                dev->hooks.event(dev->hooks.py, VN_EVENT_DISCONNECTED);
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,21 @@
+/* Host side: a Linux TAP device with the virtio-net header (IFF_VNET_HDR). */
+#ifndef VN_TAP_H
+#define VN_TAP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* Open (attach or create) TAP `name`, non-blocking, vnet header of 12 bytes.
+ * multi_queue: IFF_MULTI_QUEUE (needed for more than one queue). On success
+ * returns the fd and writes the kernel's name into ifname_out (16 bytes);
+ * returns -errno on failure. */
+int vn_tap_open(const char *name, bool multi_queue, char *ifname_out);
+
+/* TUNSETOFFLOAD from negotiated guest offload feature bits. */
+int vn_tap_set_guest_offloads(int fd, uint64_t guest_offload_features);
+
+/* IFF_UP of the interface (the operator's link switch on the host side):
+ * 1 up, 0 down, -errno on failure. */
+int vn_tap_is_up(const char *ifname);
+
+#endif
