@@ -36,6 +36,7 @@ esac
 mapfile -t MISSING < <(vn_pkgs_missing "${PKGS[@]}")
 if [[ ${#MISSING[@]} -eq 0 ]]; then
     vn_log "all ${#PKGS[@]} packages already installed"
+    echo "${#PKGS[@]} packages installed (cached)"
     exit 0
 fi
 vn_log "installing: ${MISSING[*]}"
@@ -46,3 +47,4 @@ vn_apt_get install -y -q --no-install-recommends "${MISSING[@]}"
 mapfile -t STILL < <(vn_pkgs_missing "${PKGS[@]}")
 [[ ${#STILL[@]} -eq 0 ]] || vn_die "still missing after install: ${STILL[*]}"
 vn_log "done"
+echo "${#PKGS[@]} packages installed (${#MISSING[@]} new)"

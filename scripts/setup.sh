@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# One-shot, idempotent set-up of everything vfiouser-net needs to build and
+# test, in order:
+#   1. scripts/setup/apt.sh           host Debian packages
+#   2. scripts/setup/libvfio-user.sh  libvfio-user (Debian qemu source) -> $VN_CACHE/libvfio-user/prefix
+#   3. scripts/setup/qemu.sh          QEMU 11.1 (vfio-user-pci) -> $VN_CACHE/bin/qemu-system-x86_64
+#   4. scripts/setup/guest-image.sh   guest kernel + initramfs -> $VN_CACHE/guest/
+#   5. a Python venv at $VN_CACHE/venv with the tools, and the project
+#      installed editable (built against the libvfio-user above).
+#
+# Why: fresh machines and CI must be able to rebuild the whole environment
+# from the package registries alone; everything expensive lives in
+# $VN_CACHE (default /var/cache/vfiouser-net), never in the repository. Each
+# step checks its own output and skips itself when it is valid, so a re-run
+# with a warm cache takes a few seconds.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+# shellcheck source=setup/lib.sh
+. "$HERE/setup/lib.sh"
+VN_STEP=setup
+vn_need_root
+VN_PYTHON=${VN_PYTHON:-python3}
+PY_PKGS=(cffi msgpack prometheus-client pytest mypy ruff)
+
+declare -a SUMMARY=()
+step() {
+    local name=$1 t0 ms out
+    shift
+    t0=$(date +%s%N)
+    out=$("$@")
+    ms=$((($(date +%s%N) - t0) / 1000000))
+    SUMMARY+=("$(printf '  %-13s %4d.%03ds  %s' "$name" $((ms / 1000)) $((ms % 1000)) "${out##*$'\n'}")")
+}
+
+T0=$(date +%s)
+step apt bash "$HERE/setup/apt.sh"
+step libvfio-user bash "$HERE/setup/libvfio-user.sh"
+step qemu bash "$HERE/setup/qemu.sh"
+step guest-image bash "$HERE/setup/guest-image.sh"
+
+setup_venv() {
+    local venv=$VN_CACHE/venv stamp want f
+    stamp=$venv/.vn-stamp
+    # What the venv depends on: the package list, the interpreter, the
+    # project's build files and the libvfio-user revision.
+    want=$(
+        echo "${PY_PKGS[*]}"
+        "$VN_PYTHON" -c 'import sys; print(sys.version)'
+        cat "$VN_CACHE/libvfio-user/REVISION"
+        for f in pyproject.toml setup.py setup.cfg; do
+            [[ -f $REPO/$f ]] && echo "$f $(sha256sum <"$REPO/$f")"
+        done
+        echo "$REPO"
+    )
+    if [[ -x $venv/bin/python && -f $stamp && $(cat "$stamp") == "$want" ]] &&
+        "$venv/bin/python" -c 'import cffi, msgpack, prometheus_client, pytest' 2>/dev/null; then
+        vn_log "cached: $venv"
+        echo "$venv (cached)"
+        return 0
+    fi
+    if [[ ! -x $venv/bin/python ]] || ! "$venv/bin/python" -c 'import sys' 2>/dev/null; then
+        rm -rf "$venv"
+        vn_log "creating venv $venv with $("$VN_PYTHON" --version 2>&1)"
+        "$VN_PYTHON" -m venv "$venv" >&2
+    fi
+    vn_log "pip install ${PY_PKGS[*]}"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "${PY_PKGS[@]}" >&2
+    local what="tools"
+    if [[ -f $REPO/pyproject.toml ]]; then
+        vn_log "pip install -e $REPO (LIBVFIO_USER_PREFIX=$VN_CACHE/libvfio-user/prefix)"
+        LIBVFIO_USER_PREFIX=$VN_CACHE/libvfio-user/prefix \
+            PKG_CONFIG_PATH=$VN_CACHE/libvfio-user/prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH} \
+            "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO" >&2
+        what="tools + project (editable)"
+    else
+        vn_log "no $REPO/pyproject.toml: project not installed"
+    fi
+    echo "$want" >"$stamp"
+    echo "$venv ($what)"
+}
+step venv setup_venv
+
+vn_log "done in $(($(date +%s) - T0)) s (cache: $VN_CACHE)"
+printf '%s\n' "${SUMMARY[@]}" >&2
+cat >&2 <<EOF
+  libvfio-user: $VN_CACHE/libvfio-user/prefix (revision $(cat "$VN_CACHE/libvfio-user/REVISION"))
+  qemu:         $VN_CACHE/bin/qemu-system-x86_64 ($("$VN_CACHE/bin/qemu-system-x86_64" -version | head -n 1))
+  guest:        $VN_CACHE/guest (kernel $(cat "$VN_CACHE/guest/KERNEL_VERSION"))
+  venv:         $VN_CACHE/venv
+EOF
