@@ -27,6 +27,7 @@ messages.
 from __future__ import annotations
 
 import array
+import contextlib
 import enum
 import errno as errno_mod
 import json
@@ -212,9 +213,7 @@ class Header:
         return bool(self.flags & F_ERROR)
 
     def pack(self) -> bytes:
-        return HEADER.pack(
-            self.msg_id, self.cmd, self.msg_size, self.flags, self.error_no
-        )
+        return HEADER.pack(self.msg_id, self.cmd, self.msg_size, self.flags, self.error_no)
 
     @classmethod
     def unpack(cls, data: bytes) -> Header:
@@ -291,24 +290,18 @@ def pack_irq_info_request(index: int) -> bytes:
     return IRQ_INFO.pack(IRQ_INFO.size, 0, index, 0)
 
 
-def pack_set_irqs(
-    index: int, start: int, count: int, flags: int, data: bytes = b""
-) -> bytes:
+def pack_set_irqs(index: int, start: int, count: int, flags: int, data: bytes = b"") -> bytes:
     return IRQ_SET.pack(IRQ_SET.size + len(data), flags, index, start, count) + data
 
 
-def pack_region_access(
-    region: int, offset: int, count: int, data: bytes = b""
-) -> bytes:
+def pack_region_access(region: int, offset: int, count: int, data: bytes = b"") -> bytes:
     return REGION_ACCESS.pack(offset, region, count) + data
 
 
 def unpack_region_access(payload: bytes) -> tuple[int, int, int, bytes]:
     """Return (region, offset, count, data)."""
     if len(payload) < REGION_ACCESS.size:
-        raise VfioUserProtocolError(
-            f"short region access payload ({len(payload)} bytes)"
-        )
+        raise VfioUserProtocolError(f"short region access payload ({len(payload)} bytes)")
     offset, region, count = REGION_ACCESS.unpack_from(payload)
     return region, offset, count, payload[REGION_ACCESS.size :]
 
@@ -334,9 +327,7 @@ class DeviceInfo:
     @classmethod
     def unpack(cls, payload: bytes) -> DeviceInfo:
         if len(payload) < DEVICE_INFO.size:
-            raise VfioUserProtocolError(
-                f"short DEVICE_GET_INFO reply ({len(payload)} bytes)"
-            )
+            raise VfioUserProtocolError(f"short DEVICE_GET_INFO reply ({len(payload)} bytes)")
         return cls(*DEVICE_INFO.unpack_from(payload))
 
 
@@ -372,18 +363,14 @@ class RegionInfo:
 
     def close_fds(self) -> None:
         for fd in self.fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self.fds.clear()
 
     @classmethod
     def unpack(cls, payload: bytes) -> RegionInfo:
         if len(payload) < REGION_INFO.size:
-            raise VfioUserProtocolError(
-                f"short REGION_INFO reply ({len(payload)} bytes)"
-            )
+            raise VfioUserProtocolError(f"short REGION_INFO reply ({len(payload)} bytes)")
         info = cls(*REGION_INFO.unpack_from(payload))
         if info.flags & VFIO_REGION_INFO_FLAG_CAPS and info.cap_offset:
             info._parse_caps(payload)
@@ -437,10 +424,8 @@ class Message:
 
     def close_fds(self) -> None:
         for fd in self.fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self.fds.clear()
 
 
@@ -458,9 +443,7 @@ class ServerVersion:
 
     @property
     def max_data_xfer_size(self) -> int:
-        v = self.caps.get("capabilities", {}).get(
-            "max_data_xfer_size", DEFAULT_MAX_DATA_XFER_SIZE
-        )
+        v = self.caps.get("capabilities", {}).get("max_data_xfer_size", DEFAULT_MAX_DATA_XFER_SIZE)
         return int(v)
 
 
@@ -569,16 +552,12 @@ class VfioUserClient:
                 m.owned.close()
         self._dma.clear()
         for fd in self._rxfds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self._rxfds.clear()
         if self.sock.fileno() != -1:
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self.sock.close()
             log.debug("closed connection to %s", self.path)
 
@@ -603,18 +582,14 @@ class VfioUserClient:
         self._next_id = (self._next_id + 1) & 0xFFFF
         return mid
 
-    def send_raw(
-        self, data: bytes, fds: Sequence[int] = (), timeout: float | None = None
-    ) -> None:
+    def send_raw(self, data: bytes, fds: Sequence[int] = (), timeout: float | None = None) -> None:
         """Send bytes as they are (one sendmsg; fds attached to the first byte)."""
         t = self.timeout if timeout is None else timeout
         self.sock.settimeout(t)
         view = memoryview(data)
         anc = []
         if fds:
-            anc = [
-                (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
-            ]
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         try:
             sent = self.sock.sendmsg([view], anc)
             while sent < len(view):
@@ -716,9 +691,7 @@ class VfioUserClient:
                 continue
             if h.type != F_TYPE_REPLY:
                 reply.close_fds()
-                raise VfioUserProtocolError(
-                    f"unknown message type {h.type} (flags {h.flags:#x})"
-                )
+                raise VfioUserProtocolError(f"unknown message type {h.type} (flags {h.flags:#x})")
             if h.msg_id != msg_id:
                 reply.close_fds()
                 raise VfioUserProtocolError(
@@ -766,9 +739,7 @@ class VfioUserClient:
             msg = self.recv_message(max(remaining, self.timeout))
             if msg.header.type != F_TYPE_COMMAND:
                 msg.close_fds()
-                raise VfioUserProtocolError(
-                    f"unexpected reply msg {msg.header.msg_id:#x}"
-                )
+                raise VfioUserProtocolError(f"unexpected reply msg {msg.header.msg_id:#x}")
             self._serve_one(msg)
             served += 1
         return served
@@ -796,9 +767,7 @@ class VfioUserClient:
                     if not m.prot & DMA_READ:
                         err = errno_mod.EPERM
                     else:
-                        out = pack_dma_access(
-                            addr, count, m.backing.dma_read(addr - m.iova, count)
-                        )
+                        out = pack_dma_access(addr, count, m.backing.dma_read(addr - m.iova, count))
                 else:
                     if len(data) != count:
                         err = errno_mod.EINVAL
@@ -820,9 +789,7 @@ class VfioUserClient:
             )
         if h.no_reply:
             return
-        self.send_raw(
-            pack_message(h.msg_id, h.cmd, b"" if err else out, reply=True, error_no=err)
-        )
+        self.send_raw(pack_message(h.msg_id, h.cmd, b"" if err else out, reply=True, error_no=err))
 
     # -- protocol operations --------------------------------------------------
 
@@ -846,9 +813,7 @@ class VfioUserClient:
                     "max_data_xfer_size": self.max_data_xfer_size,
                 }
             }
-        reply = self._call(
-            Command.VERSION, pack_version(major, minor, None if no_json else caps)
-        )
+        reply = self._call(Command.VERSION, pack_version(major, minor, None if no_json else caps))
         reply.close_fds()
         smajor, sminor, scaps = unpack_version(reply.payload)
         if smajor != major:
@@ -861,11 +826,7 @@ class VfioUserClient:
 
     @property
     def _xfer(self) -> int:
-        limit = (
-            self.server.max_data_xfer_size
-            if self.server
-            else DEFAULT_MAX_DATA_XFER_SIZE
-        )
+        limit = self.server.max_data_xfer_size if self.server else DEFAULT_MAX_DATA_XFER_SIZE
         return max(1, min(self.chunk_size, limit, self.max_data_xfer_size))
 
     def device_info(self) -> DeviceInfo:
@@ -894,9 +855,7 @@ class VfioUserClient:
 
     def irq_info(self, index: int) -> IrqInfo:
         return IrqInfo.unpack(
-            self._call(
-                Command.DEVICE_GET_IRQ_INFO, pack_irq_info_request(index)
-            ).payload
+            self._call(Command.DEVICE_GET_IRQ_INFO, pack_irq_info_request(index)).payload
         )
 
     def region_read(self, region: int, offset: int, count: int) -> bytes:
@@ -904,16 +863,12 @@ class VfioUserClient:
         pos = 0
         while pos < count or count == 0:
             n = min(self._xfer, count - pos)
-            reply = self._call(
-                Command.REGION_READ, pack_region_access(region, offset + pos, n)
-            )
+            reply = self._call(Command.REGION_READ, pack_region_access(region, offset + pos, n))
             reply.close_fds()
             if count == 0:
                 return b""
             r_region, r_off, r_count, data = unpack_region_access(reply.payload)
-            if (r_region, r_off, r_count) != (region, offset + pos, n) or len(
-                data
-            ) != n:
+            if (r_region, r_off, r_count) != (region, offset + pos, n) or len(data) != n:
                 raise VfioUserProtocolError(
                     f"REGION_READ reply mismatch: region {r_region} offset {r_off:#x} "
                     f"count {r_count} data {len(data)}; asked {region} {offset + pos:#x} {n}"
@@ -922,9 +877,7 @@ class VfioUserClient:
             pos += n
         return bytes(out)
 
-    def region_write(
-        self, region: int, offset: int, data: bytes, posted: bool = False
-    ) -> None:
+    def region_write(self, region: int, offset: int, data: bytes, posted: bool = False) -> None:
         """REGION_WRITE; ``posted`` sets no_reply (like QEMU's doorbell writes)."""
         pos = 0
         while True:
@@ -1008,9 +961,7 @@ class VfioUserClient:
             if owned is not None:
                 owned.close()
             raise
-        log.debug(
-            "dma_map iova %#x size %#x offset %#x prot %#x", iova, size, offset, prot
-        )
+        log.debug("dma_map iova %#x size %#x offset %#x prot %#x", iova, size, offset, prot)
 
     def dma_unmap(self, iova: int, size: int, flags: int = 0) -> None:
         reply = self._call(Command.DMA_UNMAP, pack_dma_unmap(iova, size, flags))

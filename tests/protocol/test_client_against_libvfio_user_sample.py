@@ -156,10 +156,7 @@ def test_wrong_major_refused(server: SampleServer) -> None:
 
 def test_device_region_and_irq_info(client: vu.VfioUserClient) -> None:
     info = client.device_info()
-    assert (
-        info.flags & vu.VFIO_DEVICE_FLAGS_PCI
-        and info.flags & vu.VFIO_DEVICE_FLAGS_RESET
-    )
+    assert info.flags & vu.VFIO_DEVICE_FLAGS_PCI and info.flags & vu.VFIO_DEVICE_FLAGS_RESET
     assert (info.num_regions, info.num_irqs) == (10, 5)
 
     bar0 = client.region_info(0)
@@ -229,9 +226,7 @@ def test_bar_read_write_posted_and_mmap(client: vu.VfioUserClient) -> None:
     info = client.region_info(1)
     try:
         area = info.sparse_areas[0]
-        m = mmap.mmap(
-            info.fds[0], area.size, mmap.MAP_SHARED, offset=info.offset + area.offset
-        )
+        m = mmap.mmap(info.fds[0], area.size, mmap.MAP_SHARED, offset=info.offset + area.offset)
         try:
             assert m[: len(big)] == big  # the server's BAR1 backing file
             m[0:4] = b"MMAP"
@@ -274,9 +269,7 @@ def test_dma_map_unmap(client: vu.VfioUserClient) -> None:
             client.dma_unmap(0x3000_0000, 0x1000)
 
 
-def test_irq_and_server_dma_messages(
-    client: vu.VfioUserClient, server: SampleServer
-) -> None:
+def test_irq_and_server_dma_messages(client: vu.VfioUserClient, server: SampleServer) -> None:
     """INTx eventfd fires and the server DMA-writes/reads guest memory by message."""
     with GuestMemory(1 << 20, base=0x4000_0000) as mem:
         mem.map_into(client)
@@ -353,9 +346,7 @@ def test_malformed_messages_get_error_replies(client: vu.VfioUserClient) -> None
         client.request(vu.Command.DEVICE_GET_INFO)
     # REGION_WRITE whose count disagrees with the data length
     with pytest.raises(vu.VfioUserError):
-        client.request(
-            vu.Command.REGION_WRITE, vu.pack_region_access(1, 0, 8, b"\0" * 4)
-        )
+        client.request(vu.Command.REGION_WRITE, vu.pack_region_access(1, 0, 8, b"\0" * 4))
     # A header whose msg_size is smaller than the header: rejected, stream intact
     client.send_raw(struct.pack("<HHIII", 0x77, vu.Command.DEVICE_GET_INFO, 8, 0, 0))
     r = client.wait_reply(0x77, vu.Command.DEVICE_GET_INFO, check=False)

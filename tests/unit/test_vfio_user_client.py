@@ -35,9 +35,7 @@ def test_header_command_golden() -> None:
 
 def test_header_no_reply_golden() -> None:
     # REGION_WRITE (10), no_reply is bit 4 -> 0x10
-    assert vu.pack_header(7, 10, 24, no_reply=True) == h(
-        "0700 0a00 28000000 10000000 00000000"
-    )
+    assert vu.pack_header(7, 10, 24, no_reply=True) == h("0700 0a00 28000000 10000000 00000000")
 
 
 def test_header_error_reply_golden() -> None:
@@ -69,15 +67,12 @@ def test_version_golden() -> None:
     assert payload == expected
     assert vu.pack_version(0, 1, None) == h("0000 0100")
     msg = vu.pack_message(0, vu.Command.VERSION, payload)
-    assert msg[:16] == h("0000 0100") + (16 + len(expected)).to_bytes(
-        4, "little"
-    ) + bytes(8)
+    assert msg[:16] == h("0000 0100") + (16 + len(expected)).to_bytes(4, "little") + bytes(8)
 
 
 def test_version_unpack() -> None:
     major, minor, caps = vu.unpack_version(
-        h("0000 0100")
-        + b'{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":1048576}}\0'
+        h("0000 0100") + b'{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":1048576}}\0'
     )
     assert (major, minor) == (0, 1)
     sv = vu.ServerVersion(major, minor, caps)
@@ -106,9 +101,7 @@ def test_dma_unmap_golden() -> None:
 def test_device_info_golden() -> None:
     assert vu.pack_device_info_request() == h("10000000 00000000 00000000 00000000")
     info = vu.DeviceInfo.unpack(h("10000000 03000000 0a000000 05000000"))
-    assert info == vu.DeviceInfo(
-        16, vu.VFIO_DEVICE_FLAGS_PCI | vu.VFIO_DEVICE_FLAGS_RESET, 10, 5
-    )
+    assert info == vu.DeviceInfo(16, vu.VFIO_DEVICE_FLAGS_PCI | vu.VFIO_DEVICE_FLAGS_RESET, 10, 5)
 
 
 def test_region_info_golden() -> None:
@@ -173,9 +166,7 @@ def test_irq_info_golden() -> None:
 def test_set_irqs_golden() -> None:
     # argsz 20, flags TRIGGER(0x20)|EVENTFD(0x4), index 2 (MSI-X), start 1, count 3
     flags = vu.VFIO_IRQ_SET_ACTION_TRIGGER | vu.VFIO_IRQ_SET_DATA_EVENTFD
-    assert vu.pack_set_irqs(2, 1, 3, flags) == h(
-        "14000000 24000000 02000000 01000000 03000000"
-    )
+    assert vu.pack_set_irqs(2, 1, 3, flags) == h("14000000 24000000 02000000 01000000 03000000")
     # DATA_BOOL carries one byte per vector and argsz covers it
     flags = vu.VFIO_IRQ_SET_ACTION_TRIGGER | vu.VFIO_IRQ_SET_DATA_BOOL
     assert vu.pack_set_irqs(0, 0, 2, flags, b"\x01\x00") == h(
@@ -198,9 +189,7 @@ def test_region_access_golden() -> None:
 
 
 def test_dma_access_golden() -> None:
-    assert vu.pack_dma_access(0x1000, 4, b"abcd") == h(
-        "0010000000000000 0400000000000000 61626364"
-    )
+    assert vu.pack_dma_access(0x1000, 4, b"abcd") == h("0010000000000000 0400000000000000 61626364")
     assert vu.unpack_dma_access(h("0010000000000000 0000000000000000")) == (
         0x1000,
         0,
@@ -274,9 +263,7 @@ def recv_msg(conn: socket.socket) -> tuple[vu.Header, bytes, list[int]]:
 def reply(
     conn: socket.socket, hdr: vu.Header, payload: bytes = b"", err: int | None = None
 ) -> None:
-    conn.sendall(
-        vu.pack_message(hdr.msg_id, hdr.cmd, payload, reply=True, error_no=err)
-    )
+    conn.sendall(vu.pack_message(hdr.msg_id, hdr.cmd, payload, reply=True, error_no=err))
 
 
 def test_negotiate_and_error_reply(fake_server: Callable[[Handler], str]) -> None:
@@ -394,18 +381,12 @@ def test_server_dma_write_and_read_served(
             os.close(fd)
         # Before replying, the server issues its own commands (as vfu_sgl_* do).
         conn.sendall(
-            vu.pack_message(
-                1, vu.Command.DMA_WRITE, vu.pack_dma_access(0x2000, 3, b"abc")
-            )
+            vu.pack_message(1, vu.Command.DMA_WRITE, vu.pack_dma_access(0x2000, 3, b"abc"))
         )
         replies.append(recv_msg(conn)[:2])
-        conn.sendall(
-            vu.pack_message(2, vu.Command.DMA_READ, vu.pack_dma_access(0x2001, 2))
-        )
+        conn.sendall(vu.pack_message(2, vu.Command.DMA_READ, vu.pack_dma_access(0x2001, 2)))
         replies.append(recv_msg(conn)[:2])
-        conn.sendall(
-            vu.pack_message(3, vu.Command.DMA_READ, vu.pack_dma_access(0x900000, 2))
-        )
+        conn.sendall(vu.pack_message(3, vu.Command.DMA_READ, vu.pack_dma_access(0x900000, 2)))
         replies.append(recv_msg(conn)[:2])
         reply(conn, hdr)
 
