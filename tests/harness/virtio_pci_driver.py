@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import enum
 import logging
+import mmap
 import os
 import select
 import struct
@@ -237,6 +238,20 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
 
 
+def guest_access_pieces(off: int, size: int) -> list[tuple[int, int]]:
+    """Split [off, off+size) into naturally aligned 4/2/1-byte accesses, the
+    widths a guest CPU uses for device config (never one wide read)."""
+    out = []
+    end = off + size
+    while off < end:
+        for n in (4, 2, 1):
+            if off % n == 0 and off + n <= end:
+                out.append((off, n))
+                off += n
+                break
+    return out
+
+
 # --------------------------------------------------------------------------
 # PCI capability discovery
 # --------------------------------------------------------------------------
@@ -329,10 +344,14 @@ class VirtioPciTransport:
         *,
         posted_kicks: bool = True,
         split_64bit_writes: bool = True,
+        use_mmap: bool = False,
     ) -> None:
         self.client = client
         self.posted_kicks = posted_kicks
         self.split_64bit_writes = split_64bit_writes
+        self.use_mmap = use_mmap
+        # bar -> [(start, end, mapping)] for sparse-mmap areas (use_mmap)
+        self._mmaps: dict[int, list[tuple[int, int, mmap.mmap]]] = {}
         cfg = client.config_read(0, 256)
         self.config_space = cfg
         self.vendor_id: int = struct.unpack_from("<H", cfg, PCI_VENDOR_ID)[0]
@@ -362,6 +381,9 @@ class VirtioPciTransport:
         self.notify = notify
         self.isr = isr
         self.device = first(CfgType.DEVICE)
+        if use_mmap:
+            for bar in sorted({c.bar for c in (common, notify, isr, self.device) if c}):
+                self._map_bar(bar)
         self.queue_notify_addr: dict[int, tuple[int, int]] = {}
         self.irq_fds: list[int] = []
         self.features = 0
@@ -389,14 +411,52 @@ class VirtioPciTransport:
         if off < 0 or off + size > cap.length:
             raise VirtioError(f"access {off:#x}+{size} beyond cfg_type {cap.cfg_type} length")
 
+    def _map_bar(self, bar: int) -> None:
+        """mmap the BAR's sparse-mmap areas, as QEMU maps them into the guest."""
+        info = self.client.region_info(bar)
+        try:
+            if not info.mmappable or not info.fds:
+                return
+            areas = []
+            for i, a in enumerate(info.sparse_areas):
+                fd = info.fds[min(i, len(info.fds) - 1)]
+                m = mmap.mmap(fd, a.size, mmap.MAP_SHARED, offset=info.offset + a.offset)
+                areas.append((a.offset, a.offset + a.size, m))
+                log.debug("bar%d: mmapped [%#x, %#x)", bar, a.offset, a.offset + a.size)
+            self._mmaps[bar] = areas
+        finally:
+            info.close_fds()
+
+    def _mapped(self, bar: int, off: int, size: int) -> tuple[mmap.mmap, int] | None:
+        for start, end, m in self._mmaps.get(bar, ()):
+            if start <= off and off + size <= end:
+                return m, off - start
+        return None
+
+    def bar_read(self, bar: int, off: int, size: int) -> bytes:
+        hit = self._mapped(bar, off, size)
+        if hit is not None:
+            m, o = hit
+            mb()
+            return m[o : o + size]
+        return self.client.region_read(bar, off, size)
+
+    def bar_write(self, bar: int, off: int, data: bytes, posted: bool = False) -> None:
+        hit = self._mapped(bar, off, len(data))
+        if hit is not None:
+            m, o = hit
+            m[o : o + len(data)] = data
+            mb()
+            return
+        self.client.region_write(bar, off, data, posted=posted)
+
     def cap_read(self, cap: VirtioCap, off: int, size: int) -> int:
         self._check(cap, off, size)
-        data = self.client.region_read(cap.bar, cap.offset + off, size)
-        return int.from_bytes(data, "little")
+        return int.from_bytes(self.bar_read(cap.bar, cap.offset + off, size), "little")
 
     def cap_write(self, cap: VirtioCap, off: int, size: int, value: int) -> None:
         self._check(cap, off, size)
-        self.client.region_write(cap.bar, cap.offset + off, value.to_bytes(size, "little"))
+        self.bar_write(cap.bar, cap.offset + off, value.to_bytes(size, "little"))
 
     def common_read(self, off: int, size: int) -> int:
         return self.cap_read(self.common, off, size)
@@ -528,7 +588,7 @@ class VirtioPciTransport:
     def kick(self, index: int, posted: bool | None = None) -> None:
         """Notify queue ``index``: write its index (le16) to its notify address."""
         bar, addr = self.queue_notify_addr[index]
-        self.client.region_write(
+        self.bar_write(
             bar,
             addr,
             index.to_bytes(2, "little"),
@@ -552,16 +612,40 @@ class VirtioPciTransport:
         self._check(self.device, off, size)
         for _ in range(retries):
             gen = self.common_read(COMMON_CFGGENERATION, 1)
-            data = self.client.region_read(self.device.bar, self.device.offset + off, size)
+            data = b"".join(
+                self.bar_read(self.device.bar, self.device.offset + o, n)
+                for o, n in guest_access_pieces(off, size)
+            )
             if self.common_read(COMMON_CFGGENERATION, 1) == gen:
                 return data
+        raise VirtioError("config_generation never settled")
+
+    def device_config_read_fields(
+        self, fields: Sequence[tuple[int, int]], retries: int = 100
+    ) -> list[int]:
+        """Read (offset, width) fields one access each, as a guest reads a
+        config struct, all within one config_generation."""
+        if self.device is None:
+            raise VirtioError("device has no device-specific config capability")
+        dev = self.device
+        for off, n in fields:
+            self._check(dev, off, n)
+        for _ in range(retries):
+            gen = self.common_read(COMMON_CFGGENERATION, 1)
+            vals = [
+                int.from_bytes(self.bar_read(dev.bar, dev.offset + off, n), "little")
+                for off, n in fields
+            ]
+            if self.common_read(COMMON_CFGGENERATION, 1) == gen:
+                return vals
         raise VirtioError("config_generation never settled")
 
     def device_config_write(self, off: int, data: bytes) -> None:
         if self.device is None:
             raise VirtioError("device has no device-specific config capability")
         self._check(self.device, off, len(data))
-        self.client.region_write(self.device.bar, self.device.offset + off, data)
+        for o, n in guest_access_pieces(off, len(data)):
+            self.bar_write(self.device.bar, self.device.offset + o, data[o - off : o - off + n])
 
     # -- MSI-X -------------------------------------------------------------------------
 
@@ -581,6 +665,19 @@ class VirtioPciTransport:
         self.irq_fds = [new_eventfd() for _ in range(nvectors)]
         self.client.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, 0, self.irq_fds)
         return self.irq_fds
+
+    def replace_vector_fd(self, vector: int) -> int:
+        """Hand the device a fresh eventfd for ``vector`` (as QEMU does when it
+        masks/unmasks a vector) and close the old one; returns the new fd."""
+        fd = new_eventfd()
+        try:
+            self.client.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, vector, [fd])
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(self.irq_fds[vector])
+        self.irq_fds[vector] = fd
+        return fd
 
     def disable_msix_fds(self) -> None:
         for fd in self.irq_fds:
@@ -602,6 +699,10 @@ class VirtioPciTransport:
 
     def close(self) -> None:
         self.disable_msix_fds()
+        for areas in self._mmaps.values():
+            for _, _, m in areas:
+                m.close()
+        self._mmaps.clear()
 
 
 # --------------------------------------------------------------------------
@@ -964,6 +1065,8 @@ class VirtioNetDriver:
         always_kick: bool = True,
         auto_refill: bool = True,
         timeout: float = 5.0,
+        use_mmap: bool = False,
+        posted_kicks: bool = True,
     ) -> None:
         self.client = client
         self.mem = mem
@@ -976,7 +1079,7 @@ class VirtioNetDriver:
         self.always_kick = always_kick
         self.auto_refill = auto_refill
         self.timeout = timeout
-        self.transport = VirtioPciTransport(client)
+        self.transport = VirtioPciTransport(client, use_mmap=use_mmap, posted_kicks=posted_kicks)
         self.pairs: list[_QueuePair] = []
         self.ctrl: SplitQueue | None = None
         self.features = 0
@@ -992,13 +1095,13 @@ class VirtioNetDriver:
         return bool(self.features & bit(feature_bit))
 
     def read_config(self) -> NetConfig:
-        t = self.transport
-        raw = t.device_config_read(0, min(20, t.device.length if t.device else 0))
-        raw = raw + bytes(20 - len(raw))
-        mac = raw[0:6]
-        status, pairs, mtu = struct.unpack_from("<HHH", raw, 6)
-        speed = struct.unpack_from("<I", raw, 12)[0]
-        duplex = raw[16]
+        # Field by field with natural widths (the MAC byte by byte), like Linux.
+        fields = [(i, 1) for i in range(6)] + [(6, 2), (8, 2), (10, 2), (12, 4), (16, 1)]
+        length = self.transport.device.length if self.transport.device else 0
+        fields = [(o, n) for o, n in fields if o + n <= length]
+        vals = self.transport.device_config_read_fields(fields) + [0] * (11 - len(fields))
+        mac = bytes(vals[:6])
+        status, pairs, mtu, speed, duplex = vals[6:11]
         return NetConfig(mac, status, pairs, mtu, speed, duplex)
 
     @property

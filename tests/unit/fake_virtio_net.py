@@ -74,9 +74,19 @@ class FakeVirtioNet(threading.Thread):
         mac: bytes = b"\x52\x54\x00\x12\x34\x56",
         mtu: int = 1500,
         loopback: bool = True,
+        mmap_notify: bool = False,
     ) -> None:
         super().__init__(daemon=True, name="fake-virtio-net")
         self.path = path
+        # mmap_notify: the notify page is offered as a sparse mmap area backed
+        # by a memfd; doorbell writes then never reach us, so we poll the
+        # avail rings of all enabled queues instead (a polling device).
+        self.mmap_notify = mmap_notify
+        self.notify_fd = -1
+        if mmap_notify:
+            self.notify_fd = os.memfd_create("fake-notify", os.MFD_CLOEXEC)
+            os.ftruncate(self.notify_fd, BAR_SIZES[VIRTIO_BAR])
+        self._reply_fds: list[int] = []
         self.pairs = pairs
         self.queue_max = queue_max
         self.features = (
@@ -391,6 +401,8 @@ class FakeVirtioNet(threading.Thread):
             m.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
+        if self.notify_fd >= 0:
+            os.close(self.notify_fd)
 
     def inject(self, frame: bytes, pair: int = 0, hdr: bytes = bytes(12)) -> None:
         """Queue a frame 'from the wire' for delivery on rx of ``pair``."""
@@ -433,7 +445,12 @@ class FakeVirtioNet(threading.Thread):
 
     def _serve(self, conn: socket.socket) -> None:
         while True:
-            r, _, _ = select.select([conn.fileno(), self._stop_r], [], [])
+            timeout = 0.001 if self.mmap_notify else None
+            r, _, _ = select.select([conn.fileno(), self._stop_r], [], [], timeout)
+            if not r:
+                for qi in range(self.nq):
+                    self._process(qi)
+                continue
             if self._stop_r in r:
                 if os.read(self._stop_r, 1) == b"x":
                     return
@@ -451,16 +468,15 @@ class FakeVirtioNet(threading.Thread):
             except Exception as e:
                 log.warning("fake device: %s failed: %s", msg_hdr.cmd, e)
                 out, err = b"", errno.EINVAL
+            fds_out, self._reply_fds = self._reply_fds, []
             if not msg_hdr.no_reply:
-                conn.sendall(
-                    vu.pack_message(
-                        msg_hdr.msg_id,
-                        msg_hdr.cmd,
-                        out if not err else b"",
-                        reply=True,
-                        error_no=err,
-                    )
+                data = vu.pack_message(
+                    msg_hdr.msg_id, msg_hdr.cmd, out if not err else b"", reply=True, error_no=err
                 )
+                anc = []
+                if fds_out and not err:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds_out))]
+                conn.sendmsg([data], anc)
 
     def _handle(self, hdr: vu.Header, body: bytes, fds: list[int]) -> tuple[bytes, int | None]:
         cmd = hdr.cmd
@@ -470,8 +486,18 @@ class FakeVirtioNet(threading.Thread):
         if cmd == vu.Command.DEVICE_GET_INFO:
             return struct.pack("<IIII", 16, 3, 10, 5), None
         if cmd == vu.Command.DEVICE_GET_REGION_INFO:
-            _, _, idx, _, _, _ = vu.REGION_INFO.unpack_from(body)
+            argsz, _, idx, _, _, _ = vu.REGION_INFO.unpack_from(body)
             size = 256 if idx == 7 else BAR_SIZES.get(idx, 0)
+            if idx == VIRTIO_BAR and self.mmap_notify:
+                cap_bytes = struct.pack("<HHIIIQQ", 1, 1, 0, 1, 0, NOTIFY_OFF, 0x1000)
+                full = 32 + len(cap_bytes)
+                flags = 0xF if argsz >= full else 0x7
+                info = vu.REGION_INFO.pack(full, flags, idx, 32 if argsz >= full else 0, size, 0)
+                if argsz < full:
+                    return info, None
+                # Region offset 0 in the memfd: the notify page is at NOTIFY_OFF.
+                self._reply_fds = [self.notify_fd]
+                return info + cap_bytes, None
             return vu.REGION_INFO.pack(32, 3 if size else 0, idx, 0, size, 0), None
         if cmd == vu.Command.DEVICE_GET_IRQ_INFO:
             _, _, idx, _ = vu.IRQ_INFO.unpack_from(body)

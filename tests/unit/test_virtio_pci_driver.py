@@ -154,6 +154,11 @@ def test_event_idx_need_kick() -> None:
         assert q2.need_kick(0, 1)
 
 
+def test_guest_access_pieces() -> None:
+    assert vp.guest_access_pieces(0, 17) == [(0, 4), (4, 4), (8, 4), (12, 4), (16, 1)]
+    assert vp.guest_access_pieces(1, 4) == [(1, 1), (2, 2), (4, 1)]
+
+
 def test_net_hdr_pack() -> None:
     h = vp.NetHdr(flags=1, gso_type=1, hdr_len=54, gso_size=1448, csum_start=34, csum_offset=16)
     assert h.pack() == bytes.fromhex("01 01 3600 a805 2200 1000 0000".replace(" ", ""))
@@ -263,6 +268,14 @@ def test_bring_up_config_and_loopback(rig: Rig) -> None:
     # Data split over several descriptors arrives concatenated.
     drv.ctrl_command(vp.VIRTIO_NET_CTRL_MQ, vp.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, [b"\x01", b"\x00"])
     assert fake.ctrl_log[-1] == (4, 0, b"\x01\x00") and fake.curr_pairs == 1
+    # QEMU-style vector fd replacement: the new eventfd gets the interrupts.
+    old_fd = drv.transport.irq_fds[1]
+    new_fd = drv.transport.replace_vector_fd(1)
+    assert new_fd != old_fd or new_fd == drv.transport.irq_fds[1]
+    drv.send_packet(f, wait=False)
+    c.sync()
+    assert drv.transport.irq_count(1) >= 1
+    assert drv.recv_packet(timeout=2)[1] == f
     drv.shutdown()
     assert drv.transport.status == 0
 
@@ -318,3 +331,27 @@ def test_recv_timeout(rig: Rig) -> None:
     drv.send_packet(frame(60))
     with pytest.raises(vp.VirtioTimeout):
         drv.recv_packet(timeout=0.2)
+
+
+def test_mmapped_notify_page_polling_device(tmp_path: Path) -> None:
+    """With use_mmap the driver writes doorbells straight into the mmapped
+    notify area (no REGION_WRITE messages), as a QEMU guest would."""
+    dev = FakeVirtioNet(str(tmp_path / "m.sock"), mmap_notify=True)
+    dev.start()
+    try:
+        with GuestMemory(8 << 20) as mem, VfioUserClient(dev.path, timeout=5) as c:
+            c.negotiate()
+            mem.map_into(c)
+            drv = vp.VirtioNetDriver(c, mem, queue_size=32, use_mmap=True)
+            drv.bring_up()
+            assert drv.transport._mapped(2, 0x3000, 2) is not None
+            f = frame(200, 9)
+            drv.send_packet(f)
+            assert drv.recv_packet(timeout=2)[1] == f
+            assert dev.kicks == {}  # no doorbell message reached the device
+            page = os.pread(dev.notify_fd, 8, 0x3000)
+            assert page[4:6] == b"\x01\x00"  # txq 1's slot holds its index
+            drv.shutdown()
+    finally:
+        dev.stop()
+    assert not dev.errors
