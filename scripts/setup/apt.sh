@@ -20,7 +20,7 @@ PKGS=(
     meson ninja-build libjson-c-dev libcmocka-dev
     python3-venv python3-dev
     debootstrap dpkg-dev
-    iproute2 iperf3 ethtool procps psmisc
+    iproute2 iperf3 ethtool iputils-ping procps psmisc
     cpio xz-utils zstd gzip file binutils
     clang
     prometheus

@@ -48,9 +48,12 @@ GUEST=$VN_CACHE/guest
 APTDIR=$GUEST/apt
 DEBS=$GUEST/debs
 # Bump when the image layout or /init changes so that caches rebuild.
-IMAGE_FORMAT=3
+IMAGE_FORMAT=4
 MODULES=(failover net_failover virtio_net)
 BINARIES=(usr/sbin/ethtool usr/bin/iperf3)
+# Libraries loaded with dlopen (not in DT_NEEDED): glibc needs libgcc_s for
+# pthread_cancel, which iperf3 uses.
+DLOPEN_LIBS=(libgcc_s.so.1)
 
 cached_ok() {
     [[ -s $GUEST/vmlinuz && -s $GUEST/base.cpio.gz && -s $GUEST/KERNEL_VERSION ]] || return 1
@@ -212,6 +215,11 @@ for b in "${BINARIES[@]}"; do
     [[ -f $STAGE/$b ]] || vn_die "$b not found in the downloaded packages"
     cp "$STAGE/$b" "$ROOTFS/$b"
     copy_needed "$ROOTFS/$b"
+done
+for so in "${DLOPEN_LIBS[@]}"; do
+    path=$(find_lib "$so") || vn_die "$so not found in the downloaded packages"
+    cp -L "$path" "$ROOTFS/lib/x86_64-linux-gnu/$so"
+    copy_needed "$ROOTFS/lib/x86_64-linux-gnu/$so"
 done
 LDSO=$(find_lib ld-linux-x86-64.so.2) || vn_die "dynamic loader not found (libc6)"
 cp -L "$LDSO" "$ROOTFS/lib64/ld-linux-x86-64.so.2"
