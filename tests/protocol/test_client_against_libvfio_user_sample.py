@@ -41,7 +41,7 @@ CANDIDATES = [
 def find_sample_server() -> str | None:
     env = os.environ.get("VFIOUSER_LVU_SAMPLE_SERVER")
     if env:
-        return env
+        return env if os.access(env, os.X_OK) else None
     for c in CANDIDATES:
         if os.access(c, os.X_OK):
             return c
