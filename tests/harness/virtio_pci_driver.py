@@ -1114,8 +1114,14 @@ class VirtioNetDriver:
     def ctrl_index(self) -> int:
         return 2 * self.max_pairs if self.has(VIRTIO_NET_F_MQ) else 2
 
-    def bring_up(self, pairs: int = 1, rx_buffers: int | None = None) -> int:
-        """Full init sequence (spec 3.1.1); returns the negotiated features."""
+    def bring_up(
+        self, pairs: int = 1, rx_buffers: int | None = None, *, set_pairs: bool = True
+    ) -> int:
+        """Full init sequence (spec 3.1.1); returns the negotiated features.
+
+        With MQ and a control queue, ``set_pairs`` sends VQ_PAIRS_SET(pairs)
+        after DRIVER_OK, as Linux does at probe (the device starts with 1 pair).
+        """
         t = self.transport
         if t.virtio_device_id != VIRTIO_ID_NET:
             log.warning("device id %#x is not virtio-net", t.device_id)
@@ -1163,6 +1169,10 @@ class VirtioNetDriver:
             raise VirtioError(f"device status {t.status:#x} after DRIVER_OK")
         for p in range(pairs):
             self.post_rx_buffers(self.pairs[p].rx.size if rx_buffers is None else rx_buffers, p)
+        if set_pairs and self.ctrl is not None and self.has(VIRTIO_NET_F_MQ):
+            ack = self.set_queue_pairs(pairs)
+            if ack != VIRTIO_NET_OK:
+                raise VirtioError(f"VQ_PAIRS_SET({pairs}) answered {ack}")
         return self.features
 
     def shutdown(self) -> None:

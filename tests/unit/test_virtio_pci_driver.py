@@ -285,6 +285,7 @@ def test_two_pairs_indirect_event_idx_suppression(rig: Rig) -> None:
     drv = vp.VirtioNetDriver(c, mem, queue_size=32, use_indirect=True, always_kick=False)
     drv.bring_up(pairs=2)
     assert drv.has(vp.VIRTIO_F_EVENT_IDX) and drv.has(vp.VIRTIO_F_INDIRECT_DESC)
+    assert fake.curr_pairs == 2 and fake.ctrl_log[0] == (4, 0, b"\x02\x00")
     for p in (0, 1):
         f = frame(3000, p)
         drv.send_packet(f, pair=p, split_header=True)  # 2 descriptors -> indirect
