@@ -125,8 +125,11 @@ uint8_t vn_ctrl_handle(struct vn_dev *dev, const uint8_t *req, uint32_t len)
 void vn_ctrl_process(struct vn_dev *dev)
 {
     struct vn_vq *vq = &dev->ctrl;
-    if (!vn_vq_ready(vq))
+    if (!vn_vq_ready(vq)) {
+        vn_log(dev, LOG_WARNING, "control queue kicked but not ready (size %u, broken %d)",
+               vq->size, vq->broken);
         return;
+    }
     struct iovec iov[64];
     uint8_t req[CTRL_MAX_REQ];
     bool pushed = false;
@@ -134,8 +137,13 @@ void vn_ctrl_process(struct vn_dev *dev)
         struct vn_chain c;
         int err;
         int r = vn_vq_pop(vq, iov, 64, &c, &err);
-        if (r == VN_POP_EMPTY)
+        /* The control queue is only served on doorbells: keep asking for
+         * them (avail_event follows us with EVENT_IDX), and look again in
+         * case a command slipped in meanwhile. */
+        if (r == VN_POP_EMPTY && !vn_vq_enable_notify(vq))
             break;
+        if (r == VN_POP_EMPTY)
+            continue;
         if (r == VN_POP_FATAL) {
             vn_dev_fatal(dev, "control queue ring corrupt");
             break;
@@ -161,6 +169,8 @@ void vn_ctrl_process(struct vn_dev *dev)
                 vn_log(dev, LOG_WARNING, "control queue: command class %u cmd %u (%u bytes) refused",
                        off > 0 ? req[0] : 0, off > 1 ? req[1] : 0, off);
         }
+        vn_log(dev, LOG_DEBUG, "control queue: class %u cmd %u -> %s", c.out_len > 0 ? req[0] : 0,
+               c.out_len > 1 ? req[1] : 0, ack == VN_CTRL_OK ? "ok" : "err");
         if (ack == VN_CTRL_OK)
             VN_STAT_INC(dev->st.ctrl_ok);
         else

@@ -326,7 +326,9 @@ void vn_dev_doorbell(struct vn_dev *dev, unsigned qidx)
         /* Early or stray doorbells are harmless; DRIVER_OK starts the queues. */
         return;
     }
-    if (qidx == 2 * dev->max_qps && VN_HAS(dev->features, VN_F_CTRL_VQ)) {
+    /* The driver numbers the control queue after the pairs it can use. */
+    unsigned ctrl_idx = VN_HAS(dev->features, VN_F_MQ) ? 2 * dev->max_qps : 2;
+    if (qidx == ctrl_idx && VN_HAS(dev->features, VN_F_CTRL_VQ)) {
         VN_STAT_INC(dev->ctrl_stats.doorbells);
         vn_ctrl_process(dev);
         return;

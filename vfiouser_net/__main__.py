@@ -1,0 +1,5 @@
+import sys
+
+from vfiouser_net.cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""Command line: `vfiouser-net serve ...`."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from vfiouser_net.device import DeviceError, DeviceOptions, VirtioNetDevice, parse_mac
+from vfiouser_net.tap import TapError
+
+log = logging.getLogger("vfiouser_net")
+
+LINK_POLL_SECONDS = 0.2
+
+
+def default_mac(socket_path: str) -> bytes:
+    """A stable locally administered MAC derived from the socket path."""
+    digest = hashlib.sha256(socket_path.encode()).digest()
+    return bytes([0x02, digest[0], digest[1], digest[2], digest[3], digest[4]])
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vfiouser-net", description="A virtio-net PCI device served over vfio-user."
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="logging threshold (default: info)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve one device on a UNIX socket")
+    serve.add_argument("--socket-path", required=True, help="vfio-user UNIX socket to listen on")
+    serve.add_argument("--tap", required=True, help="host TAP interface (attached or created)")
+    serve.add_argument("--mac", help="guest MAC address (default: derived from the socket path)")
+    serve.add_argument("--mtu", type=_positive_int, default=1500, help="MTU offered (default 1500)")
+    serve.add_argument(
+        "--queue-size",
+        type=_positive_int,
+        default=256,
+        help="maximum virtqueue size, a power of two (default 256)",
+    )
+    serve.add_argument(
+        "--speed",
+        type=_positive_int,
+        default=10000,
+        help="link speed in Mbit/s reported (default 10000)",
+    )
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    mac = parse_mac(args.mac) if args.mac else default_mac(args.socket_path)
+    opts = DeviceOptions(
+        socket_path=args.socket_path,
+        tap=args.tap,
+        mac=mac,
+        mtu=args.mtu,
+        queue_size=args.queue_size,
+        speed_mbps=args.speed,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    device = VirtioNetDevice(opts, log_level=logging.getLogger().getEffectiveLevel())
+    try:
+        device.start()
+        while not stop.wait(LINK_POLL_SECONDS):
+            device.poll_link()
+    finally:
+        device.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "serve":
+            return serve(args)
+    except (DeviceError, TapError) as exc:
+        print(f"vfiouser-net: error: {exc}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+/* The C datapath's interface to the control plane (vfiouser_net/csrc). */
+
+/* Layout (csrc/layout.h). */
+#define VN_BAR0_SIZE ...
+#define VN_COMMON_CFG_OFF ...
+#define VN_COMMON_CFG_LEN ...
+#define VN_ISR_OFF ...
+#define VN_ISR_LEN ...
+#define VN_DEVICE_CFG_OFF ...
+#define VN_DEVICE_CFG_LEN ...
+#define VN_NOTIFY_OFF ...
+#define VN_NOTIFY_LEN ...
+#define VN_NOTIFY_MULTIPLIER ...
+#define VN_MSIX_BAR ...
+#define VN_MSIX_BAR_SIZE ...
+#define VN_MSIX_TABLE_OFF ...
+#define VN_MSIX_PBA_OFF ...
+#define VN_MAX_QUEUE_PAIRS ...
+#define VN_VQ_MAX_SIZE ...
+#define VN_VQ_NO_VECTOR ...
+#define VN_MAC_TABLE_ENTRIES ...
+
+enum vn_drop_reason {
+    VN_DROP_BAD_CHAIN, VN_DROP_HEADER_TOO_SHORT, VN_DROP_FRAME_TOO_BIG, VN_DROP_BUFFER_TOO_SMALL,
+    VN_DROP_MAC_FILTER, VN_DROP_LINK_DOWN, VN_DROP_TAP_ERROR, VN_DROP_QUEUE_BROKEN, VN_DROP__COUNT
+};
+enum vn_error_reason {
+    VN_ERR_DESC_ADDR, VN_ERR_DESC_NEXT, VN_ERR_DESC_LOOP, VN_ERR_DESC_ORDER, VN_ERR_INDIRECT,
+    VN_ERR_CHAIN_TOO_LONG, VN_ERR_AVAIL_IDX, VN_ERR_HEAD_INDEX, VN_ERR_RING_ADDR,
+    VN_ERR_ZERO_LENGTH, VN_ERR__COUNT
+};
+enum vn_event { VN_EVENT_CONNECTED = 1, VN_EVENT_DISCONNECTED = 2, VN_EVENT_NEEDS_RESET = 3,
+                VN_EVENT_CTRL = 4 };
+
+struct vn_dir_stats {
+    uint64_t packets;
+    uint64_t bytes;
+    uint64_t doorbells;
+    uint64_t interrupts;
+    uint64_t interrupts_suppressed;
+    uint64_t ring_full;
+    uint64_t batches;
+    uint64_t drops[8];
+    uint64_t errors[10];
+};
+struct vn_qp_stats { struct vn_dir_stats rx; struct vn_dir_stats tx; };
+struct vn_dev_stats {
+    uint64_t ctrl_ok;
+    uint64_t ctrl_err;
+    uint64_t needs_reset;
+    uint64_t doorbells_invalid;
+    uint64_t dma_maps;
+    uint64_t dma_unmaps;
+    uint64_t quiesces;
+    uint64_t irq_errors;
+};
+struct vn_rx_filter {
+    uint8_t mac[6];
+    bool promisc;
+    bool allmulti;
+    bool uni_overflow;
+    bool multi_overflow;
+    unsigned n_uc, n_mc;
+    uint8_t uc[64][6];
+    uint8_t mc[64][6];
+};
+struct vn_hooks {
+    void *py;
+    int (*bar_access)(void *py, uint64_t offset, uint8_t *buf, uint32_t count, int is_write);
+    void (*reset)(void *py, int type);
+    void (*log)(void *py, int level, const char *msg);
+    void (*event)(void *py, int event);
+};
+
+struct vn_dev;
+struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu);
+void vn_dev_free(struct vn_dev *dev);
+void vn_dev_set_hooks(struct vn_dev *dev, const struct vn_hooks *hooks);
+void vn_dev_set_tap(struct vn_dev *dev, unsigned qp, int fd);
+int vn_dev_config_queue(struct vn_dev *dev, unsigned qidx, uint16_t size, uint64_t desc,
+                        uint64_t avail, uint64_t used, uint16_t vector);
+int vn_dev_start(struct vn_dev *dev, uint64_t features);
+void vn_dev_reset(struct vn_dev *dev);
+void vn_dev_set_link(struct vn_dev *dev, bool up);
+void vn_dev_set_announce(struct vn_dev *dev, bool on);
+bool vn_dev_get_announce(struct vn_dev *dev);
+bool vn_dev_get_needs_reset(struct vn_dev *dev);
+void vn_dev_set_config_vector(struct vn_dev *dev, uint16_t vector);
+void vn_dev_get_mac(struct vn_dev *dev, uint8_t mac_out[6]);
+void vn_dev_get_filter(struct vn_dev *dev, struct vn_rx_filter *out);
+void vn_dev_fatal(struct vn_dev *dev, const char *why);
+void vn_irq_raise(struct vn_dev *dev, uint16_t vector);
+void vn_dev_get_qp_stats(struct vn_dev *dev, unsigned qp, struct vn_qp_stats *out);
+void vn_dev_get_ctrl_stats(struct vn_dev *dev, struct vn_dir_stats *out);
+void vn_dev_get_dev_stats(struct vn_dev *dev, struct vn_dev_stats *out);
+uint64_t vn_dev_get_irq_count(struct vn_dev *dev, uint16_t vector);
+const char *vn_drop_reason_name(int reason);
+const char *vn_error_reason_name(int reason);
+
+int vn_tap_open(const char *name, bool multi_queue, char *ifname_out);
+
+int vn_server_setup(struct vn_dev *dev, void *vfu_ctx, int log_level);
+int vn_server_run(struct vn_dev *dev);
+void vn_server_stop(struct vn_dev *dev);
+
+/* Control-plane callbacks, implemented in Python (vfiouser_net/device.py). */
+extern "Python" int vn_py_bar_access(void *py, uint64_t offset, uint8_t *buf, uint32_t count,
+                                     int is_write);
+extern "Python" void vn_py_reset(void *py, int type);
+extern "Python" void vn_py_log(void *py, int level, const char *msg);
+extern "Python" void vn_py_event(void *py, int event);

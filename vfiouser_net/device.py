@@ -1,0 +1,489 @@
+"""A virtio-net PCI device served over vfio-user: the control plane.
+
+Ties together the libvfio-user context (PCI identity, capabilities, regions),
+the virtio-pci transport (common configuration), the virtio-net device
+configuration, the TAP and the C datapath. Threads: `run()` starts the
+context thread, which owns the vfio-user context and calls back into this
+object for BAR0 accesses outside the doorbells, resets, logs and events; the
+caller's thread may change the link and read statistics at any time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from vfiouser_net import pci_config
+from vfiouser_net.native import ffi, lib
+from vfiouser_net.net_config import NET_CONFIG_SIZE, NetConfig
+from vfiouser_net.tap import Tap
+from vfiouser_net.virtio_pci import NO_VECTOR, VirtioPciTransport
+from vfiouser_net.virtio_spec import (
+    PCI_CLASS_NETWORK_ETHERNET,
+    VIRTIO_NET_PCI_DEVICE,
+    VIRTIO_PCI_SUBSYS_DEVICE,
+    VIRTIO_PCI_VENDOR,
+    NetFeature,
+    feature_mask,
+    feature_names,
+)
+
+log = logging.getLogger(__name__)
+
+OFFERED_FEATURES = feature_mask(
+    NetFeature.VERSION_1,
+    NetFeature.CSUM,
+    NetFeature.GUEST_CSUM,
+    NetFeature.CTRL_GUEST_OFFLOADS,
+    NetFeature.MTU,
+    NetFeature.MAC,
+    NetFeature.GUEST_TSO4,
+    NetFeature.GUEST_TSO6,
+    NetFeature.HOST_TSO4,
+    NetFeature.HOST_TSO6,
+    NetFeature.MRG_RXBUF,
+    NetFeature.STATUS,
+    NetFeature.CTRL_VQ,
+    NetFeature.CTRL_RX,
+    NetFeature.GUEST_ANNOUNCE,
+    NetFeature.CTRL_MAC_ADDR,
+    NetFeature.RING_INDIRECT_DESC,
+    NetFeature.RING_EVENT_IDX,
+    NetFeature.SPEED_DUPLEX,
+)
+
+_SYSLOG_TO_LOGGING = {0: 50, 1: 50, 2: 50, 3: 40, 4: 30, 5: 20, 6: 20, 7: 10}
+_RESET_TYPES = {0: "device", 1: "client lost", 2: "FLR"}
+
+
+class DeviceError(RuntimeError):
+    pass
+
+
+@dataclass
+class DeviceOptions:
+    socket_path: str
+    tap: str
+    mac: bytes
+    mtu: int = 1500
+    queue_pairs: int = 1
+    queue_size: int = 256
+    speed_mbps: int = 10000
+    name: str = field(default="")
+
+    def validate(self) -> None:
+        if len(self.mac) != 6 or self.mac[0] & 1:
+            raise DeviceError("the MAC address must be a unicast address of 6 bytes")
+        if not 68 <= self.mtu <= 65535:
+            raise DeviceError(f"MTU {self.mtu} out of range 68..65535")
+        if not 1 <= self.queue_pairs <= lib.VN_MAX_QUEUE_PAIRS:
+            raise DeviceError(f"queue pairs must be 1..{lib.VN_MAX_QUEUE_PAIRS}")
+        qs = self.queue_size
+        if not 2 <= qs <= lib.VN_VQ_MAX_SIZE or qs & (qs - 1):
+            raise DeviceError(f"queue size must be a power of two in 2..{lib.VN_VQ_MAX_SIZE}")
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        mac = b""
+    if len(parts) != 6 or len(mac) != 6 or any(len(p) != 2 for p in parts):
+        raise DeviceError(
+            f"invalid MAC address {text!r} (expected six hex pairs, aa:bb:cc:dd:ee:ff)"
+        )
+    return mac
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def _claim_socket_path(path: str) -> None:
+    """Remove a stale socket left by a dead server; refuse a live one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise DeviceError(f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            os.unlink(path)
+            return
+    raise DeviceError(f"{path} is already served by another process")
+
+
+class VirtioNetDevice:
+    def __init__(self, opts: DeviceOptions, log_level: int = logging.INFO) -> None:
+        opts.validate()
+        self.opts = opts
+        self.name = opts.name or os.path.basename(opts.socket_path)
+        self.max_qps = opts.queue_pairs
+        self.num_queues = 2 * self.max_qps + 1
+        self.num_vectors = self.num_queues + 1
+        self.connected = False
+        self.operator_link_up = True
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.tap = Tap(opts.tap, self.max_qps, opts.mtu)
+        self.config = NetConfig(
+            mac=opts.mac,
+            mtu=opts.mtu,
+            max_queue_pairs=self.max_qps,
+            speed_mbps=opts.speed_mbps,
+            link_up=self.tap.is_up(),
+        )
+        self._dev: Any = lib.vn_dev_new(self.max_qps, opts.mac, opts.mtu)
+        if self._dev == ffi.NULL:
+            self.tap.close()
+            raise DeviceError("cannot allocate the datapath")
+        lib.vn_dev_set_link(self._dev, self.config.link_up)
+        self._handle = ffi.new_handle(self)
+        hooks = ffi.new("struct vn_hooks *")
+        hooks.py = self._handle
+        hooks.bar_access = lib.vn_py_bar_access
+        hooks.reset = lib.vn_py_reset
+        hooks.log = lib.vn_py_log
+        hooks.event = lib.vn_py_event
+        lib.vn_dev_set_hooks(self._dev, hooks)
+        for qp, fd in enumerate(self.tap.fds):
+            lib.vn_dev_set_tap(self._dev, qp, fd)
+        self.transport = VirtioPciTransport(
+            OFFERED_FEATURES, self.num_queues, opts.queue_size, self.num_vectors, backend=self
+        )
+        try:
+            self._vfu = self._create_context(log_level)
+        except Exception:
+            lib.vn_dev_free(self._dev)
+            self.tap.close()
+            raise
+
+    # -- vfio-user context --------------------------------------------------
+
+    def _create_context(self, log_level: int) -> Any:
+        path = self.opts.socket_path
+        _claim_socket_path(path)
+        ctx = lib.vfu_create_ctx(
+            lib.VFU_TRANS_SOCK,
+            path.encode(),
+            lib.LIBVFIO_USER_FLAG_ATTACH_NB,
+            self._dev,
+            lib.VFU_DEV_TYPE_PCI,
+        )
+        if ctx == ffi.NULL:
+            raise DeviceError(f"cannot listen on {path}: {os.strerror(ffi.errno)}")
+        try:
+            self._setup_pci(ctx, log_level)
+        except Exception:
+            lib.vfu_destroy_ctx(ctx)
+            raise
+        return ctx
+
+    def _setup_pci(self, ctx: Any, log_level: int) -> None:
+        def check(rc: int, what: str) -> None:
+            if rc < 0:
+                raise DeviceError(f"{what} failed: {os.strerror(ffi.errno)}")
+
+        check(
+            lib.vfu_pci_init(ctx, lib.VFU_PCI_TYPE_CONVENTIONAL, lib.PCI_HEADER_TYPE_NORMAL, 0),
+            "PCI init",
+        )
+        lib.vfu_pci_set_id(
+            ctx,
+            VIRTIO_PCI_VENDOR,
+            VIRTIO_NET_PCI_DEVICE,
+            VIRTIO_PCI_VENDOR,
+            VIRTIO_PCI_SUBSYS_DEVICE,
+        )
+        lib.vfu_pci_set_class(ctx, *PCI_CLASS_NETWORK_ETHERNET)
+        # libvfio-user ignores its revision argument; virtio 1.x wants >= 1.
+        cfg = ffi.cast("uint8_t *", lib.vfu_pci_get_config_space(ctx))
+        cfg[pci_config.PCI_REVISION_ID_OFFSET] = pci_config.VIRTIO_PCI_REVISION
+        caps = pci_config.virtio_caps(
+            bar=0,
+            common=(lib.VN_COMMON_CFG_OFF, lib.VN_COMMON_CFG_LEN),
+            isr=(lib.VN_ISR_OFF, lib.VN_ISR_LEN),
+            device=(lib.VN_DEVICE_CFG_OFF, NET_CONFIG_SIZE),
+            notify=(lib.VN_NOTIFY_OFF, lib.VN_NOTIFY_LEN),
+            notify_multiplier=lib.VN_NOTIFY_MULTIPLIER,
+        )
+        for cap in caps:
+            check(
+                lib.vfu_pci_add_capability(ctx, 0, lib.VFU_CAP_FLAG_READONLY, ffi.from_buffer(cap)),
+                "adding a virtio capability",
+            )
+        msix = pci_config.msix_cap(
+            self.num_vectors, lib.VN_MSIX_BAR, lib.VN_MSIX_TABLE_OFF, lib.VN_MSIX_PBA_OFF
+        )
+        check(lib.vfu_pci_add_capability(ctx, 0, 0, ffi.from_buffer(msix)), "adding MSI-X")
+        syslog_level = {10: 7, 20: 6, 30: 4, 40: 3, 50: 2}.get(log_level, 6)
+        rc = lib.vn_server_setup(self._dev, ctx, syslog_level)
+        if rc < 0:
+            raise DeviceError(f"device setup failed: {os.strerror(-rc)}")
+        check(lib.vfu_realize_ctx(ctx), "realizing the device")
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve clients on the context thread until stop()."""
+        self._thread = threading.Thread(target=self._serve, name=f"vfu-{self.name}", daemon=True)
+        self._thread.start()
+        log.info(
+            "device %s: listening on %s, TAP %s, MAC %s, MTU %d",
+            self.name,
+            self.opts.socket_path,
+            self.tap.name,
+            format_mac(self.opts.mac),
+            self.opts.mtu,
+        )
+
+    def _serve(self) -> None:
+        rc = lib.vn_server_run(self._dev)
+        if rc < 0:
+            log.error("device %s: serving failed: %s", self.name, os.strerror(-rc))
+
+    def stop(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        lib.vn_server_stop(self._dev)
+        if self._thread is not None:
+            self._thread.join()
+        # The context thread is gone: this thread now owns the context.
+        lib.vfu_destroy_ctx(self._vfu)
+        lib.vn_dev_free(self._dev)
+        self.tap.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.opts.socket_path)
+        log.info("device %s: stopped", self.name)
+
+    def __enter__(self) -> VirtioNetDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- transport backend (called on the context thread) ---------------------
+
+    def configure_queue(
+        self, index: int, size: int, desc: int, driver: int, device: int, vector: int
+    ) -> None:
+        negotiated = self.transport.driver_features
+        cidx = index
+        if not negotiated >> NetFeature.MQ & 1 and index == 2:
+            cidx = 2 * self.max_qps  # the control queue
+        elif not negotiated >> NetFeature.MQ & 1 and index > 2:
+            return
+        if lib.vn_dev_config_queue(self._dev, cidx, size, desc, driver, device, vector) < 0:
+            log.warning("device %s: queue %d configuration refused", self.name, index)
+
+    def start_datapath(self, features: int) -> bool:
+        if lib.vn_dev_start(self._dev, features) < 0:
+            lib.vn_dev_fatal(self._dev, b"ring addresses outside guest memory at DRIVER_OK")
+            return False
+        log.info("device %s: driver ready (%s)", self.name, ", ".join(feature_names(features)))
+        if features >> NetFeature.GUEST_ANNOUNCE & 1 and self.config.link_up:
+            lib.vn_dev_set_announce(self._dev, True)
+            self._config_changed()
+        return True
+
+    def reset(self) -> None:
+        lib.vn_dev_reset(self._dev)
+
+    def set_config_vector(self, vector: int) -> None:
+        lib.vn_dev_set_config_vector(self._dev, vector)
+
+    def needs_reset(self) -> bool:
+        return bool(lib.vn_dev_get_needs_reset(self._dev))
+
+    # -- hooks from C ----------------------------------------------------------
+
+    def bar_access(self, offset: int, buf: Any, count: int, is_write: bool) -> int:
+        if lib.VN_COMMON_CFG_OFF <= offset < lib.VN_COMMON_CFG_OFF + lib.VN_COMMON_CFG_LEN:
+            rel = offset - lib.VN_COMMON_CFG_OFF
+            if is_write:
+                self.transport.write(rel, ffi.buffer(buf, count)[:])
+            else:
+                ffi.memmove(buf, self.transport.read(rel, count), count)
+            return 0
+        data = bytes(count)
+        if lib.VN_ISR_OFF <= offset < lib.VN_ISR_OFF + lib.VN_ISR_LEN and not is_write:
+            if offset == lib.VN_ISR_OFF:
+                data = bytes([self.transport.read_isr()]) + bytes(count - 1)
+        elif lib.VN_DEVICE_CFG_OFF <= offset < lib.VN_DEVICE_CFG_OFF + lib.VN_DEVICE_CFG_LEN:
+            if is_write:
+                log.debug("device %s: write to device config ignored", self.name)
+                return 0
+            rel = offset - lib.VN_DEVICE_CFG_OFF
+            image = self._device_config().ljust(lib.VN_DEVICE_CFG_LEN, b"\0")
+            data = image[rel : rel + count].ljust(count, b"\0")
+        if not is_write:
+            ffi.memmove(buf, data, count)
+        return 0
+
+    def _device_config(self) -> bytes:
+        mac = ffi.new("uint8_t[6]")
+        lib.vn_dev_get_mac(self._dev, mac)
+        self.config.mac = bytes(mac)
+        self.config.announce = bool(lib.vn_dev_get_announce(self._dev))
+        return self.config.pack()
+
+    def on_reset(self, reset_type: int) -> None:
+        log.info("device %s: reset (%s)", self.name, _RESET_TYPES.get(reset_type, reset_type))
+        self.transport.reset()
+
+    def on_event(self, event: int) -> None:
+        if event == lib.VN_EVENT_CONNECTED:
+            self.connected = True
+            log.info("device %s: client connected", self.name)
+        elif event == lib.VN_EVENT_DISCONNECTED:
+            self.connected = False
+            log.info("device %s: client disconnected, waiting for the next", self.name)
+
+    # -- operator controls (any thread) --------------------------------------------
+
+    def set_link(self, up: bool) -> None:
+        self.operator_link_up = up
+        self.poll_link()
+
+    def poll_link(self) -> None:
+        """Follow the operator's switch and the TAP's IFF_UP."""
+        up = self.operator_link_up and self.tap.is_up()
+        if up == self.config.link_up:
+            return
+        log.info("device %s: link %s", self.name, "up" if up else "down")
+        self.config.link_up = up
+        lib.vn_dev_set_link(self._dev, up)
+        if up and self.transport.negotiated >> NetFeature.GUEST_ANNOUNCE & 1:
+            lib.vn_dev_set_announce(self._dev, True)
+        self._config_changed()
+
+    def announce(self) -> None:
+        lib.vn_dev_set_announce(self._dev, True)
+        self._config_changed()
+
+    def _config_changed(self) -> None:
+        vector = self.transport.config_changed()
+        if vector != NO_VECTOR:
+            lib.vn_irq_raise(self._dev, vector)
+
+    # -- observation ---------------------------------------------------------------
+
+    def queue_stats(self, qp: int) -> dict[str, dict[str, Any]]:
+        st = ffi.new("struct vn_qp_stats *")
+        lib.vn_dev_get_qp_stats(self._dev, qp, st)
+        return {"rx": _dir_stats(st.rx), "tx": _dir_stats(st.tx)}
+
+    def ctrl_stats(self) -> dict[str, Any]:
+        st = ffi.new("struct vn_dir_stats *")
+        lib.vn_dev_get_ctrl_stats(self._dev, st)
+        return _dir_stats(st[0])
+
+    def device_stats(self) -> dict[str, int]:
+        st = ffi.new("struct vn_dev_stats *")
+        lib.vn_dev_get_dev_stats(self._dev, st)
+        return {name: int(getattr(st, name)) for name, _ in ffi.typeof(st[0]).fields}
+
+    def rx_filter(self) -> dict[str, Any]:
+        f = ffi.new("struct vn_rx_filter *")
+        lib.vn_dev_get_filter(self._dev, f)
+        return {
+            "mac": format_mac(bytes(f.mac)),
+            "promisc": bool(f.promisc),
+            "allmulti": bool(f.allmulti),
+            "unicast": [format_mac(bytes(f.uc[i])) for i in range(f.n_uc)],
+            "multicast": [format_mac(bytes(f.mc[i])) for i in range(f.n_mc)],
+            "uni_overflow": bool(f.uni_overflow),
+            "multi_overflow": bool(f.multi_overflow),
+        }
+
+    def irq_count(self, vector: int) -> int:
+        return int(lib.vn_dev_get_irq_count(self._dev, vector))
+
+    def snapshot(self) -> dict[str, Any]:
+        t = self.transport
+        return {
+            "name": self.name,
+            "socket": self.opts.socket_path,
+            "tap": self.tap.name,
+            "connected": self.connected,
+            "status": int(t.device_status()),
+            "features": feature_names(t.negotiated),
+            "link_up": self.config.link_up,
+            "mtu": self.opts.mtu,
+            "queue_pairs": self.max_qps,
+            "rx_filter": self.rx_filter(),
+            "queues": [self.queue_stats(i) for i in range(self.max_qps)],
+            "ctrl": self.ctrl_stats(),
+            "device": self.device_stats(),
+        }
+
+
+def _dir_stats(d: Any) -> dict[str, Any]:
+    return {
+        "packets": int(d.packets),
+        "bytes": int(d.bytes),
+        "doorbells": int(d.doorbells),
+        "interrupts": int(d.interrupts),
+        "interrupts_suppressed": int(d.interrupts_suppressed),
+        "ring_full": int(d.ring_full),
+        "batches": int(d.batches),
+        "drops": {
+            ffi.string(lib.vn_drop_reason_name(i)).decode(): int(d.drops[i])
+            for i in range(lib.VN_DROP__COUNT)
+        },
+        "errors": {
+            ffi.string(lib.vn_error_reason_name(i)).decode(): int(d.errors[i])
+            for i in range(lib.VN_ERR__COUNT)
+        },
+    }
+
+
+# Callbacks from C: find the device through the handle and never let an
+# exception escape into C (cffi would print it and return 0).
+
+
+def _callback_error(exc: type[BaseException], value: BaseException, tb: Any) -> None:
+    log.error("control plane callback failed", exc_info=(exc, value, tb))
+
+
+@ffi.def_extern(onerror=_callback_error, error=-1)  # type: ignore[untyped-decorator]
+def vn_py_bar_access(py: Any, offset: int, buf: Any, count: int, is_write: int) -> int:
+    dev: VirtioNetDevice = ffi.from_handle(py)
+    return dev.bar_access(offset, buf, count, bool(is_write))
+
+
+@ffi.def_extern(onerror=_callback_error)  # type: ignore[untyped-decorator]
+def vn_py_reset(py: Any, reset_type: int) -> None:
+    dev: VirtioNetDevice = ffi.from_handle(py)
+    dev.on_reset(reset_type)
+
+
+@ffi.def_extern(onerror=_callback_error)  # type: ignore[untyped-decorator]
+def vn_py_log(py: Any, level: int, msg: Any) -> None:
+    dev: VirtioNetDevice = ffi.from_handle(py)
+    log.log(
+        _SYSLOG_TO_LOGGING.get(level, 20),
+        "device %s: %s",
+        dev.name,
+        ffi.string(msg).decode(errors="replace"),
+    )
+
+
+@ffi.def_extern(onerror=_callback_error)  # type: ignore[untyped-decorator]
+def vn_py_event(py: Any, event: int) -> None:
+    dev: VirtioNetDevice = ffi.from_handle(py)
+    dev.on_event(event)
+
+
+__all__ = ["DeviceError", "DeviceOptions", "VirtioNetDevice", "format_mac", "parse_mac"]

@@ -1,0 +1,114 @@
+"""Host side of the device: a Linux TAP interface with one queue per pair.
+
+The fds are opened by the C datapath's vn_tap_open (IFF_VNET_HDR with a
+12-byte header, non-blocking); this module owns their lifetime and the
+interface's state (existence, IFF_UP, MTU) through plain ioctls.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import struct
+
+from vfiouser_net.native import ffi, lib
+
+log = logging.getLogger(__name__)
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCGIFMTU = 0x8921
+SIOCSIFMTU = 0x8922
+IFF_UP = 0x1
+IFNAMSIZ = 16
+
+
+class TapError(RuntimeError):
+    pass
+
+
+def _ifreq(name: str, payload: bytes = b"") -> bytes:
+    return struct.pack("16s", name.encode()) + payload.ljust(24, b"\0")
+
+
+def _ioctl(name: str, request: int, payload: bytes = b"") -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return fcntl.ioctl(s.fileno(), request, _ifreq(name, payload))
+
+
+def interface_exists(name: str) -> bool:
+    try:
+        _ioctl(name, SIOCGIFFLAGS)
+    except OSError:
+        return False
+    return True
+
+
+def validate_ifname(name: str) -> None:
+    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or any(c.isspace() for c in name):
+        raise TapError(f"invalid interface name {name!r} (1-15 characters, no '/' or spaces)")
+
+
+class Tap:
+    """A TAP interface opened with `queues` queues."""
+
+    def __init__(self, name: str, queues: int = 1, mtu: int | None = None) -> None:
+        validate_ifname(name)
+        self.created = not interface_exists(name)
+        self.fds: list[int] = []
+        multi = queues > 1
+        out = ffi.new("char[16]")
+        for _ in range(queues):
+            fd = lib.vn_tap_open(name.encode(), multi, out)
+            if fd < 0 and not multi and -fd == 22:
+                # An existing TAP made with multi_queue only accepts multi-queue opens.
+                multi = True
+                fd = lib.vn_tap_open(name.encode(), multi, out)
+            if fd < 0:
+                self.close()
+                raise TapError(f"cannot open TAP {name}: {os.strerror(-fd)}")
+            self.fds.append(fd)
+        self.name = ffi.string(out).decode()
+        if self.created:
+            log.info("created TAP %s with %d queue(s)", self.name, queues)
+            if mtu is not None:
+                self.set_mtu(mtu)
+            self.set_up(True)
+        else:
+            log.info("attached to TAP %s with %d queue(s)", self.name, queues)
+            if mtu is not None and self.mtu() < mtu:
+                log.warning(
+                    "TAP %s has MTU %d, smaller than the device MTU %d: large frames will drop",
+                    self.name,
+                    self.mtu(),
+                    mtu,
+                )
+
+    def flags(self) -> int:
+        res = _ioctl(self.name, SIOCGIFFLAGS)
+        return int(struct.unpack_from("H", res, 16)[0])
+
+    def is_up(self) -> bool:
+        try:
+            return bool(self.flags() & IFF_UP)
+        except OSError:
+            return False
+
+    def set_up(self, up: bool) -> None:
+        flags = self.flags()
+        flags = flags | IFF_UP if up else flags & ~IFF_UP
+        _ioctl(self.name, SIOCSIFFLAGS, struct.pack("H", flags))
+
+    def mtu(self) -> int:
+        res = _ioctl(self.name, SIOCGIFMTU)
+        return int(struct.unpack_from("i", res, 16)[0])
+
+    def set_mtu(self, mtu: int) -> None:
+        _ioctl(self.name, SIOCSIFMTU, struct.pack("i", mtu))
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
