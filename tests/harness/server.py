@@ -1,0 +1,106 @@
+"""Run the vfiouser-net daemon for a test: in a network namespace, logging to
+a file, stopped with SIGTERM (and killed if that fails) on the way out."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class Server:
+    """`vfiouser-net serve` as a child process (optionally inside a netns)."""
+
+    def __init__(
+        self,
+        socket_path: str | Path,
+        tap: str,
+        *,
+        netns: str | None = None,
+        extra_args: Sequence[str] = (),
+        log_level: str = "info",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.socket_path = Path(socket_path)
+        self.tap = tap
+        self.netns = netns
+        self.log_path = Path(tempfile.mkstemp(prefix="vn-server-", suffix=".log")[1])
+        self.argv = [
+            sys.executable, "-m", "vfiouser_net", "--log-level", log_level, "serve",
+            "--socket-path", str(self.socket_path), "--tap", tap, *extra_args,
+        ]
+        if netns is not None:
+            self.argv = ["ip", "netns", "exec", netns, *self.argv]
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+
+    def start(self, timeout: float = 20.0) -> Server:
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env=None if self.env is None else {**os.environ, **self.env},
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            if self.socket_path.exists():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise ServerError(f"server did not listen on {self.socket_path}:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit code (kills on timeout)."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.error("server ignored SIGTERM for %.0f s; killing", timeout)
+                self.kill()
+        self.returncode = self.proc.returncode
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if exc[0] is not None:
+            log.error("server log (%s):\n%s", self.log_path, self.log()[-4000:])
+
+
+@contextlib.contextmanager
+def running_server(*args: object, **kwargs: object) -> Iterator[Server]:
+    server = Server(*args, **kwargs)  # type: ignore[arg-type]
+    with server:
+        yield server
