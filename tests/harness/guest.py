@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import gzip
+import json
 import logging
 import os
 import re
@@ -93,6 +94,21 @@ class GuestPaths:
 
     def missing(self) -> list[Path]:
         return [p for p in (self.qemu, self.kernel, self.initrd) if not p.exists()]
+
+
+def vfio_user_pci_args(socket: Path | str, dev_id: str = "vfu0", **props: object) -> list[str]:
+    """QEMU arguments attaching a vfio-user server's socket as a PCI device.
+
+    The server must already listen. Extra properties (e.g. ``bus="pcie.0"``,
+    ``addr="0x5"``, ``x-msg-timeout=...``) go into the JSON device spec.
+    """
+    spec: dict[str, object] = {
+        "driver": "vfio-user-pci",
+        "id": dev_id,
+        "socket": {"path": str(socket), "type": "unix"},
+    }
+    spec.update(props)
+    return ["-device", json.dumps(spec, separators=(",", ":"))]
 
 
 # --- initramfs helpers ----------------------------------------------------------
