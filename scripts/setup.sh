@@ -43,7 +43,7 @@ setup_venv() {
     local venv=$VN_CACHE/venv stamp want f
     stamp=$venv/.vn-stamp
     # What the venv depends on: the package list, the interpreter, the
-    # project's build files and the libvfio-user revision.
+    # project's build files and C sources, and the libvfio-user revision.
     want=$(
         echo "${PY_PKGS[*]}"
         "$VN_PYTHON" -c 'import sys; print(sys.version)'
@@ -51,6 +51,9 @@ setup_venv() {
         for f in pyproject.toml setup.py setup.cfg; do
             [[ -f $REPO/$f ]] && echo "$f $(sha256sum <"$REPO/$f")"
         done
+        # Inputs of the project's compiled (cffi) extension.
+        find "$REPO/vfiouser_net" -maxdepth 2 \( -name '_ffi_build.py' -o -path '*/decl/*' \
+            -o -path '*/csrc/*.[ch]' \) -type f 2>/dev/null | LC_ALL=C sort | xargs -r sha256sum
         echo "$REPO"
     )
     if [[ -x $venv/bin/python && -f $stamp && $(cat "$stamp") == "$want" ]] &&
