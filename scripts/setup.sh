@@ -16,7 +16,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
-# shellcheck source=setup/lib.sh
+# shellcheck source-path=SCRIPTDIR source=setup/lib.sh
 . "$HERE/setup/lib.sh"
 VN_STEP=setup
 vn_need_root

@@ -10,7 +10,7 @@
 # package is missing (dpkg-query), so re-runs take well under a second.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/lib.sh"
 VN_STEP=apt
 vn_need_root

@@ -30,7 +30,7 @@
 # `guest-image.sh extra DIR OUT.cpio` packs a directory with cpio.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/lib.sh"
 VN_STEP=guest-image
 

@@ -18,7 +18,7 @@
 #   $VN_CACHE/libvfio-user/SOURCE      the Debian source package version used
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/lib.sh"
 VN_STEP=libvfio-user
 vn_need_root

@@ -14,7 +14,7 @@
 # Either way the result is checked: vfio-user-pci listed, version >= 10.1.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/lib.sh"
 VN_STEP=qemu
 vn_need_root
