@@ -8,6 +8,7 @@ from vfiouser_net.virtio_pci import NO_VECTOR, VirtioPciTransport
 from vfiouser_net.virtio_spec import CommonCfg, DeviceStatus, NetFeature, feature_mask
 
 OFFERED = feature_mask(NetFeature.VERSION_1, NetFeature.MAC, NetFeature.CTRL_VQ)
+ACK_DRIVER = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER
 
 
 class FakeBackend:
@@ -136,7 +137,7 @@ def test_vector_out_of_range_reads_back_no_vector() -> None:
 
 
 def test_queue_select_past_the_end_reads_zero_and_ignores_writes() -> None:
-    t, be = make()
+    t, _be = make()
     w(t, CommonCfg.QUEUE_SELECT, "H", 3)
     assert r(t, CommonCfg.QUEUE_SIZE, "H") == 0
     w(t, CommonCfg.QUEUE_ENABLE, "H", 1)
@@ -172,7 +173,7 @@ def test_failed_start_shows_needs_reset_and_reset_clears_everything() -> None:
 
 
 def test_queue_config_after_driver_ok_is_ignored() -> None:
-    t, be = make()
+    t, _be = make()
     negotiate(t, OFFERED)
     w(t, CommonCfg.DEVICE_STATUS, "B", 0x0F)
     w(t, CommonCfg.QUEUE_SELECT, "H", 0)
