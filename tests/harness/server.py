@@ -39,8 +39,17 @@ class Server:
         self.netns = netns
         self.log_path = Path(tempfile.mkstemp(prefix="vn-server-", suffix=".log")[1])
         self.argv = [
-            sys.executable, "-m", "vfiouser_net", "--log-level", log_level, "serve",
-            "--socket-path", str(self.socket_path), "--tap", tap, *extra_args,
+            sys.executable,
+            "-m",
+            "vfiouser_net",
+            "--log-level",
+            log_level,
+            "serve",
+            "--socket-path",
+            str(self.socket_path),
+            "--tap",
+            tap,
+            *extra_args,
         ]
         if netns is not None:
             self.argv = ["ip", "netns", "exec", netns, *self.argv]
@@ -51,7 +60,10 @@ class Server:
     def start(self, timeout: float = 20.0) -> Server:
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 env=None if self.env is None else {**os.environ, **self.env},
             )
         deadline = time.monotonic() + timeout
