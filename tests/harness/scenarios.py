@@ -41,10 +41,11 @@ def guest_on_vfiouser_net(
         ns.add_tap(TAP_NAME)
         sock = Path(tmp) / "vn.sock"
         args = ["--mac", GUEST_MAC, *server_args]
-        with Server(sock, TAP_NAME, netns=ns.name, extra_args=args, log_level=log_level) as srv:
-            with Guest(cpus=cpus, extra_args=vfio_user_pci_args(sock), name="vn-guest") as guest:
-                configure_guest_ip(guest, ns)
-                yield guest, ns, srv
+        server = Server(sock, TAP_NAME, netns=ns.name, extra_args=args, log_level=log_level)
+        guest = Guest(cpus=cpus, extra_args=vfio_user_pci_args(sock), name="vn-guest")
+        with server, guest:
+            configure_guest_ip(guest, ns)
+            yield guest, ns, server
 
 
 @contextlib.contextmanager
