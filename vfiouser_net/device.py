@@ -260,6 +260,9 @@ class VirtioNetDevice:
         if self._thread is not None:
             self._thread.join()
         # The context thread is gone: this thread now owns the context.
+        # Destroying it unmaps guest memory without a quiesce, so the
+        # workers must be stopped first.
+        lib.vn_dev_reset(self._dev)
         lib.vfu_destroy_ctx(self._vfu)
         lib.vn_dev_free(self._dev)
         self.tap.close()
