@@ -1,0 +1,262 @@
+"""End to end: our vfio-user virtio-net device under QEMU with a Linux guest.
+
+The real stack: the ``vfiouser-net serve`` daemon on a TAP in a fresh
+network namespace, QEMU 11.1 (TCG, 2 vCPUs) attaching it with
+``-device vfio-user-pci``, and the Linux 6.12 guest's own virtio_net driver.
+The tests share one stack (see device_fixtures.py) and run in file order;
+each starts from the stack's known state, so any of them also runs alone.
+
+iperf3 byte accounting (TCP): the sender's ``sum_sent.bytes`` counts what
+it wrote into its socket, the receiver's ``sum_received.bytes`` what it read
+before the test ended, so received <= sent and the difference is what was
+still in flight (socket buffers, the rings); the client's JSON carries the
+server's figures as exchanged at the end, and those must equal the server's
+own report exactly. On top of iperf3's view, the TAP's own counters must
+have seen at least the payload go through the device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.e2e.device_fixtures import (
+    DEVICE_MAC,
+    DEVICE_MTU,
+    DeviceStack,
+    device_stack_fixture,  # noqa: F401 (fixture "device_stack")
+    stack_fixture,  # noqa: F401 (fixture "stack")
+)
+from tests.harness.iperf import run_iperf3
+
+log = logging.getLogger(__name__)
+
+pytestmark = pytest.mark.e2e
+
+PING_COUNT = 20
+IPERF_SECONDS = 3
+NEW_MAC = "52:54:00:aa:bb:cc"
+FOREIGN_MAC = "02:00:00:de:ad:01"  # unicast, locally administered, nobody's
+FRAMES = 40
+REBINDS = 10
+IFF_PROMISC = 0x100
+
+# Sends raw Ethernet frames on an interface (argv: ifname, dst MAC, count).
+_SEND_FRAMES = r"""
+import socket, sys
+ifname, dst, count = sys.argv[1], bytes.fromhex(sys.argv[2].replace(":", "")), int(sys.argv[3])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((ifname, 0))
+src = s.getsockname()[4]
+frame = dst + src + b"\x88\xb5" + b"vfiouser-net e2e".ljust(46, b"\0")
+for _ in range(count):
+    s.send(frame)
+"""
+
+
+def send_frames(stack: DeviceStack, dst_mac: str, count: int) -> None:
+    """Send count frames to dst_mac from the host side of the TAP."""
+    stack.ns.run([sys.executable, "-c", _SEND_FRAMES, stack.tap.name, dst_mac, str(count)])
+
+
+def test_driver_mac_and_mtu(stack: DeviceStack) -> None:
+    guest = stack.require_guest()
+    dev = f"/sys/bus/pci/devices/{stack.pci_addr}"
+    ids = guest.check(f"cat {dev}/vendor {dev}/device").split()
+    assert ids == ["0x1af4", "0x1041"], ids
+    # virtio-pci owns the PCI function, virtio_net the virtio device behind eth0.
+    pci_driver = guest.check(f"readlink {dev}/driver").strip()
+    assert pci_driver.endswith("/virtio-pci"), pci_driver
+    netdev_device = guest.check("readlink -f /sys/class/net/eth0/device").strip()
+    assert f"/{stack.pci_addr}/virtio" in netdev_device, netdev_device
+    net_driver = guest.check("readlink /sys/class/net/eth0/device/driver").strip()
+    assert net_driver.endswith("/virtio_net"), net_driver
+    assert guest.check("cat /sys/class/net/eth0/address").strip() == DEVICE_MAC
+    assert int(guest.check("cat /sys/class/net/eth0/mtu")) == DEVICE_MTU
+
+
+def test_ping_no_loss(stack: DeviceStack) -> None:
+    result = stack.ping_host(PING_COUNT)
+    assert result.transmitted == PING_COUNT and result.lossless, result.output
+    host = stack.ns.run(["ping", "-c", "5", "-i", "0.2", "-W", "5", stack.guest_addr], timeout=60)
+    assert " 0% packet loss" in host.stdout, host.stdout
+
+
+def test_iperf3_tcp_both_directions(
+    stack: DeviceStack, record_property: Callable[[str, object], None]
+) -> None:
+    guest = stack.require_guest()
+    figures = {}
+    for direction in ("guest_tx", "guest_rx"):
+        tap_before = stack.tap.stats()
+        r = run_iperf3(guest, stack.ns, direction=direction, seconds=IPERF_SECONDS)
+        tap_after = stack.tap.stats()
+        assert not r.inconsistencies(), r.inconsistencies()
+        assert 0 < r.received_bytes <= r.sent_bytes, r.summary()
+        # The TAP counts whole frames: at least the payload went through it.
+        # guest_tx: the host receives on the TAP (rx); guest_rx: it transmits (tx).
+        key = "rx_bytes" if direction == "guest_tx" else "tx_bytes"
+        tap_bytes = tap_after[key] - tap_before[key]
+        assert tap_bytes >= r.received_bytes, (key, tap_bytes, r.summary())
+        figures[direction] = {**r.summary(), f"tap_{key}": tap_bytes}
+        record_property(f"iperf3_{direction}_gbps", round(r.receiver_gbps, 3))
+        log.info(
+            "iperf3 %s: sent %d B, received %d B (%.1f%%), %.1f Mbit/s, tap %s %d B",
+            direction,
+            r.sent_bytes,
+            r.received_bytes,
+            100.0 * r.received_bytes / r.sent_bytes,
+            r.receiver_bps / 1e6,
+            key,
+            tap_bytes,
+        )
+    (stack.workdir / "iperf3.json").write_text(json.dumps(figures, indent=2))
+    log.info("iperf3 figures: %s", json.dumps(figures))
+
+
+def test_mac_address_change(stack: DeviceStack) -> None:
+    guest = stack.require_guest()
+    stack.ns.ip("neigh", "flush", "dev", stack.tap.name)
+    try:
+        # Live change (eth0 stays up): needs VIRTIO_NET_F_CTRL_MAC_ADDR.
+        guest.check(f"ip link set eth0 address {NEW_MAC}")
+        assert guest.check("cat /sys/class/net/eth0/address").strip() == NEW_MAC
+        result = stack.ping_host(5)
+        assert result.lossless, result.output
+        neigh = stack.ns.ip("neigh", "show", stack.guest_addr, "dev", stack.tap.name).stdout
+        log.info("host neighbour entry: %s", neigh.strip())
+        assert f"lladdr {NEW_MAC}" in neigh, neigh
+    finally:
+        guest.run(f"ip link set eth0 address {DEVICE_MAC}", timeout=30)
+        stack.ns.ip("neigh", "flush", "dev", stack.tap.name, check=False)
+    result = stack.ping_host(3)
+    assert result.lossless, result.output
+
+
+def _count_delivered(stack: DeviceStack, dst_mac: str) -> int:
+    """Guest rx_packets delta for FRAMES frames to dst_mac, then FRAMES to the guest.
+
+    The frames to the guest's own MAC are a marker: once they have arrived,
+    frames sent before them on the same queue have been handled too (the
+    device processes the TAP in order). Returns the delta minus the markers.
+    """
+    before = stack.rx_packets()
+    send_frames(stack, dst_mac, FRAMES)
+    send_frames(stack, DEVICE_MAC, FRAMES)
+    guest = stack.require_guest()
+    deadline = time.monotonic() + 20
+    while True:
+        delta = stack.rx_packets() - before
+        if delta >= FRAMES or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert delta >= FRAMES, f"the {FRAMES} frames to the guest's own MAC did not all arrive"
+    time.sleep(0.5)  # anything late still shows up
+    delta = stack.rx_packets() - before
+    log.info("to %s: guest rx_packets +%d (including %d markers)", dst_mac, delta, FRAMES)
+    guest.check("true")
+    return delta - FRAMES
+
+
+def test_promiscuous_mode(stack: DeviceStack) -> None:
+    guest = stack.require_guest()
+    assert _count_delivered(stack, FOREIGN_MAC) < FRAMES // 4, "foreign frames not filtered"
+    try:
+        guest.check("ip link set eth0 promisc on")
+        # (busybox ip does not name IFF_PROMISC: read the flags)
+        assert int(guest.check("cat /sys/class/net/eth0/flags"), 16) & IFF_PROMISC
+        # The control command is asynchronous to us: allow a moment to apply.
+        deadline = time.monotonic() + 10
+        delivered = _count_delivered(stack, FOREIGN_MAC)
+        while delivered < FRAMES and time.monotonic() < deadline:
+            delivered = _count_delivered(stack, FOREIGN_MAC)
+        assert delivered >= FRAMES, f"promisc on: only {delivered}/{FRAMES} foreign frames"
+    finally:
+        guest.run("ip link set eth0 promisc off", timeout=30)
+    assert _count_delivered(stack, FOREIGN_MAC) < FRAMES // 4, "promisc off: not filtered again"
+    result = stack.ping_host(3)
+    assert result.lossless, result.output
+
+
+def test_operator_link_down_up(stack: DeviceStack) -> None:
+    guest = stack.require_guest()
+    try:
+        stack.ns.ip("link", "set", stack.tap.name, "down")
+        stack.wait_carrier(False, timeout=15)
+        assert "NO-CARRIER" in guest.check("ip link show eth0")
+        assert stack.require_server().alive()
+    finally:
+        stack.ns.ip("link", "set", stack.tap.name, "up")
+    stack.wait_carrier(True, timeout=15)
+    assert "NO-CARRIER" not in guest.check("ip link show eth0")
+    result = stack.ping_host(5)
+    assert result.lossless, result.output
+
+
+def test_unbind_rebind_ten_times(stack: DeviceStack) -> None:
+    guest = stack.require_guest()
+    drv = "/sys/bus/pci/drivers/virtio-pci"
+    addr = stack.pci_addr
+    # A subshell: the console shell sources commands, so "exit" must not reach it.
+    script = f"""(
+i=0
+while [ $i -lt {REBINDS} ]; do
+  i=$((i+1))
+  echo {addr} > {drv}/unbind || {{ echo "unbind $i failed"; exit 1; }}
+  if [ -e /sys/class/net/eth0 ] || [ -e {drv}/{addr} ]; then
+    echo "still bound after unbind $i"; exit 1
+  fi
+  echo {addr} > {drv}/bind || {{ echo "bind $i failed"; exit 1; }}
+  [ -e /sys/class/net/eth0 ] || {{ echo "no eth0 after bind $i"; exit 1; }}
+done
+echo "rebinds done: $i"
+)"""
+    t0 = time.monotonic()
+    out = guest.check(script, timeout=240)
+    log.info("%d unbind/bind cycles in %.1f s: %s", REBINDS, time.monotonic() - t0, out.strip())
+    assert f"rebinds done: {REBINDS}" in out
+    assert (
+        guest.check(f"readlink /sys/bus/pci/devices/{addr}/driver").strip().endswith("/virtio-pci")
+    )
+    assert guest.check("readlink /sys/class/net/eth0/device/driver").strip().endswith("/virtio_net")
+    assert guest.check("cat /sys/class/net/eth0/address").strip() == DEVICE_MAC
+    assert int(guest.check("cat /sys/class/net/eth0/mtu")) == DEVICE_MTU
+    stack.configure_guest()
+    result = stack.ping_host(10)
+    assert result.lossless, result.output
+    assert stack.require_server().alive()
+
+
+def test_qemu_sigkill_then_reattach(stack: DeviceStack) -> None:
+    server = stack.require_server()
+    old = stack.require_guest()
+    old.kill()  # SIGKILL to QEMU's process group
+    assert not old.alive
+    time.sleep(1.0)  # let the daemon see the connection drop
+    assert server.alive(), server.log()[-3000:]
+    assert stack.socket_path.exists()
+    new = stack.boot_guest()  # same socket, same daemon
+    assert new is not old and server.alive()
+    assert stack.require_guest().check("cat /sys/class/net/eth0/address").strip() == DEVICE_MAC
+    result = stack.ping_host(10)
+    assert result.lossless, result.output
+
+
+def test_daemon_sigterm_exits_cleanly(stack: DeviceStack) -> None:
+    """SIGTERM with a guest attached and passing traffic: exit 0, socket removed."""
+    result = stack.ping_host(3)
+    assert result.lossless, result.output
+    server = stack.require_server()
+    t0 = time.monotonic()
+    code = server.stop(timeout=15)
+    log.info("daemon exited %s after SIGTERM in %.1f s", code, time.monotonic() - t0)
+    assert code == 0, server.log()[-3000:]
+    assert not stack.socket_path.exists()
+    # The guest is no longer connected to anything: drop it now (the next test
+    # of the module, if any, gets a new daemon and guest from the fixture).
+    stack.require_guest().close()
