@@ -1,8 +1,55 @@
-"""Make the repository root importable (``tests.harness``) however pytest is run."""
+"""Fixtures for the protocol tests (see support.py).
+
+Also makes the repository root importable (``tests.harness``) however pytest
+is run, and attaches the daemon's log to the report of a failed test.
+"""
 
 import sys
+from collections.abc import Generator, Iterator
 from pathlib import Path
+
+import pytest
 
 _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+from tests.protocol.support import (  # noqa: E402
+    DeviceEnv,
+    GuestSession,
+    check_prerequisites,
+    device_env,
+    open_session,
+)
+
+_ENV_KEY = pytest.StashKey[DeviceEnv]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, None]:
+    outcome = yield
+    rep = outcome.get_result()
+    env = item.stash.get(_ENV_KEY, None)
+    if env is not None and rep.failed and call.when in ("call", "teardown"):
+        rep.sections.append(("vfiouser-net server log", env.log()[-8000:]))
+
+
+@pytest.fixture
+def env(request: pytest.FixtureRequest) -> Iterator[DeviceEnv]:
+    """A daemon serving a TAP in a fresh namespace (see support.device_env)."""
+    check_prerequisites()
+    with device_env() as e:
+        request.node.stash[_ENV_KEY] = e
+        yield e
+
+
+@pytest.fixture
+def session(env: DeviceEnv) -> Iterator[GuestSession]:
+    """A connected client with 8 MiB of mapped guest memory and a driver (not yet up)."""
+    s = open_session(env)
+    try:
+        yield s
+    finally:
+        s.close()
