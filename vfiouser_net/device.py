@@ -441,6 +441,7 @@ def _dir_stats(d: Any) -> dict[str, Any]:
         "interrupts_suppressed": int(d.interrupts_suppressed),
         "ring_full": int(d.ring_full),
         "batches": int(d.batches),
+        "bounced": int(d.bounced),
         "drops": {
             ffi.string(lib.vn_drop_reason_name(i)).decode(): int(d.drops[i])
             for i in range(lib.VN_DROP__COUNT)

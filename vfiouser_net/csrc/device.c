@@ -22,6 +22,7 @@ static const char *const drop_names[VN_DROP__COUNT] = {
     [VN_DROP_LINK_DOWN] = "link_down",
     [VN_DROP_TAP_ERROR] = "tap_error",
     [VN_DROP_QUEUE_BROKEN] = "queue_broken",
+    [VN_DROP_RESET] = "reset",
 };
 
 static const char *const error_names[VN_ERR__COUNT] = {
@@ -85,6 +86,12 @@ struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu)
         pthread_cond_init(&qp->cond, NULL);
         vn_vq_init(&qp->rx, &dev->mem, &qp->st.rx);
         vn_vq_init(&qp->tx, &dev->mem, &qp->st.tx);
+        qp->bounce = malloc(VN_NET_HDR_LEN + VN_MAX_FRAME);
+        if (qp->bounce == NULL) {
+            dev->max_qps = i + 1;
+            vn_dev_free(dev);
+            return NULL;
+        }
     }
     vn_vq_init(&dev->ctrl, &dev->mem, &dev->ctrl_stats);
     return dev;
@@ -97,6 +104,7 @@ void vn_dev_free(struct vn_dev *dev)
     vn_dev_reset(dev);
     for (unsigned i = 0; i < dev->max_qps; i++) {
         close(dev->qp[i].kick_fd);
+        free(dev->qp[i].bounce);
         pthread_mutex_destroy(&dev->qp[i].lock);
         pthread_cond_destroy(&dev->qp[i].cond);
     }
@@ -215,6 +223,10 @@ void vn_dev_reset(struct vn_dev *dev)
         qp->rx.msix_vector = qp->tx.msix_vector = VN_VQ_NO_VECTOR;
         qp->rx_first = qp->rx_count = qp->rx_iov_end = 0;
         qp->rx_prefetched_bytes = 0;
+        if (qp->pending_len > 0) {
+            VN_STAT_INC(qp->st.rx.drops[VN_DROP_RESET]);
+            qp->pending_len = 0;
+        }
         if (qp->tap_fd >= 0)
             vn_tap_set_guest_offloads(qp->tap_fd, 0);
     }

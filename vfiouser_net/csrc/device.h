@@ -65,6 +65,8 @@ struct vn_qp {
     unsigned rx_first, rx_count;   /* prefetched rx buffers */
     unsigned rx_iov_end;
     uint64_t rx_prefetched_bytes;
+    uint8_t *bounce;          /* one frame read ahead of guest buffers */
+    uint32_t pending_len;     /* bytes of that frame (0: none) */
     uint64_t log_budget_refill_ns;
     unsigned log_budget;
 };

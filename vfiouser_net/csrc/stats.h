@@ -19,6 +19,7 @@ enum vn_drop_reason {
     VN_DROP_LINK_DOWN,        /* link down: nothing is delivered */
     VN_DROP_TAP_ERROR,        /* TAP read/write failed */
     VN_DROP_QUEUE_BROKEN,     /* ring unusable until the device is reset */
+    VN_DROP_RESET,            /* held by the device when the driver reset it */
     VN_DROP__COUNT
 };
 
@@ -45,6 +46,7 @@ struct vn_dir_stats {
     uint64_t interrupts_suppressed;
     uint64_t ring_full;      /* rx: packet waiting and no guest buffer */
     uint64_t batches;
+    uint64_t bounced;        /* rx frames copied through the bounce buffer */
     uint64_t drops[VN_DROP__COUNT];
     uint64_t errors[VN_ERR__COUNT];
 };

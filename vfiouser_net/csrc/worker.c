@@ -244,46 +244,136 @@ static void iov_copy_in(const struct iovec *iov, unsigned niov, size_t off, cons
     }
 }
 
+/* Give the leading prefetched buffers holding an n-byte packet (header
+ * included) to the guest: used entries, num_buffers, checksum flags. */
+static unsigned rx_publish_packet(struct vn_qp *qp, uint64_t n)
+{
+    struct vn_dev *dev = qp->dev;
+    const struct vn_rx_buf *b0 = &qp->rx_buf[qp->rx_first];
+    struct iovec *iov = &qp->rx_iov[b0->iov_start];
+    unsigned niov = qp->rx_iov_end - b0->iov_start;
+    uint64_t left = n;
+    unsigned used = 0;
+    while (left > 0 && used < qp->rx_count) {
+        const struct vn_rx_buf *b = &qp->rx_buf[qp->rx_first + used];
+        uint32_t len = left < b->len ? (uint32_t)left : b->len;
+        vn_vq_push(&qp->rx, b->head, len);
+        left -= len;
+        used++;
+    }
+    uint8_t nbuf[2];
+    vn_le16_put(nbuf, (uint16_t)used);
+    iov_copy_in(iov, niov, VN_NET_HDR_NUM_BUFFERS_OFF, nbuf, 2);
+    if (!VN_HAS(dev->features, VN_F_GUEST_CSUM)) {
+        uint8_t zero = 0;
+        iov_copy_in(iov, niov, VN_NET_HDR_FLAGS_OFF, &zero, 1);
+    }
+    for (unsigned i = 0; i < used; i++)
+        qp->rx_prefetched_bytes -= qp->rx_buf[qp->rx_first + i].len;
+    qp->rx_first += used;
+    qp->rx_count -= used;
+    VN_STAT_INC(qp->st.rx.packets);
+    VN_STAT_ADD(qp->st.rx.bytes, n - VN_NET_HDR_LEN);
+    return used;
+}
+
+/* Why a frame read from the TAP must not reach the guest, or -1. */
+static int rx_reject_reason(struct vn_qp *qp, const uint8_t *dst)
+{
+    if (!atomic_load_explicit(&qp->dev->link_up, memory_order_relaxed))
+        return VN_DROP_LINK_DOWN;
+    if (!vn_rx_filter_accepts(&qp->dev->filter, dst))
+        return VN_DROP_MAC_FILTER;
+    return -1;
+}
+
 /* Returns true when it did any work; *starved when it stopped for lack of
- * guest buffers. */
+ * guest buffers.
+ *
+ * Fast path: with room for the largest frame the guest accepts already
+ * popped, read straight into the guest's buffers. With less room (the guest
+ * is slow to refill), read into the bounce buffer and copy once the frame's
+ * real size is known, holding it until enough buffers arrive: a frame is
+ * never cut, and a large GSO frame never waits behind a small one. */
 static bool process_rx(struct vn_qp *qp, bool *starved)
 {
     struct vn_dev *dev = qp->dev;
     struct vn_vq *vq = &qp->rx;
     struct vn_dir_stats *st = &qp->st.rx;
     bool mergeable = VN_HAS(dev->features, VN_F_MRG_RXBUF);
-    bool guest_csum = VN_HAS(dev->features, VN_F_GUEST_CSUM);
     size_t need = rx_need(dev);
-    size_t min_frame = VN_NET_HDR_LEN + dev->mtu + 18;
     unsigned pushed = 0, packets = 0;
     *starved = false;
 
     while (packets < RX_BUDGET) {
-        if (!rx_prefetch(qp, need, mergeable))
+        size_t want = qp->pending_len ? qp->pending_len : need;
+        if (!rx_prefetch(qp, want, mergeable))
             break;
         pushed += rx_return_bad_head(qp);
-        /* Wait for the guest while we lack room for one ordinary frame. With
-         * room for that but not for a 64 KiB GSO frame, read anyway: a frame
-         * that does not fit is cut by the kernel and counted below. */
-        bool can_grow = mergeable && qp->rx_count < VN_RX_BUF_MAX && qp->rx_count < vq->size;
-        if (qp->rx_count == 0 || (qp->rx_prefetched_bytes < min_frame && can_grow)) {
+        bool can_grow = qp->rx_count < (mergeable ? VN_RX_BUF_MAX : 1u) &&
+                        qp->rx_count < vq->size && qp->rx_iov_end < VN_RX_IOV_MAX;
+        /* Capacity of the leading good buffers (a bad one ends a packet). */
+        uint64_t cap = 0;
+        for (unsigned i = 0; i < qp->rx_count && !qp->rx_buf[qp->rx_first + i].bad; i++)
+            cap += qp->rx_buf[qp->rx_first + i].len;
+
+        if (qp->pending_len > 0) {
+            if (cap < qp->pending_len) {
+                if (can_grow && cap == qp->rx_prefetched_bytes) {
+                    *starved = true;
+                    break;
+                }
+                /* No more room can join these buffers (the ring is used up,
+                 * or a malformed buffer is in the way): it cannot be delivered. */
+                VN_STAT_INC(st->drops[VN_DROP_BUFFER_TOO_SMALL]);
+                qp->pending_len = 0;
+                continue;
+            }
+            const struct vn_rx_buf *b0 = &qp->rx_buf[qp->rx_first];
+            iov_copy_in(&qp->rx_iov[b0->iov_start], qp->rx_iov_end - b0->iov_start, 0, qp->bounce,
+                        qp->pending_len);
+            pushed += rx_publish_packet(qp, qp->pending_len);
+            qp->pending_len = 0;
+            packets++;
+            continue;
+        }
+        if (qp->rx_count == 0) {
             *starved = true;
             break;
         }
-        /* Read into as many leading good buffers as hold `need` bytes. */
-        unsigned nb = 0;
-        uint64_t cap = 0;
-        while (nb < qp->rx_count && !qp->rx_buf[qp->rx_first + nb].bad && cap < need) {
-            cap += qp->rx_buf[qp->rx_first + nb].len;
-            nb++;
+        if (cap >= need) {
+            const struct vn_rx_buf *b0 = &qp->rx_buf[qp->rx_first];
+            struct iovec *iov = &qp->rx_iov[b0->iov_start];
+            unsigned niov = 0;
+            uint64_t room = 0;
+            for (unsigned i = 0; room < need; i++) {
+                const struct vn_rx_buf *b = &qp->rx_buf[qp->rx_first + i];
+                niov = b->iov_start + b->niov - b0->iov_start;
+                room += b->len;
+            }
+            ssize_t n = readv(qp->tap_fd, iov, (int)niov);
+            if (n < 0) {
+                if (errno != EAGAIN && errno != EINTR)
+                    VN_STAT_INC(st->drops[VN_DROP_TAP_ERROR]);
+                break;
+            }
+            if ((size_t)n < VN_NET_HDR_LEN + 14) {
+                VN_STAT_INC(st->drops[VN_DROP_BUFFER_TOO_SMALL]);
+                continue;
+            }
+            uint8_t dst[6];
+            iov_copy_out(iov, niov, VN_NET_HDR_LEN, dst, 6);
+            int why = rx_reject_reason(qp, dst);
+            if (why >= 0) {
+                VN_STAT_INC(st->drops[why]);
+                continue;
+            }
+            pushed += rx_publish_packet(qp, (uint64_t)n);
+            packets++;
+            continue;
         }
-        const struct vn_rx_buf *b0 = &qp->rx_buf[qp->rx_first];
-        unsigned iov_start = b0->iov_start;
-        const struct vn_rx_buf *bl = &qp->rx_buf[qp->rx_first + nb - 1];
-        unsigned niov = bl->iov_start + bl->niov - iov_start;
-        struct iovec *iov = &qp->rx_iov[iov_start];
-
-        ssize_t n = readv(qp->tap_fd, iov, (int)niov);
+        /* Short of room for the largest frame: go through the bounce buffer. */
+        ssize_t n = read(qp->tap_fd, qp->bounce, VN_NET_HDR_LEN + VN_MAX_FRAME);
         if (n < 0) {
             if (errno != EAGAIN && errno != EINTR)
                 VN_STAT_INC(st->drops[VN_DROP_TAP_ERROR]);
@@ -293,47 +383,13 @@ static bool process_rx(struct vn_qp *qp, bool *starved)
             VN_STAT_INC(st->drops[VN_DROP_BUFFER_TOO_SMALL]);
             continue;
         }
-        if ((uint64_t)n >= cap && cap < need) {
-            /* The kernel filled every byte we offered: the frame may be cut. */
-            VN_STAT_INC(st->drops[VN_DROP_BUFFER_TOO_SMALL]);
+        int why = rx_reject_reason(qp, qp->bounce + VN_NET_HDR_LEN);
+        if (why >= 0) {
+            VN_STAT_INC(st->drops[why]);
             continue;
         }
-        if (!atomic_load_explicit(&dev->link_up, memory_order_relaxed)) {
-            VN_STAT_INC(st->drops[VN_DROP_LINK_DOWN]);
-            continue;
-        }
-        uint8_t dst[6];
-        iov_copy_out(iov, niov, VN_NET_HDR_LEN, dst, 6);
-        if (!vn_rx_filter_accepts(&dev->filter, dst)) {
-            VN_STAT_INC(st->drops[VN_DROP_MAC_FILTER]);
-            continue;
-        }
-        /* Complete the header: num_buffers, and no checksum hints for a
-         * guest that did not ask for them. */
-        uint64_t left = (uint64_t)n;
-        unsigned used = 0;
-        while (left > 0 && used < nb) {
-            const struct vn_rx_buf *b = &qp->rx_buf[qp->rx_first + used];
-            uint32_t len = left < b->len ? (uint32_t)left : b->len;
-            vn_vq_push(vq, b->head, len);
-            left -= len;
-            used++;
-        }
-        uint8_t hdr_tail[2];
-        vn_le16_put(hdr_tail, (uint16_t)used);
-        iov_copy_in(iov, niov, VN_NET_HDR_NUM_BUFFERS_OFF, hdr_tail, 2);
-        if (!guest_csum) {
-            uint8_t zero = 0;
-            iov_copy_in(iov, niov, VN_NET_HDR_FLAGS_OFF, &zero, 1);
-        }
-        for (unsigned i = 0; i < used; i++)
-            qp->rx_prefetched_bytes -= qp->rx_buf[qp->rx_first + i].len;
-        qp->rx_first += used;
-        qp->rx_count -= used;
-        pushed += used;
-        packets++;
-        VN_STAT_INC(st->packets);
-        VN_STAT_ADD(st->bytes, (uint64_t)n - VN_NET_HDR_LEN);
+        VN_STAT_INC(st->bounced);
+        qp->pending_len = (uint32_t)n;
     }
     if (*starved)
         VN_STAT_INC(st->ring_full);
