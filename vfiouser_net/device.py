@@ -11,6 +11,7 @@ caller's thread may change the link and read statistics at any time.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -263,6 +264,7 @@ class VirtioNetDevice:
         # Destroying it unmaps guest memory without a quiesce, so the
         # workers must be stopped first.
         lib.vn_dev_reset(self._dev)
+        log.info("device %s: final counters %s", self.name, json.dumps(self.snapshot()))
         lib.vfu_destroy_ctx(self._vfu)
         lib.vn_dev_free(self._dev)
         self.tap.close()
