@@ -295,7 +295,7 @@ def device_env(
                 if port is not None:
                     port.close()
                 alive = server.alive()
-                rc = server.stop()
+                rc = server.stop(timeout=5)
                 if not ok:
                     log.error("server log %s:\n%s", server.log_path, server.log()[-6000:])
                 if ok:
