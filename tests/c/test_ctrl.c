@@ -193,7 +193,7 @@ static size_t mac_table_cmd(uint8_t *out, uint32_t n_uc, uint32_t uc_have, uint3
     return at;
 }
 
-static uint8_t big[2 * (8 + 6 * 200)];
+static uint8_t big[2 + 8 + 6 * 1000];
 
 static void test_mac_table_set_valid(void **state)
 {
@@ -632,20 +632,53 @@ static void test_process_malformed_chains(void **state)
     assert_true(x->dev->filter.allmulti);
 }
 
-/* A request longer than the device's buffer is refused, not copied. */
+/* Linux sends its whole address lists in MAC_TABLE_SET: hundreds of
+ * addresses (here 3010 bytes) must overflow to "accept all", not be
+ * refused for their size. */
+static void test_process_long_mac_table(void **state)
+{
+    struct cfx *x = *state;
+    x->dev->filter.promisc = false;
+    size_t len = mac_table_cmd(big, 300, 300, 200, 200);
+    assert_true(len > 2048);
+    uint64_t data = fd_alloc(&x->g, 0, len, 1);
+    fd_write(&x->g, data, big, len);
+    uint64_t ack = fd_alloc(&x->g, 1, 1, 1);
+    struct fd_buf b[4] = { { data, 2, false },
+                           { data + 2, 4 + 300 * 6, false },
+                           { data + 2 + 4 + 300 * 6, (uint32_t)(len - 2 - 4 - 300 * 6), false },
+                           { ack, 1, true } };
+    fd_vq_add(&x->q, b, 4);
+    doorbell(x);
+    expect_used(x, 1);
+    assert_int_equal(ack_of(x, ack, 1), VN_CTRL_OK);
+    assert_true(x->dev->filter.uni_overflow);
+    assert_true(x->dev->filter.multi_overflow);
+    uint8_t mc[6] = { 0x01, 0x00, 0x5e, 0, 0, 199 };
+    assert_true(vn_rx_filter_accepts(&x->dev->filter, mc));
+}
+
+/* A request longer than the device takes (64 KiB) is refused, not copied,
+ * even a well-formed one. */
 static void test_process_oversized_request(void **state)
 {
     struct cfx *x = *state;
-    const uint32_t len = 3 * FD_PAGE;
-    uint64_t data = fd_alloc(&x->g, 0, len, 1);
-    fd_write(&x->g, data, (uint8_t[]){ VN_CTRL_RX, VN_CTRL_RX_PROMISC }, 2);
-    uint64_t ack = fd_alloc(&x->g, 1, 1, 1);
-    struct fd_buf b[2] = { { data, len, false }, { ack, 1, true } };
-    fd_vq_add(&x->q, b, 2);
-    doorbell(x);
-    expect_used(x, 1);
-    assert_int_equal(ack_of(x, ack, 1), VN_CTRL_ERR);
-    assert_int_equal(x->dev->st.ctrl_err, 1);
+    const uint32_t n_uc = (64 * 1024 - 10) / 6 + 1;
+    const uint32_t lens[] = { 2 + 4 + 6 * n_uc + 4, 192 * 1024 };
+    assert_true(lens[0] > 64 * 1024);
+    for (unsigned i = 0; i < 2; i++) {
+        uint64_t data = fd_alloc(&x->g, i, lens[i], 1);
+        size_t n = mac_table_cmd(big, n_uc, 0, 0, 0);
+        fd_write(&x->g, data, big, n - 4);
+        fd_write(&x->g, data + lens[0] - 4, big + n - 4, 4);
+        uint64_t ack = fd_alloc(&x->g, 1, 1, 1);
+        struct fd_buf b[2] = { { data, lens[i], false }, { ack, 1, true } };
+        fd_vq_add(&x->q, b, 2);
+        doorbell(x);
+        expect_used(x, 1);
+        assert_int_equal(ack_of(x, ack, 1), VN_CTRL_ERR);
+        assert_int_equal(x->dev->st.ctrl_err, i + 1);
+    }
 }
 
 /* Several commands per doorbell; with EVENT_IDX the control queue keeps
@@ -761,6 +794,7 @@ int main(void)
         Q(test_process_command),
         Q(test_process_split_and_indirect),
         Q(test_process_malformed_chains),
+        Q(test_process_long_mac_table),
         Q(test_process_oversized_request),
         cmocka_unit_test_setup_teardown(test_process_batch_event_idx, setup_cfx_event_idx,
                                         teardown_cfx),

@@ -4,6 +4,7 @@
  * driver busy-waits for the ack, so commands are answered synchronously.
  * Every command is validated for its exact length and for the features the
  * driver negotiated; anything else gets VIRTIO_NET_ERR and changes nothing. */
+#include <stdlib.h>
 #include <string.h>
 #include <syslog.h>
 
@@ -12,8 +13,11 @@
 #include "net_hdr.h"
 #include "tap.h"
 
-/* Bigger than any valid command: two full MAC tables (8 + 2*64*6 bytes). */
-#define CTRL_MAX_REQ 2048
+/* Largest command accepted. MAC_TABLE_SET is not bounded by the 64 entries
+ * we keep: Linux sends its whole unicast and multicast lists, and longer
+ * tables must overflow to "accept all", not be refused. 64 KiB holds about
+ * 10000 addresses. */
+#define CTRL_MAX_REQ (64 * 1024)
 
 static uint8_t ctrl_rx(struct vn_dev *dev, uint8_t cmd, const uint8_t *data, uint32_t len)
 {
@@ -131,7 +135,6 @@ void vn_ctrl_process(struct vn_dev *dev)
         return;
     }
     struct iovec iov[64];
-    uint8_t req[CTRL_MAX_REQ];
     bool pushed = false;
     for (;;) {
         struct vn_chain c;
@@ -158,19 +161,26 @@ void vn_ctrl_process(struct vn_dev *dev)
             continue;
         }
         uint8_t ack = VN_CTRL_ERR;
-        if (c.out_len <= CTRL_MAX_REQ) {
+        uint8_t cls = 0, cmd = 0;
+        uint8_t *req = c.out_len <= CTRL_MAX_REQ ? malloc(c.out_len + 1) : NULL;
+        if (req != NULL) {
             uint32_t off = 0;
             for (unsigned i = 0; i < c.nout; i++) {
                 memcpy(req + off, iov[i].iov_base, iov[i].iov_len);
                 off += (uint32_t)iov[i].iov_len;
             }
+            cls = off > 0 ? req[0] : 0;
+            cmd = off > 1 ? req[1] : 0;
             ack = vn_ctrl_handle(dev, req, off);
             if (ack != VN_CTRL_OK)
                 vn_log(dev, LOG_WARNING, "control queue: command class %u cmd %u (%u bytes) refused",
-                       off > 0 ? req[0] : 0, off > 1 ? req[1] : 0, off);
+                       cls, cmd, off);
+            free(req);
+        } else {
+            vn_log(dev, LOG_WARNING, "control queue: command of %u bytes refused", c.out_len);
         }
-        vn_log(dev, LOG_DEBUG, "control queue: class %u cmd %u -> %s", c.out_len > 0 ? req[0] : 0,
-               c.out_len > 1 ? req[1] : 0, ack == VN_CTRL_OK ? "ok" : "err");
+        vn_log(dev, LOG_DEBUG, "control queue: class %u cmd %u -> %s", cls, cmd,
+               ack == VN_CTRL_OK ? "ok" : "err");
         if (ack == VN_CTRL_OK)
             VN_STAT_INC(dev->st.ctrl_ok);
         else
