@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -31,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -218,6 +220,7 @@ class DeviceEnv:
     mac: bytes
     port: TapPort
     clients: list[VfioUserClient] = field(default_factory=list)
+    stopped: bool = False
 
     def connect(self, timeout: float = 5.0) -> VfioUserClient:
         """A new negotiated vfio-user connection (closed at the end of the test)."""
@@ -252,6 +255,21 @@ class DeviceEnv:
 
     def assert_alive(self) -> None:
         assert self.server.alive(), f"server exited:\n{self.log()[-3000:]}"
+
+    def final_counters(self) -> dict[str, Any]:
+        """Stop the daemon (SIGTERM, must exit 0) and return the counters it
+        logs on the way out ("final counters {json}"): the only way to read
+        them until the daemon has an admin channel. Ends the device's life
+        for this test."""
+        for c in self.clients:
+            c.close()
+        rc = self.server.stop(timeout=5)
+        self.stopped = True
+        assert rc == 0, f"server exited {rc} on SIGTERM:\n{self.log()[-3000:]}"
+        lines = [ln for ln in self.log().splitlines() if "final counters " in ln]
+        assert lines, f"no final counters logged:\n{self.log()[-3000:]}"
+        counters: dict[str, Any] = json.loads(lines[-1].split("final counters ", 1)[1])
+        return counters
 
     def set_link(self, up: bool) -> None:
         self.ns.ip("link", "set", self.tap.name, "up" if up else "down")
@@ -294,11 +312,12 @@ def device_env(
                         c.close()
                 if port is not None:
                     port.close()
+                stopped = env is not None and env.stopped
                 alive = server.alive()
                 rc = server.stop(timeout=5)
                 if not ok:
                     log.error("server log %s:\n%s", server.log_path, server.log()[-6000:])
-                if ok:
+                if ok and not stopped:
                     assert alive, f"the server died during the test:\n{server.log()[-3000:]}"
                     assert rc == 0, f"server exited {rc} on SIGTERM:\n{server.log()[-3000:]}"
                 with contextlib.suppress(OSError):

@@ -397,6 +397,9 @@ def test_mac_filter(session: GuestSession) -> None:
     assert drv.ctrl_command(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\1") == 0
     port.send(tagged_frame(OTHER_UC, b"unlisted-uc3"))
     recv_tagged(drv, b"unlisted-uc3")
+    # The three filtered frames were counted as such.
+    rx_stats = session.env.final_counters()["queues"][0]["rx"]
+    assert rx_stats["drops"]["mac_filter"] == 3
 
 
 def test_ctrl_mac_addr_set(session: GuestSession) -> None:
@@ -632,6 +635,9 @@ def test_event_idx_suppression(session: GuestSession) -> None:
     wait_used_idx(rx, start + 4)
     time.sleep(0.05)
     assert t.irq_count(RX_VECTOR) == 0
+    rx_stats = env.final_counters()["queues"][0]["rx"]
+    assert rx_stats["interrupts_suppressed"] > 0
+    assert rx_stats["interrupts"] == n + irqs
 
 
 def test_event_idx_tx(session: GuestSession) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import struct
 import time
+from typing import Any
 
 import pytest
 
@@ -105,6 +106,12 @@ def assert_healthy(s: GuestSession) -> None:
     s.env.assert_alive()
 
 
+def queue_counters(env: DeviceEnv, direction: str) -> dict[str, Any]:
+    """Stop the daemon and return the final counters of pair 0's ``direction``."""
+    c: dict[str, Any] = env.final_counters()["queues"][0][direction]
+    return c
+
+
 def guest_error(direction: str, reason: str) -> str:
     return rf"queue pair 0 {direction}: guest error {reason} \(counted\)"
 
@@ -155,6 +162,9 @@ def test_tx_descriptor_outside_memory(session: GuestSession, case: str) -> None:
     assert_healthy(session)
     assert_tx_still_works(session, b"good-after-" + case.encode())
     assert_rx_still_works(session, b"rx-after-" + case.encode())
+    tx_stats = queue_counters(session.env, "tx")
+    assert tx_stats["errors"]["desc_addr"] == 1
+    assert tx_stats["drops"]["bad_chain"] == 1
 
 
 def test_rx_descriptor_outside_memory(session: GuestSession) -> None:
@@ -177,6 +187,7 @@ def test_rx_descriptor_outside_memory(session: GuestSession) -> None:
         assert_healthy(session)
         assert_rx_still_works(session, b"rx-after-bad")
         assert_tx_still_works(session, b"tx-after-bad")
+        assert queue_counters(session.env, "rx")["errors"]["desc_addr"] == 2
     finally:
         ro.close()
 
@@ -208,6 +219,7 @@ def test_descriptor_loop(session: GuestSession, kind: str) -> None:
     assert session.env.port.recv(lambda f: has_tag(f, b"loop"), timeout=0.2) is None
     assert_healthy(session)
     assert_tx_still_works(session, b"after-loop")
+    assert queue_counters(session.env, "tx")["errors"]["desc_loop"] == 1
 
 
 MALFORMED_CHAINS = [
@@ -271,6 +283,9 @@ def test_malformed_tx_chain(session: GuestSession, case: str) -> None:
     assert_healthy(session)
     assert_tx_still_works(session, b"after-" + case.encode())
     assert_rx_still_works(session, b"rx-after-" + case.encode())
+    tx_stats = queue_counters(session.env, "tx")
+    assert tx_stats["errors"][MALFORMED_REASON[case]] == 1
+    assert tx_stats["drops"]["bad_chain"] == 1
 
 
 def test_readable_descriptor_in_rx_chain(session: GuestSession) -> None:
@@ -287,6 +302,7 @@ def test_readable_descriptor_in_rx_chain(session: GuestSession) -> None:
     session.env.wait_log(guest_error("rx", "desc_order"))
     assert_rx_still_works(session, b"rx-after-readable")
     assert_healthy(session)
+    assert queue_counters(session.env, "rx")["errors"]["desc_order"] == 1
 
 
 def test_zero_length_buffers_tx(session: GuestSession) -> None:
@@ -314,6 +330,9 @@ def test_zero_length_buffers_tx(session: GuestSession) -> None:
     assert (e.id, e.len) == (ids[0], 0)
     assert_healthy(session)
     assert_tx_still_works(session, b"after-zero")
+    tx_stats = queue_counters(session.env, "tx")
+    assert tx_stats["errors"]["zero_length"] == 4
+    assert tx_stats["drops"]["header_too_short"] == 1
 
 
 @pytest.mark.parametrize(
@@ -404,6 +423,10 @@ def test_bogus_ring_address(session: GuestSession, bogus: str, queue: int) -> No
         session.env.assert_alive()
         assert session.client.config_read(0, 4) == b"\xf4\x1a\x41\x10"
         restart_and_check(session, b"after-" + bogus.encode())
+    counters = session.env.final_counters()
+    assert counters["device"]["needs_reset"] == 1
+    stats = counters["ctrl"] if queue == 2 else counters["queues"][0][("rx", "tx")[queue]]
+    assert stats["errors"]["ring_addr"] == 1
 
 
 @pytest.mark.parametrize("queue", ["tx", "rx"])
@@ -426,6 +449,9 @@ def test_avail_idx_beyond_ring_size(session: GuestSession, queue: str) -> None:
         assert_tx_still_works(session, b"tx-while-rx-broken")
     session.env.assert_alive()
     restart_and_check(session, b"after-avail-idx")
+    counters = session.env.final_counters()
+    assert counters["queues"][0][queue]["errors"]["avail_idx"] == 1
+    assert counters["device"]["needs_reset"] == 1
 
 
 def test_needs_reset_sets_isr_config_bit(session: GuestSession) -> None:
@@ -454,6 +480,9 @@ def test_head_index_out_of_range(session: GuestSession) -> None:
     assert_needs_reset(session, r"queue pair 0 tx ring corrupt \(head_index\)")
     assert_rx_still_works(session, b"rx-while-tx-broken")
     restart_and_check(session, b"after-head-index")
+    counters = session.env.final_counters()
+    assert counters["queues"][0]["tx"]["errors"]["head_index"] == 1
+    assert counters["device"]["needs_reset"] == 1
 
 
 # --------------------------------------------------------------------------
@@ -536,6 +565,8 @@ def test_malformed_control_command(session: GuestSession, case: str) -> None:
     _assert_filter_unchanged(session, case)
     assert drv.ctrl_command(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\1") == 0
     assert_healthy(session)
+    device = session.env.final_counters()["device"]
+    assert (device["ctrl_err"], device["ctrl_ok"]) == (1, 3)
 
 
 def _ctrl_raw(s: GuestSession, chain: list[tuple[int, int, bool]]) -> tuple[int, int]:
@@ -597,6 +628,10 @@ def test_control_chain_malformations(session: GuestSession) -> None:
     # The control queue still answers.
     assert drv.ctrl_command(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\1") == 0
     assert_healthy(session)
+    counters = session.env.final_counters()
+    assert counters["device"]["ctrl_err"] == 5
+    assert counters["ctrl"]["errors"]["desc_addr"] == 1
+    assert counters["ctrl"]["errors"]["desc_loop"] == 1
 
 
 def test_control_avail_idx_corrupt(session: GuestSession) -> None:
@@ -640,6 +675,7 @@ def test_doorbells_for_missing_queues(session: GuestSession) -> None:
     assert_healthy(session)
     assert_tx_still_works(session, b"after-doorbells")
     assert_rx_still_works(session, b"rx-after-doorbells")
+    assert session.env.final_counters()["device"]["doorbells_invalid"] > 0
 
 
 def _random_writes(
@@ -782,6 +818,10 @@ def test_dma_unmap_of_buffer_region(env: DeviceEnv) -> None:
         assert_healthy(s)
         assert_tx_still_works(s, b"lower-after-unmap")
         assert_rx_still_works(s, b"rx-after-unmap")
+        counters = env.final_counters()
+        assert counters["queues"][0]["tx"]["errors"]["desc_addr"] == 1
+        assert counters["device"]["dma_unmaps"] >= 1
+        assert counters["device"]["needs_reset"] == 0
     finally:
         s.close()
 
