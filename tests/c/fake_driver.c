@@ -55,6 +55,13 @@ void fd_guest_remove(struct fd_guest *g, unsigned i)
     r->len = 0;
 }
 
+void fd_guest_protect(struct fd_guest *g, unsigned i, int prot)
+{
+    struct fd_region *r = &g->r[i];
+    assert_non_null(r->map);
+    assert_int_equal(mprotect(r->hva, r->len, prot), 0);
+}
+
 void fd_guest_destroy(struct fd_guest *g)
 {
     for (unsigned i = 0; i < g->n; i++)
@@ -69,8 +76,6 @@ uint64_t fd_alloc(struct fd_guest *g, unsigned region, uint64_t len, uint64_t al
     uint64_t off = (r->brk + align - 1) & ~(align - 1);
     assert_true(off + len <= r->len);
     r->brk = off + len;
-    if (r->writable)
-        memset(r->hva + off, 0, len);
     return r->gpa + off;
 }
 

@@ -62,6 +62,9 @@ unsigned fd_guest_add(struct fd_guest *g, uint64_t gpa, uint64_t len, bool writa
 /* Unregister and unmap region i (later indices keep their numbers). */
 void fd_guest_remove(struct fd_guest *g, unsigned i);
 void fd_guest_destroy(struct fd_guest *g);
+/* Change the host protection of region i (PROT_*), e.g. to let the test
+ * fill a region the device may only read, then make it read-only. */
+void fd_guest_protect(struct fd_guest *g, unsigned i, int prot);
 
 /* Zeroed guest memory from region i, aligned (a power of two). */
 uint64_t fd_alloc(struct fd_guest *g, unsigned region, uint64_t len, uint64_t align);

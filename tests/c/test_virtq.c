@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include <cmocka.h>
 
@@ -254,6 +255,69 @@ static void test_rings_against_guard_pages(void **state)
     assert_int_equal(fd_vq_avail_event(&q), 3 * n);
     fd_assert_no_errors(&st);
     fd_guest_destroy(&g);
+}
+
+/* The device only reads the descriptor table and the available ring: they
+ * sit in memory mapped read-only on the host while the device works (with
+ * and without EVENT_IDX, whose avail_event lives in the used ring). */
+static void never_writes_driver_area(bool event_idx)
+{
+    struct fd_guest g;
+    struct fd_vq q;
+    struct vn_vq vq;
+    struct vn_dir_stats st = { 0 };
+    struct iovec iov[4];
+    struct vn_chain c;
+    int err;
+    fd_guest_init_empty(&g, NULL);
+    unsigned rdrv = fd_guest_add(&g, 0x10000, FD_PAGE, false);
+    unsigned rdev = fd_guest_add(&g, 0x20000, FD_PAGE, true);
+    fd_guest_protect(&g, rdrv, PROT_READ | PROT_WRITE);
+    uint64_t desc = fd_alloc(&g, rdrv, 16 * 8, 16);
+    uint64_t avail = fd_alloc(&g, rdrv, 6 + 2 * 8, 2);
+    uint64_t used = fd_alloc(&g, rdev, 6 + 8 * 8, 4);
+    uint64_t buf = fd_alloc(&g, rdev, 64, 8);
+    uint64_t table = fd_alloc(&g, rdrv, 2 * 16, 16);
+    fd_vq_init_at(&q, &g, 8, desc, avail, used);
+    fd_vq_attach(&q, &vq, &st, event_idx, true);
+    assert_true(vn_vq_map(&vq));
+    for (int i = 0; i < 20; i++) {
+        fd_guest_protect(&g, rdrv, PROT_READ | PROT_WRITE);
+        struct fd_buf b[2] = { { buf, 16, false }, { buf + 16, 48, true } };
+        if (i % 2) {
+            fd_vq_add(&q, b, 2);
+        } else {
+            fd_write_desc(&g, table, 0, buf, 16, VRING_DESC_F_NEXT, 1);
+            fd_write_desc(&g, table, 1, buf + 16, 48, VRING_DESC_F_WRITE, 0);
+            fd_vq_desc(&q, q.next_desc, table, 32, VRING_DESC_F_INDIRECT, 0);
+            fd_vq_make_avail(&q, q.next_desc);
+            q.next_desc = (uint16_t)((q.next_desc + 1) % 8);
+        }
+        fd_vq_set_used_event(&q, q.last_used);
+        fd_vq_set_avail_flags(&q, 0);
+        fd_guest_protect(&g, rdrv, PROT_READ);
+        assert_true(vn_vq_enable_notify(&vq));
+        vn_vq_disable_notify(&vq);
+        assert_int_equal(vn_vq_pop(&vq, iov, 4, &c, &err), VN_POP_OK);
+        assert_int_equal(c.niov, 2);
+        fd_check_iov(&g, iov, c.niov, c.nout);
+        vn_vq_push(&vq, c.head, 48);
+        vn_vq_publish(&vq);
+        assert_true(vn_vq_should_notify(&vq));
+        assert_false(vn_vq_enable_notify(&vq));
+        uint32_t id, len;
+        assert_true(fd_vq_get_used(&q, &id, &len));
+        assert_int_equal(id, c.head);
+    }
+    fd_assert_no_errors(&st);
+    fd_guest_destroy(&g);
+}
+
+static void test_device_never_writes_driver_area(void **state)
+{
+    (void)state;
+    never_writes_driver_area(false);
+    never_writes_driver_area(true);
 }
 
 /* The ring mapping follows guest memory changes (generation). */
@@ -524,6 +588,24 @@ static void test_indirect_table(void **state)
     assert_int_equal(f->c.in_len, 4);
     for (unsigned i = 0; i < 3; i++)
         assert_ptr_equal(f->iov[i].iov_base, fd_hva(&f->g, bufs[i].gpa, bufs[i].len));
+    fd_assert_no_errors(&f->st);
+}
+
+/* Indirect tables need no alignment. */
+static void test_indirect_table_unaligned(void **state)
+{
+    struct fx *f = *state;
+    struct fd_buf bufs[2] = { { fd_alloc(&f->g, 0, 10, 1), 10, false },
+                              { fd_alloc(&f->g, 0, 20, 1), 20, true } };
+    uint64_t t = fd_alloc(&f->g, 1, 2 * 16 + 1, 16) + 1;
+    fd_write_desc(&f->g, t, 0, bufs[0].gpa, 10, VRING_DESC_F_NEXT, 1);
+    fd_write_desc(&f->g, t, 1, bufs[1].gpa, 20, VRING_DESC_F_WRITE, 0);
+    fd_vq_desc(&f->q, 0, t, 32, VRING_DESC_F_INDIRECT, 0);
+    fd_vq_make_avail(&f->q, 0);
+    assert_int_equal(pop(f), VN_POP_OK);
+    assert_int_equal(f->c.niov, 2);
+    assert_int_equal(f->c.out_len, 10);
+    assert_int_equal(f->c.in_len, 20);
     fd_assert_no_errors(&f->st);
 }
 
@@ -1130,6 +1212,7 @@ int main(void)
         cmocka_unit_test(test_map_misaligned),
         cmocka_unit_test(test_map_outside_memory),
         cmocka_unit_test(test_rings_against_guard_pages),
+        cmocka_unit_test(test_device_never_writes_driver_area),
         cmocka_unit_test(test_map_follows_memory_changes),
         T(test_empty, setup_plain),
         T(test_single_descriptor, setup_plain),
@@ -1139,6 +1222,7 @@ int main(void)
         T(test_batch_out_of_order_completion_and_unpop, setup_plain),
         T(test_mergeable_buffers, setup_plain),
         T(test_indirect_table, setup_indirect),
+        T(test_indirect_table_unaligned, setup_indirect),
         T(test_indirect_after_direct, setup_indirect),
         T(test_indirect_max_table, setup_indirect),
         T(test_indirect_not_negotiated, setup_plain),
