@@ -9,6 +9,7 @@ Every test has its own namespace, TAP and daemon (fixtures in conftest.py).
 
 from __future__ import annotations
 
+import functools
 import random
 import struct
 import subprocess
@@ -247,7 +248,7 @@ def test_bring_up_and_tx_to_tap(session: GuestSession) -> None:
         tag = f"tx{i}".encode()
         frame = tagged_frame(BROADCAST, tag, src=GUEST_MAC, size=size)
         drv.send_packet(frame)
-        got = port.recv(lambda f, tag=tag: has_tag(f, tag))
+        got = port.recv(functools.partial(has_tag, tag=tag))
         assert got == frame, f"frame of {size} bytes not seen intact on the TAP"
     # Header in its own descriptor, frame split over several descriptors.
     frame = tagged_frame(PEER_MAC, b"split", src=GUEST_MAC, size=1514)
@@ -276,7 +277,7 @@ def test_rx_from_tap(session: GuestSession) -> None:
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s = sum(int(x) for x in struct.unpack(f"!{len(data) // 2}H", data))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return ~s & 0xFFFF
@@ -657,7 +658,7 @@ def test_event_idx_tx(session: GuestSession) -> None:
     irqs = t.irq_count(TX_VECTOR)
     assert 1 <= irqs < n
     for i in range(n):
-        assert env.port.recv(lambda f, i=i: has_tag(f, f"txb{i}".encode())) is not None
+        assert env.port.recv(functools.partial(has_tag, tag=f"txb{i}".encode())) is not None
 
 
 def test_control_queue_rejects_unknown_commands(session: GuestSession) -> None:

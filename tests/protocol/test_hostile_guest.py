@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -139,7 +140,7 @@ def assert_needs_reset(s: GuestSession, why: str) -> None:
 # Descriptors
 # --------------------------------------------------------------------------
 
-OUTSIDE_CASES = {
+OUTSIDE_CASES: dict[str, Callable[[GuestMemory], tuple[int, int]]] = {
     "beyond_end": lambda m: (m.end + 0x10000, 128),
     "straddling_end": lambda m: (m.end - 16, 128),
     "wrapping": lambda m: (2**64 - 32, 128),
