@@ -54,6 +54,7 @@ ffibuilder.set_source(
     #include "device.h"
     #include "layout.h"
     #include "server.h"
+    #include "steering.h"
     #include "tap.h"
     """,
     include_dirs=[str(CSRC), str(PREFIX / "include"), str(PREFIX / "include" / "vfio-user")],

@@ -10,7 +10,13 @@ import sys
 import threading
 from types import FrameType
 
-from vfiouser_net.device import DeviceError, DeviceOptions, VirtioNetDevice, parse_mac
+from vfiouser_net.device import (
+    STEERING_POLICIES,
+    DeviceError,
+    DeviceOptions,
+    VirtioNetDevice,
+    parse_mac,
+)
 from vfiouser_net.tap import TapError
 
 log = logging.getLogger("vfiouser_net")
@@ -57,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="maximum virtqueue size, a power of two (default 256)",
     )
     serve.add_argument(
+        "--queue-pairs",
+        type=_positive_int,
+        default=1,
+        help="queue pairs offered (multiqueue, RSS and hash reports when > 1; default 1)",
+    )
+    serve.add_argument(
+        "--steering",
+        choices=STEERING_POLICIES,
+        default="auto",
+        help="receive steering policy (default auto: RSS once the guest configures it, "
+        "rx-follows-tx before); SIGUSR1 cycles through the policies at run time",
+    )
+    serve.add_argument(
         "--speed",
         type=_positive_int,
         default=10000,
@@ -73,6 +92,8 @@ def serve(args: argparse.Namespace) -> int:
         mac=mac,
         mtu=args.mtu,
         queue_size=args.queue_size,
+        queue_pairs=args.queue_pairs,
+        steering=args.steering,
         speed_mbps=args.speed,
     )
     stop = threading.Event()
@@ -84,6 +105,14 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     device = VirtioNetDevice(opts, log_level=logging.getLogger().getEffectiveLevel())
+
+    def on_usr1(signum: int, frame: FrameType | None) -> None:
+        # Until the admin channel exists, the operator's way to switch policy.
+        nxt = STEERING_POLICIES[(STEERING_POLICIES.index(device.opts.steering) + 1) % 4]
+        log.info("SIGUSR1: steering policy %s -> %s", device.opts.steering, nxt)
+        device.set_steering(nxt)
+
+    signal.signal(signal.SIGUSR1, on_usr1)
     try:
         device.start()
         while not stop.wait(LINK_POLL_SECONDS):

@@ -58,6 +58,10 @@ OFFERED_FEATURES = feature_mask(
     NetFeature.RING_EVENT_IDX,
     NetFeature.SPEED_DUPLEX,
 )
+# Offered with more than one queue pair.
+MULTIQUEUE_FEATURES = feature_mask(NetFeature.MQ, NetFeature.RSS, NetFeature.HASH_REPORT)
+
+STEERING_POLICIES = ("auto", "single", "rss", "rx-follows-tx")
 
 _SYSLOG_TO_LOGGING = {0: 50, 1: 50, 2: 50, 3: 40, 4: 30, 5: 20, 6: 20, 7: 10}
 _RESET_TYPES = {0: "device", 1: "client lost", 2: "FLR"}
@@ -76,6 +80,7 @@ class DeviceOptions:
     queue_pairs: int = 1
     queue_size: int = 256
     speed_mbps: int = 10000
+    steering: str = "auto"
     name: str = field(default="")
 
     def validate(self) -> None:
@@ -85,6 +90,10 @@ class DeviceOptions:
             raise DeviceError(f"MTU {self.mtu} out of range 68..65535")
         if not 1 <= self.queue_pairs <= lib.VN_MAX_QUEUE_PAIRS:
             raise DeviceError(f"queue pairs must be 1..{lib.VN_MAX_QUEUE_PAIRS}")
+        if self.steering not in STEERING_POLICIES:
+            raise DeviceError(
+                f"unknown steering policy {self.steering!r} (one of {', '.join(STEERING_POLICIES)})"
+            )
         qs = self.queue_size
         if not 2 <= qs <= lib.VN_VQ_MAX_SIZE or qs & (qs - 1):
             raise DeviceError(f"queue size must be a power of two in 2..{lib.VN_VQ_MAX_SIZE}")
@@ -136,6 +145,8 @@ class VirtioNetDevice:
         self.operator_link_up = True
         self._closed = False
         self._thread: threading.Thread | None = None
+        multiqueue = self.max_qps > 1
+        self.offered = OFFERED_FEATURES | (MULTIQUEUE_FEATURES if multiqueue else 0)
         self.tap = Tap(opts.tap, self.max_qps, opts.mtu)
         self.config = NetConfig(
             mac=opts.mac,
@@ -143,6 +154,9 @@ class VirtioNetDevice:
             max_queue_pairs=self.max_qps,
             speed_mbps=opts.speed_mbps,
             link_up=self.tap.is_up(),
+            rss_max_key_size=lib.VN_RSS_MAX_KEY_SIZE if multiqueue else 0,
+            rss_max_table_len=lib.VN_RSS_MAX_TABLE if multiqueue else 0,
+            supported_hash_types=lib.VN_HASH_TYPES_SUPPORTED if multiqueue else 0,
         )
         self._dev: Any = lib.vn_dev_new(self.max_qps, opts.mac, opts.mtu)
         if self._dev == ffi.NULL:
@@ -159,8 +173,9 @@ class VirtioNetDevice:
         lib.vn_dev_set_hooks(self._dev, hooks)
         for qp, fd in enumerate(self.tap.fds):
             lib.vn_dev_set_tap(self._dev, qp, fd)
+        lib.vn_dev_request_policy(self._dev, STEERING_POLICIES.index(opts.steering))
         self.transport = VirtioPciTransport(
-            OFFERED_FEATURES, self.num_queues, opts.queue_size, self.num_vectors, backend=self
+            self.offered, self.num_queues, opts.queue_size, self.num_vectors, backend=self
         )
         try:
             self._vfu = self._create_context(log_level)
@@ -227,6 +242,11 @@ class VirtioNetDevice:
             self.num_vectors, lib.VN_MSIX_BAR, lib.VN_MSIX_TABLE_OFF, lib.VN_MSIX_PBA_OFF
         )
         check(lib.vfu_pci_add_capability(ctx, 0, 0, ffi.from_buffer(msix)), "adding MSI-X")
+        steer = pci_config.steering_cap(VIRTIO_PCI_VENDOR)
+        pos = lib.vfu_pci_add_capability(ctx, 0, lib.VFU_CAP_FLAG_READONLY, ffi.from_buffer(steer))
+        check(pos, "adding the steering capability")
+        self.steering_cap_offset = int(pos)
+        lib.vn_dev_set_steer_cap(self._dev, cfg + pos)
         syslog_level = {10: 7, 20: 6, 30: 4, 40: 3, 50: 2}.get(log_level, 6)
         rc = lib.vn_server_setup(self._dev, ctx, syslog_level)
         if rc < 0:
@@ -265,6 +285,8 @@ class VirtioNetDevice:
         # workers must be stopped first.
         lib.vn_dev_reset(self._dev)
         log.info("device %s: final counters %s", self.name, json.dumps(self.snapshot()))
+        # The capability lives in the context's config space, freed next.
+        lib.vn_dev_set_steer_cap(self._dev, ffi.NULL)
         lib.vfu_destroy_ctx(self._vfu)
         lib.vn_dev_free(self._dev)
         self.tap.close()
@@ -304,6 +326,37 @@ class VirtioNetDevice:
 
     def reset(self) -> None:
         lib.vn_dev_reset(self._dev)
+
+    # -- steering (any thread) ------------------------------------------------
+
+    def set_steering(self, policy: str) -> None:
+        """Switch the steering policy at run time (no reset, no reordering)."""
+        if policy not in STEERING_POLICIES:
+            raise DeviceError(
+                f"unknown steering policy {policy!r} (one of {', '.join(STEERING_POLICIES)})"
+            )
+        self.opts.steering = policy
+        lib.vn_dev_request_policy(self._dev, STEERING_POLICIES.index(policy))
+
+    def steering(self) -> dict[str, Any]:
+        info = ffi.new("struct vn_steer_info *")
+        lib.vn_dev_get_steering(self._dev, info)
+        return {
+            "policy": ffi.string(lib.vn_policy_name(info.policy)).decode(),
+            "effective": ffi.string(lib.vn_policy_name(info.effective)).decode(),
+            "active_queue_pairs": int(info.active_qps),
+            "max_queue_pairs": int(info.max_qps),
+            "switches": int(info.epoch),
+            "rss": {
+                "configured": bool(info.rss_configured),
+                "hash_types": int(info.hash_types),
+                "table": [int(info.table[i]) for i in range(info.table_len)]
+                if info.rss_configured
+                else [],
+                "unclassified_queue": int(info.unclassified),
+                "key": bytes(info.key[0 : info.key_len]).hex(),
+            },
+        }
 
     def set_config_vector(self, vector: int) -> None:
         lib.vn_dev_set_config_vector(self._dev, vector)
@@ -427,6 +480,7 @@ class VirtioNetDevice:
             "link_up": self.config.link_up,
             "mtu": self.opts.mtu,
             "queue_pairs": self.max_qps,
+            "steering": self.steering(),
             "rx_filter": self.rx_filter(),
             "queues": [self.queue_stats(i) for i in range(self.max_qps)],
             "ctrl": self.ctrl_stats(),
@@ -444,6 +498,7 @@ def _dir_stats(d: Any) -> dict[str, Any]:
         "ring_full": int(d.ring_full),
         "batches": int(d.batches),
         "bounced": int(d.bounced),
+        "steered_out": int(d.steered_out),
         "drops": {
             ffi.string(lib.vn_drop_reason_name(i)).decode(): int(d.drops[i])
             for i in range(lib.VN_DROP__COUNT)

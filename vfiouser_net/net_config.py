@@ -21,6 +21,9 @@ class NetConfig:
     speed_mbps: int
     link_up: bool = True
     announce: bool = False
+    rss_max_key_size: int = 0
+    rss_max_table_len: int = 0
+    supported_hash_types: int = 0
 
     def pack(self) -> bytes:
         status = NetStatus(0)
@@ -35,7 +38,7 @@ class NetConfig:
             self.mtu,
             self.speed_mbps,
             DUPLEX_FULL,
-            0,
-            0,
-            0,
+            self.rss_max_key_size,
+            self.rss_max_table_len,
+            self.supported_hash_types,
         )

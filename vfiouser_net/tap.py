@@ -68,7 +68,13 @@ class Tap:
                 fd = lib.vn_tap_open(name.encode(), multi, out)
             if fd < 0:
                 self.close()
-                raise TapError(f"cannot open TAP {name}: {os.strerror(-fd)}")
+                hint = ""
+                if -fd == 22 and multi and not self.created:
+                    hint = (
+                        f" ({name} exists without multi_queue: recreate it with "
+                        f"'ip tuntap add dev {name} mode tap multi_queue' for {queues} queue pairs)"
+                    )
+                raise TapError(f"cannot open TAP {name}: {os.strerror(-fd)}{hint}")
             self.fds.append(fd)
         self.name = ffi.string(out).decode()
         if self.created:

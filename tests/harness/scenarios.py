@@ -37,8 +37,9 @@ def guest_on_vfiouser_net(
     *, cpus: int = 2, server_args: Sequence[str] = (), log_level: str = "info"
 ) -> Iterator[tuple[Guest, NetNS, Server]]:
     """Daemon in a namespace serving its TAP; QEMU (outside) attached to it."""
+    multi_queue = "--queue-pairs" in server_args
     with netns() as ns, tempfile.TemporaryDirectory(prefix="vn-") as tmp:
-        ns.add_tap(TAP_NAME)
+        ns.add_tap(TAP_NAME, multi_queue=multi_queue)
         sock = Path(tmp) / "vn.sock"
         args = ["--mac", GUEST_MAC, *server_args]
         server = Server(sock, TAP_NAME, netns=ns.name, extra_args=args, log_level=log_level)

@@ -102,6 +102,53 @@ static uint8_t ctrl_guest_offloads(struct vn_dev *dev, uint8_t cmd, const uint8_
     return VN_CTRL_OK;
 }
 
+/* VIRTIO_NET_CTRL_MQ: the number of pairs, RSS and hash reporting. Each
+ * accepted command is a steering switch: transmit queues drain, frames
+ * already steered are placed first, the new rule applies after. */
+static uint8_t ctrl_mq(struct vn_dev *dev, uint8_t cmd, const uint8_t *data, uint32_t len)
+{
+    switch (cmd) {
+    case VN_CTRL_MQ_VQ_PAIRS_SET: {
+        if (!VN_HAS(dev->features, VN_F_MQ) || len != 2)
+            return VN_CTRL_ERR;
+        uint16_t pairs = vn_le16_get(data);
+        if (pairs == 0 || pairs > dev->max_qps)
+            return VN_CTRL_ERR;
+        /* A table the guest set stays in force (Linux sends VQ_PAIRS_SET for
+         * `ethtool -L` once the user set the table with `ethtool -X`); its
+         * entries past the active pairs wrap around. */
+        vn_dev_steering_begin(dev);
+        vn_dev_steering_commit(dev, pairs);
+        vn_log(dev, LOG_INFO, "queue pairs: %u of %u", pairs, dev->max_qps);
+        return VN_CTRL_OK;
+    }
+    case VN_CTRL_MQ_RSS_CONFIG: {
+        struct vn_rss_config cfg;
+        uint16_t tx;
+        if (!VN_HAS(dev->features, VN_F_RSS) ||
+            vn_rss_config_parse(data, len, dev->max_qps, &cfg, &tx) < 0)
+            return VN_CTRL_ERR;
+        vn_dev_steering_begin(dev);
+        dev->steer.rss = cfg;
+        vn_dev_steering_commit(dev, tx);
+        vn_log(dev, LOG_INFO, "RSS: %u pairs, table of %u, hash types 0x%x, key %u bytes", tx,
+               cfg.table_len, cfg.hash_types, cfg.key_len);
+        return VN_CTRL_OK;
+    }
+    case VN_CTRL_MQ_HASH_CONFIG: {
+        struct vn_rss_config cfg;
+        if (!VN_HAS(dev->features, VN_F_HASH_REPORT) || vn_hash_config_parse(data, len, &cfg) < 0)
+            return VN_CTRL_ERR;
+        vn_dev_steering_begin(dev);
+        dev->steer.rss = cfg;
+        vn_dev_steering_commit(dev, dev->active_qps);
+        return VN_CTRL_OK;
+    }
+    default:
+        return VN_CTRL_ERR;
+    }
+}
+
 uint8_t vn_ctrl_handle(struct vn_dev *dev, const uint8_t *req, uint32_t len)
 {
     if (len < 2)
@@ -121,6 +168,8 @@ uint8_t vn_ctrl_handle(struct vn_dev *dev, const uint8_t *req, uint32_t len)
         return VN_CTRL_OK;
     case VN_CTRL_GUEST_OFFLOADS:
         return ctrl_guest_offloads(dev, cmd, data, dlen);
+    case VN_CTRL_MQ:
+        return ctrl_mq(dev, cmd, data, dlen);
     default:
         return VN_CTRL_ERR;
     }

@@ -9,6 +9,7 @@
 #include <syslog.h>
 #include <unistd.h>
 
+#include "le.h"
 #include "libvfio-user.h"
 #include "net_hdr.h"
 #include "tap.h"
@@ -23,6 +24,8 @@ static const char *const drop_names[VN_DROP__COUNT] = {
     [VN_DROP_TAP_ERROR] = "tap_error",
     [VN_DROP_QUEUE_BROKEN] = "queue_broken",
     [VN_DROP_RESET] = "reset",
+    [VN_DROP_STEER_BACKLOG] = "steer_backlog",
+    [VN_DROP_QUEUE_DISABLED] = "queue_disabled",
 };
 
 static const char *const error_names[VN_ERR__COUNT] = {
@@ -76,6 +79,11 @@ struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu)
     atomic_store(&dev->config_vector, VN_VQ_NO_VECTOR);
     atomic_store(&dev->link_up, true);
     dev->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    dev->cmd_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    dev->hdr_len = VN_NET_HDR_LEN;
+    atomic_store(&dev->requested_policy, -1);
+    dev->steer.policy = VN_POLICY_AUTO;
+    vn_steering_reset(&dev->steer);
     for (unsigned i = 0; i < max_qps; i++) {
         struct vn_qp *qp = &dev->qp[i];
         qp->dev = dev;
@@ -84,10 +92,11 @@ struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu)
         qp->kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         pthread_mutex_init(&qp->lock, NULL);
         pthread_cond_init(&qp->cond, NULL);
+        pthread_mutex_init(&qp->inbox.lock, NULL);
         vn_vq_init(&qp->rx, &dev->mem, &qp->st.rx);
         vn_vq_init(&qp->tx, &dev->mem, &qp->st.tx);
-        qp->bounce = malloc(VN_NET_HDR_LEN + VN_MAX_FRAME);
-        if (qp->bounce == NULL) {
+        qp->spare = malloc(sizeof(struct vn_pkt) + VN_NET_HDR_MAX_LEN + VN_MAX_FRAME);
+        if (qp->spare == NULL) {
             dev->max_qps = i + 1;
             vn_dev_free(dev);
             return NULL;
@@ -104,11 +113,13 @@ void vn_dev_free(struct vn_dev *dev)
     vn_dev_reset(dev);
     for (unsigned i = 0; i < dev->max_qps; i++) {
         close(dev->qp[i].kick_fd);
-        free(dev->qp[i].bounce);
+        free(dev->qp[i].spare);
+        pthread_mutex_destroy(&dev->qp[i].inbox.lock);
         pthread_mutex_destroy(&dev->qp[i].lock);
         pthread_cond_destroy(&dev->qp[i].cond);
     }
     close(dev->stop_fd);
+    close(dev->cmd_fd);
     pthread_rwlock_destroy(&dev->irq_lock);
     free(dev);
 }
@@ -162,12 +173,15 @@ int vn_dev_start(struct vn_dev *dev, uint64_t features)
     if (dev->started)
         return 0;
     dev->features = features;
+    dev->hdr_len = VN_HAS(features, VN_F_HASH_REPORT) ? VN_NET_HDR_HASH_LEN : VN_NET_HDR_LEN;
     bool event_idx = VN_HAS(features, VN_F_RING_EVENT_IDX);
     bool indirect = VN_HAS(features, VN_F_RING_INDIRECT_DESC);
     int ret = 0;
-    /* Without MQ only the first pair exists for the driver. */
-    dev->active_qps = VN_HAS(features, VN_F_MQ) ? dev->max_qps : 1;
-    for (unsigned i = 0; i < dev->active_qps; i++) {
+    /* The driver has one pair until it asks for more (VQ_PAIRS_SET or
+     * RSS_CONFIG); without MQ it only knows the first pair. */
+    dev->active_qps = 1;
+    unsigned pairs = VN_HAS(features, VN_F_MQ) ? dev->max_qps : 1;
+    for (unsigned i = 0; i < pairs; i++) {
         struct vn_qp *qp = &dev->qp[i];
         struct vn_vq *vqs[2] = { &qp->rx, &qp->tx };
         for (int k = 0; k < 2; k++) {
@@ -179,8 +193,10 @@ int vn_dev_start(struct vn_dev *dev, uint64_t features)
                 ret = -1;
             }
         }
-        if (qp->tap_fd >= 0)
+        if (qp->tap_fd >= 0) {
+            vn_tap_set_vnet_hdr_len(qp->tap_fd, (int)dev->hdr_len);
             vn_tap_set_guest_offloads(qp->tap_fd, features);
+        }
     }
     vn_vq_reset_state(&dev->ctrl);
     dev->ctrl.event_idx = event_idx;
@@ -191,9 +207,12 @@ int vn_dev_start(struct vn_dev *dev, uint64_t features)
     }
     if (ret != 0)
         return ret;
-    for (unsigned i = 0; i < dev->active_qps; i++)
-        start_worker(&dev->qp[i]);
+    dev->learn_tx = vn_steering_effective(&dev->steer) == VN_POLICY_RX_FOLLOWS_TX;
+    for (unsigned i = 0; i < pairs; i++)
+        if (dev->qp[i].rx.size != 0 || dev->qp[i].tx.size != 0)
+            start_worker(&dev->qp[i]);
     dev->started = true;
+    vn_dev_update_steer_cap(dev);
     return 0;
 }
 
@@ -223,12 +242,11 @@ void vn_dev_reset(struct vn_dev *dev)
         qp->rx.msix_vector = qp->tx.msix_vector = VN_VQ_NO_VECTOR;
         qp->rx_first = qp->rx_count = qp->rx_iov_end = 0;
         qp->rx_prefetched_bytes = 0;
-        if (qp->pending_len > 0) {
-            VN_STAT_INC(qp->st.rx.drops[VN_DROP_RESET]);
-            qp->pending_len = 0;
-        }
-        if (qp->tap_fd >= 0)
+        vn_inbox_drain(dev, qp, VN_DROP_RESET);
+        if (qp->tap_fd >= 0) {
             vn_tap_set_guest_offloads(qp->tap_fd, 0);
+            vn_tap_set_vnet_hdr_len(qp->tap_fd, VN_NET_HDR_LEN);
+        }
     }
     vn_vq_reset_state(&dev->ctrl);
     dev->ctrl.size = 0;
@@ -237,12 +255,18 @@ void vn_dev_reset(struct vn_dev *dev)
     dev->workers_paused = false;
     dev->features = 0;
     dev->active_qps = 0;
+    dev->hdr_len = VN_NET_HDR_LEN;
+    dev->flush_tx_on_pause = false;
+    atomic_store(&dev->old_inflight, 0);
+    vn_steering_reset(&dev->steer);
+    dev->learn_tx = false;
     atomic_store(&dev->needs_reset, false);
     atomic_store(&dev->announce, false);
     atomic_store(&dev->config_vector, VN_VQ_NO_VECTOR);
     uint8_t mac[6];
     memcpy(mac, dev->filter.mac, 6);
     vn_rx_filter_reset(&dev->filter, mac);
+    vn_dev_update_steer_cap(dev);
 }
 
 void vn_dev_pause_workers(struct vn_dev *dev)
@@ -285,6 +309,97 @@ void vn_dev_resume_workers(struct vn_dev *dev)
     /* The control queue runs on this thread: re-translate its rings now. */
     if (dev->started && dev->ctrl.size != 0 && !dev->ctrl.broken && !vn_vq_map(&dev->ctrl))
         vn_dev_fatal(dev, "control queue ring no longer in guest memory");
+}
+
+void vn_dev_steering_begin(struct vn_dev *dev)
+{
+    dev->flush_tx_on_pause = true;
+    vn_dev_pause_workers(dev);
+    dev->flush_tx_on_pause = false;
+}
+
+void vn_dev_steering_commit(struct vn_dev *dev, unsigned active_qps)
+{
+    /* Workers are parked: the inboxes are ours. Frames for pairs the driver
+     * no longer uses must not be placed there (spec); the rest keep their old
+     * epoch and hold back every TAP read until they are placed. */
+    int old = 0;
+    for (unsigned i = 0; i < dev->max_qps; i++) {
+        struct vn_qp *qp = &dev->qp[i];
+        if (i >= active_qps)
+            vn_inbox_drain(dev, qp, VN_DROP_QUEUE_DISABLED);
+        old += (int)qp->inbox.count;
+    }
+    dev->active_qps = active_qps;
+    dev->learn_tx = vn_steering_effective(&dev->steer) == VN_POLICY_RX_FOLLOWS_TX;
+    atomic_store(&dev->old_inflight, old);
+    atomic_fetch_add(&dev->epoch, 1);
+    VN_STAT_INC(dev->st.steering_switches);
+    vn_dev_update_steer_cap(dev);
+    vn_dev_resume_workers(dev);
+}
+
+void vn_dev_request_policy(struct vn_dev *dev, int policy)
+{
+    if (policy < 0 || policy >= VN_POLICY__COUNT)
+        return;
+    atomic_store(&dev->requested_policy, policy);
+    eventfd_write(dev->cmd_fd, 1);
+}
+
+void vn_dev_apply_requested_policy(struct vn_dev *dev)
+{
+    int policy = atomic_exchange(&dev->requested_policy, -1);
+    if (policy < 0 || policy == dev->steer.policy)
+        return;
+    int before = vn_steering_effective(&dev->steer);
+    vn_dev_steering_begin(dev);
+    dev->steer.policy = policy;
+    vn_dev_steering_commit(dev, dev->started ? dev->active_qps : 0);
+    vn_log(dev, LOG_INFO, "steering policy %s (effective %s, was %s)", vn_policy_name(policy),
+           vn_policy_name(vn_steering_effective(&dev->steer)), vn_policy_name(before));
+}
+
+void vn_dev_set_steer_cap(struct vn_dev *dev, uint8_t *cap)
+{
+    dev->steer_cap = cap;
+    vn_dev_update_steer_cap(dev);
+}
+
+/* Layout after the 6-byte vendor data header (cap_vndr, next, len, cfg_type 9,
+ * vendor_id): version, configured policy, effective policy, reserved, le16
+ * active pairs, le16 max pairs, le32 switches. Read by the guest for
+ * debugging; written only on the context thread. */
+void vn_dev_update_steer_cap(struct vn_dev *dev)
+{
+    uint8_t *c = dev->steer_cap;
+    if (c == NULL)
+        return;
+    c[6] = 1;
+    c[7] = (uint8_t)dev->steer.policy;
+    c[8] = (uint8_t)vn_steering_effective(&dev->steer);
+    c[9] = 0;
+    vn_le16_put(c + 10, (uint16_t)dev->active_qps);
+    vn_le16_put(c + 12, (uint16_t)dev->max_qps);
+    vn_le32_put(c + 14, (uint32_t)VN_STAT_LOAD(dev->st.steering_switches));
+}
+
+void vn_dev_get_steering(struct vn_dev *dev, struct vn_steer_info *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->policy = dev->steer.policy;
+    out->effective = vn_steering_effective(&dev->steer);
+    out->active_qps = dev->active_qps;
+    out->max_qps = dev->max_qps;
+    out->epoch = atomic_load(&dev->epoch);
+    const struct vn_rss_config *r = &dev->steer.rss;
+    out->rss_configured = r->configured;
+    out->hash_types = r->hash_types;
+    out->table_len = r->table_len;
+    out->unclassified = r->unclassified;
+    memcpy(out->table, r->table, sizeof(out->table));
+    out->key_len = r->key_len;
+    memcpy(out->key, r->key, sizeof(out->key));
 }
 
 void vn_dev_set_link(struct vn_dev *dev, bool up)
@@ -345,7 +460,8 @@ void vn_dev_doorbell(struct vn_dev *dev, unsigned qidx)
         vn_ctrl_process(dev);
         return;
     }
-    if (qidx >= 2 * dev->active_qps) {
+    unsigned pairs = VN_HAS(dev->features, VN_F_MQ) ? dev->max_qps : 1;
+    if (qidx >= 2 * pairs || !dev->qp[qidx / 2].thread_started) {
         VN_STAT_INC(dev->st.doorbells_invalid);
         return;
     }

@@ -22,6 +22,7 @@
 #include "guest_mem.h"
 #include "rx_filter.h"
 #include "stats.h"
+#include "steering.h"
 #include "virtq.h"
 
 #define VN_MAX_QUEUE_PAIRS 16
@@ -34,6 +35,26 @@
 enum vn_qp_req { VN_QP_RUN = 0, VN_QP_PAUSE = 1, VN_QP_STOP = 2 };
 
 struct vn_dev;
+
+/* A frame on its way to another queue pair's receive ring (steering), or
+ * waiting in the bounce path for room in its own. */
+struct vn_pkt {
+    struct vn_pkt *next;
+    uint32_t len;            /* header + frame */
+    uint32_t epoch;          /* steering epoch it was steered in */
+    uint32_t hash;
+    uint8_t report;
+    uint8_t data[];
+};
+
+/* Frames steered to one queue pair, in arrival order (several producers). */
+struct vn_inbox {
+    pthread_mutex_t lock;
+    struct vn_pkt *head, *tail;
+    unsigned count;
+};
+
+#define VN_INBOX_MAX 512
 
 /* An rx buffer (one descriptor chain) popped ahead of the packet it will hold. */
 struct vn_rx_buf {
@@ -65,8 +86,8 @@ struct vn_qp {
     unsigned rx_first, rx_count;   /* prefetched rx buffers */
     unsigned rx_iov_end;
     uint64_t rx_prefetched_bytes;
-    uint8_t *bounce;          /* one frame read ahead of guest buffers */
-    uint32_t pending_len;     /* bytes of that frame (0: none) */
+    struct vn_inbox inbox;
+    struct vn_pkt *spare;     /* buffer for the next frame read off the TAP */
     uint64_t log_budget_refill_ns;
     unsigned log_budget;
 };
@@ -98,6 +119,7 @@ struct vn_dev_stats {
     uint64_t dma_unmaps;
     uint64_t quiesces;
     uint64_t irq_errors;
+    uint64_t steering_switches;
 };
 
 struct vn_dev {
@@ -113,7 +135,18 @@ struct vn_dev {
     bool started;
 
     uint64_t features;           /* negotiated */
+    uint32_t hdr_len;            /* virtio-net header: 12, or 20 with HASH_REPORT */
     uint32_t mtu;
+    struct vn_steering steer;
+    bool learn_tx;               /* effective policy needs the tx flow table */
+    bool flush_tx_on_pause;
+    /* Frames steered before the last switch and not yet placed: while any
+     * remain, no worker reads the TAP, so no flow overtakes itself. */
+    _Atomic uint32_t epoch;
+    _Atomic int old_inflight;
+    _Atomic int requested_policy; /* from the operator, applied by the context thread */
+    int cmd_fd;                   /* wakes the context thread for it */
+    uint8_t *steer_cap;           /* steering state in PCI config space (vendor cap) */
     struct vn_rx_filter filter;
     _Atomic bool link_up;
     _Atomic bool announce;
@@ -157,6 +190,36 @@ bool vn_dev_get_needs_reset(struct vn_dev *dev);
 void vn_dev_set_config_vector(struct vn_dev *dev, uint16_t vector);
 void vn_dev_get_mac(struct vn_dev *dev, uint8_t mac_out[6]);
 void vn_dev_get_filter(struct vn_dev *dev, struct vn_rx_filter *out);
+
+/* Steering (context thread). A change pauses the workers (transmit queues
+ * drained first), applies, and resumes; frames already steered under the old
+ * rule are placed before any frame under the new one. */
+void vn_dev_steering_begin(struct vn_dev *dev);
+void vn_dev_steering_commit(struct vn_dev *dev, unsigned active_qps);
+void vn_dev_request_policy(struct vn_dev *dev, int policy);
+void vn_dev_apply_requested_policy(struct vn_dev *dev);
+void vn_dev_set_steer_cap(struct vn_dev *dev, uint8_t *cap);
+void vn_dev_update_steer_cap(struct vn_dev *dev);
+
+struct vn_steer_info {
+    int policy;
+    int effective;
+    unsigned active_qps;
+    unsigned max_qps;
+    uint32_t epoch;
+    bool rss_configured;
+    uint32_t hash_types;
+    unsigned table_len;
+    unsigned unclassified;
+    uint16_t table[VN_RSS_MAX_TABLE];
+    unsigned key_len;
+    uint8_t key[VN_RSS_MAX_KEY_SIZE];
+};
+void vn_dev_get_steering(struct vn_dev *dev, struct vn_steer_info *out);
+
+/* Packets in flight between queues (worker.c). */
+void vn_pkt_place_done(struct vn_dev *dev, struct vn_pkt *pkt);
+void vn_inbox_drain(struct vn_dev *dev, struct vn_qp *qp, int drop_reason);
 
 /* Mark the device broken (DEVICE_NEEDS_RESET) and raise the config interrupt. */
 void vn_dev_fatal(struct vn_dev *dev, const char *why);

@@ -8,6 +8,11 @@
 #define VN_NET_HDR_FLAGS_OFF 0
 #define VN_NET_HDR_GSO_TYPE_OFF 1
 #define VN_NET_HDR_NUM_BUFFERS_OFF 10
+/* struct virtio_net_hdr_v1_hash: with HASH_REPORT, 20 bytes. */
+#define VN_NET_HDR_HASH_LEN 20
+#define VN_NET_HDR_MAX_LEN 20
+#define VN_NET_HDR_HASH_VALUE_OFF 12
+#define VN_NET_HDR_HASH_REPORT_OFF 16
 
 /* Feature bits the datapath looks at. */
 #define VN_F_CSUM 0
@@ -30,6 +35,8 @@
 #define VN_F_MQ 22
 #define VN_F_CTRL_MAC_ADDR 23
 #define VN_F_RING_INDIRECT_DESC 28
+#define VN_F_HASH_REPORT 57
+#define VN_F_RSS 60
 #define VN_F_RING_EVENT_IDX 29
 #define VN_F_VERSION_1 32
 
@@ -51,6 +58,9 @@
 #define VN_CTRL_ANNOUNCE_ACK 0
 
 #define VN_CTRL_MQ 4
+#define VN_CTRL_MQ_VQ_PAIRS_SET 0
+#define VN_CTRL_MQ_RSS_CONFIG 1
+#define VN_CTRL_MQ_HASH_CONFIG 2
 
 #define VN_CTRL_GUEST_OFFLOADS 5
 #define VN_CTRL_GUEST_OFFLOADS_SET 0

@@ -163,17 +163,26 @@ int vn_server_run(struct vn_dev *dev)
     vfu_ctx_t *ctx = dev->vfu;
     bool attached = false;
     for (;;) {
-        struct pollfd pfd[2] = {
+        struct pollfd pfd[3] = {
             { .fd = vfu_get_poll_fd(ctx), .events = POLLIN },
             { .fd = dev->stop_fd, .events = POLLIN },
+            { .fd = dev->cmd_fd, .events = POLLIN },
         };
-        if (poll(pfd, 2, -1) < 0) {
+        /* Requests from the operator are applied here, on the thread that
+         * owns the device, between messages. */
+        vn_dev_apply_requested_policy(dev);
+        if (poll(pfd, 3, -1) < 0) {
             if (errno == EINTR)
                 continue;
             return -errno;
         }
         if (pfd[1].revents & POLLIN)
             break;
+        if (pfd[2].revents & POLLIN) {
+            eventfd_t v;
+            eventfd_read(dev->cmd_fd, &v);
+            continue;
+        }
         if (!attached) {
             if (vfu_attach_ctx(ctx) < 0) {
                 if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)

@@ -20,6 +20,8 @@ enum vn_drop_reason {
     VN_DROP_TAP_ERROR,        /* TAP read/write failed */
     VN_DROP_QUEUE_BROKEN,     /* ring unusable until the device is reset */
     VN_DROP_RESET,            /* held by the device when the driver reset it */
+    VN_DROP_STEER_BACKLOG,    /* target queue's backlog full */
+    VN_DROP_QUEUE_DISABLED,   /* steered to a queue the driver then disabled */
     VN_DROP__COUNT
 };
 
@@ -47,6 +49,7 @@ struct vn_dir_stats {
     uint64_t ring_full;      /* rx: packet waiting and no guest buffer */
     uint64_t batches;
     uint64_t bounced;        /* rx frames copied through the bounce buffer */
+    uint64_t steered_out;    /* rx frames this pair read and handed to another */
     uint64_t drops[VN_DROP__COUNT];
     uint64_t errors[VN_ERR__COUNT];
 };

@@ -61,6 +61,13 @@ int vn_tap_set_guest_offloads(int fd, uint64_t f)
     return 0;
 }
 
+int vn_tap_set_vnet_hdr_len(int fd, int len)
+{
+    if (ioctl(fd, TUNSETVNETHDRSZ, &len) < 0)
+        return -errno;
+    return 0;
+}
+
 int vn_tap_is_up(const char *ifname)
 {
     struct ifreq ifr;

@@ -14,6 +14,9 @@ int vn_tap_open(const char *name, bool multi_queue, char *ifname_out);
 /* TUNSETOFFLOAD from negotiated guest offload feature bits. */
 int vn_tap_set_guest_offloads(int fd, uint64_t guest_offload_features);
 
+/* TUNSETVNETHDRSZ: the header length the guest uses (12, or 20 with hash reports). */
+int vn_tap_set_vnet_hdr_len(int fd, int len);
+
 /* IFF_UP of the interface (the operator's link switch on the host side):
  * 1 up, 0 down, -errno on failure. */
 int vn_tap_is_up(const char *ifname);

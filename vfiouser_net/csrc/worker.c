@@ -1,12 +1,16 @@
 /* The per-queue-pair worker: moves frames between the guest's rx/tx rings and
- * one TAP queue, with no Python and no lock on the packet path.
+ * one TAP queue, with no Python on the packet path.
  *
- * The guest's buffers are handed to readv()/writev() directly (no copy): tx
- * chains go to the TAP as they are (virtio_net_hdr_v1 == TAP vnet header of 12
- * bytes), rx packets are read into guest buffers popped ahead of time. */
+ * The guest's buffers are handed to readv()/writev() directly where possible:
+ * tx chains go to the TAP as they are (the TAP's vnet header has the guest's
+ * header length), rx frames are read into guest buffers popped ahead of time.
+ * A frame the steering engine sends to another pair is copied into that
+ * pair's inbox; a frame read while the guest's posted room is short goes
+ * through a buffer of our own (and the inbox) instead of being cut. */
 #include <errno.h>
 #include <poll.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <syslog.h>
@@ -65,12 +69,54 @@ static void queue_broken(struct vn_qp *qp, const char *dir, int reason)
     vn_dev_fatal(qp->dev, why);
 }
 
+/* The guest's frame (after the header) in a chain, copied out for parsing:
+ * enough for Ethernet, two VLAN tags, IPv6 and the ports. */
+#define PARSE_LEN 96
+
+static size_t iov_copy_out(const struct iovec *iov, unsigned niov, size_t off, void *dst, size_t len)
+{
+    uint8_t *d = dst;
+    size_t done = 0;
+    for (unsigned i = 0; i < niov && done < len; i++) {
+        if (off >= iov[i].iov_len) {
+            off -= iov[i].iov_len;
+            continue;
+        }
+        size_t n = iov[i].iov_len - off;
+        if (n > len - done)
+            n = len - done;
+        memcpy(d + done, (uint8_t *)iov[i].iov_base + off, n);
+        done += n;
+        off = 0;
+    }
+    return done;
+}
+
+static void iov_copy_in(const struct iovec *iov, unsigned niov, size_t off, const void *src, size_t len)
+{
+    const uint8_t *s = src;
+    for (unsigned i = 0; i < niov && len > 0; i++) {
+        if (off >= iov[i].iov_len) {
+            off -= iov[i].iov_len;
+            continue;
+        }
+        size_t n = iov[i].iov_len - off;
+        if (n > len)
+            n = len;
+        memcpy((uint8_t *)iov[i].iov_base + off, s, n);
+        s += n;
+        len -= n;
+        off = 0;
+    }
+}
+
 /* Returns true when it did any work. */
 static bool process_tx(struct vn_qp *qp)
 {
     struct vn_vq *vq = &qp->tx;
     struct vn_dir_stats *st = &qp->st.tx;
     struct vn_dev *dev = qp->dev;
+    uint32_t hdr = dev->hdr_len;
     unsigned done = 0;
     while (done < TX_BUDGET) {
         struct vn_chain c;
@@ -90,19 +136,24 @@ static bool process_tx(struct vn_qp *qp)
             guest_error(qp, "tx", VN_ERR_DESC_ORDER);
             VN_STAT_INC(st->errors[VN_ERR_DESC_ORDER]);
             VN_STAT_INC(st->drops[VN_DROP_BAD_CHAIN]);
-        } else if (c.out_len < VN_NET_HDR_LEN + 14) {
+        } else if (c.out_len < hdr + 14) {
             VN_STAT_INC(st->drops[VN_DROP_HEADER_TOO_SHORT]);
-        } else if (c.out_len > VN_NET_HDR_LEN + VN_MAX_FRAME) {
+        } else if (c.out_len > hdr + VN_MAX_FRAME) {
             VN_STAT_INC(st->drops[VN_DROP_FRAME_TOO_BIG]);
         } else if (!atomic_load_explicit(&dev->link_up, memory_order_relaxed)) {
             VN_STAT_INC(st->drops[VN_DROP_LINK_DOWN]);
         } else {
+            if (dev->learn_tx) {
+                uint8_t f[PARSE_LEN];
+                size_t n = iov_copy_out(qp->tx_iov, c.niov, hdr, f, sizeof(f));
+                vn_steer_learn_tx(&dev->steer, f, n, qp->index);
+            }
             ssize_t n = writev(qp->tap_fd, qp->tx_iov, (int)c.niov);
             if (n < 0) {
                 VN_STAT_INC(st->drops[VN_DROP_TAP_ERROR]);
             } else {
                 VN_STAT_INC(st->packets);
-                VN_STAT_ADD(st->bytes, c.out_len - VN_NET_HDR_LEN);
+                VN_STAT_ADD(st->bytes, c.out_len - hdr);
             }
         }
         vn_vq_push(vq, c.head, 0);
@@ -118,8 +169,8 @@ static size_t rx_need(const struct vn_dev *dev)
 {
     if (VN_HAS(dev->features, VN_F_GUEST_TSO4) || VN_HAS(dev->features, VN_F_GUEST_TSO6) ||
         VN_HAS(dev->features, VN_F_GUEST_UFO))
-        return VN_NET_HDR_LEN + VN_MAX_FRAME;
-    return VN_NET_HDR_LEN + dev->mtu + 14 + 4;
+        return dev->hdr_len + VN_MAX_FRAME;
+    return dev->hdr_len + dev->mtu + 14 + 4;
 }
 
 /* Drop the buffers popped ahead (they go back to the avail ring). Needed
@@ -169,6 +220,13 @@ static bool rx_prefetch(struct vn_qp *qp, size_t need, bool mergeable)
             queue_broken(qp, "rx", err);
             return false;
         }
+        if (r == VN_POP_BAD && err == VN_ERR_CHAIN_TOO_LONG && qp->rx_count > 0) {
+            /* Our iovec array is partly taken by earlier buffers: not the
+             * guest's fault. Take the chain again once they are used. */
+            vn_vq_unpop(vq, 1);
+            VN_STAT_ADD(qp->st.rx.errors[VN_ERR_CHAIN_TOO_LONG], (uint64_t)-1);
+            break;
+        }
         struct vn_rx_buf *b = &qp->rx_buf[qp->rx_first + qp->rx_count];
         b->head = c.head;
         b->iov_start = (uint16_t)qp->rx_iov_end;
@@ -208,45 +266,18 @@ static unsigned rx_return_bad_head(struct vn_qp *qp)
     return n;
 }
 
-static void iov_copy_out(const struct iovec *iov, unsigned niov, size_t off, void *dst, size_t len)
+/* Capacity of the leading good buffers (a bad one ends what a frame can use). */
+static uint64_t rx_room(const struct vn_qp *qp)
 {
-    uint8_t *d = dst;
-    for (unsigned i = 0; i < niov && len > 0; i++) {
-        if (off >= iov[i].iov_len) {
-            off -= iov[i].iov_len;
-            continue;
-        }
-        size_t n = iov[i].iov_len - off;
-        if (n > len)
-            n = len;
-        memcpy(d, (uint8_t *)iov[i].iov_base + off, n);
-        d += n;
-        len -= n;
-        off = 0;
-    }
+    uint64_t cap = 0;
+    for (unsigned i = 0; i < qp->rx_count && !qp->rx_buf[qp->rx_first + i].bad; i++)
+        cap += qp->rx_buf[qp->rx_first + i].len;
+    return cap;
 }
 
-static void iov_copy_in(const struct iovec *iov, unsigned niov, size_t off, const void *src, size_t len)
-{
-    const uint8_t *s = src;
-    for (unsigned i = 0; i < niov && len > 0; i++) {
-        if (off >= iov[i].iov_len) {
-            off -= iov[i].iov_len;
-            continue;
-        }
-        size_t n = iov[i].iov_len - off;
-        if (n > len)
-            n = len;
-        memcpy((uint8_t *)iov[i].iov_base + off, s, n);
-        s += n;
-        len -= n;
-        off = 0;
-    }
-}
-
-/* Give the leading prefetched buffers holding an n-byte packet (header
- * included) to the guest: used entries, num_buffers, checksum flags. */
-static unsigned rx_publish_packet(struct vn_qp *qp, uint64_t n)
+/* Give the leading prefetched buffers holding an n-byte frame (header
+ * included) to the guest: used entries, num_buffers, hash, checksum flags. */
+static unsigned rx_publish(struct vn_qp *qp, uint64_t n, uint32_t hash, uint8_t report)
 {
     struct vn_dev *dev = qp->dev;
     const struct vn_rx_buf *b0 = &qp->rx_buf[qp->rx_first];
@@ -268,12 +299,18 @@ static unsigned rx_publish_packet(struct vn_qp *qp, uint64_t n)
         uint8_t zero = 0;
         iov_copy_in(iov, niov, VN_NET_HDR_FLAGS_OFF, &zero, 1);
     }
+    if (dev->hdr_len == VN_NET_HDR_HASH_LEN) {
+        uint8_t h[8] = { 0 };
+        vn_le32_put(h, report == VN_HASH_REPORT_NONE ? 0 : hash);
+        vn_le16_put(h + 4, report);
+        iov_copy_in(iov, niov, VN_NET_HDR_HASH_VALUE_OFF, h, sizeof(h));
+    }
     for (unsigned i = 0; i < used; i++)
         qp->rx_prefetched_bytes -= qp->rx_buf[qp->rx_first + i].len;
     qp->rx_first += used;
     qp->rx_count -= used;
     VN_STAT_INC(qp->st.rx.packets);
-    VN_STAT_ADD(qp->st.rx.bytes, n - VN_NET_HDR_LEN);
+    VN_STAT_ADD(qp->st.rx.bytes, n - dev->hdr_len);
     return used;
 }
 
@@ -287,61 +324,146 @@ static int rx_reject_reason(struct vn_qp *qp, const uint8_t *dst)
     return -1;
 }
 
+void vn_pkt_place_done(struct vn_dev *dev, struct vn_pkt *pkt)
+{
+    if (pkt->epoch != atomic_load(&dev->epoch) && atomic_fetch_sub(&dev->old_inflight, 1) == 1) {
+        /* The last frame steered under the old rule is placed: TAP reads
+         * may resume on every pair. */
+        for (unsigned i = 0; i < dev->max_qps; i++)
+            if (dev->qp[i].thread_started)
+                eventfd_write(dev->qp[i].kick_fd, 1);
+    }
+    free(pkt);
+}
+
+static struct vn_pkt *inbox_pop(struct vn_qp *qp, bool peek)
+{
+    pthread_mutex_lock(&qp->inbox.lock);
+    struct vn_pkt *p = qp->inbox.head;
+    if (p != NULL && !peek) {
+        qp->inbox.head = p->next;
+        if (qp->inbox.head == NULL)
+            qp->inbox.tail = NULL;
+        qp->inbox.count--;
+    }
+    pthread_mutex_unlock(&qp->inbox.lock);
+    return p;
+}
+
+void vn_inbox_drain(struct vn_dev *dev, struct vn_qp *qp, int drop_reason)
+{
+    struct vn_pkt *p;
+    while ((p = inbox_pop(qp, false)) != NULL) {
+        VN_STAT_INC(qp->st.rx.drops[drop_reason]);
+        vn_pkt_place_done(dev, p);
+    }
+}
+
+/* Queue a frame for pair `to` (possibly ourselves). Takes ownership. */
+static void steer_to(struct vn_qp *from, unsigned to, struct vn_pkt *pkt)
+{
+    struct vn_dev *dev = from->dev;
+    struct vn_qp *t = &dev->qp[to];
+    pkt->next = NULL;
+    pkt->epoch = atomic_load(&dev->epoch);
+    pthread_mutex_lock(&t->inbox.lock);
+    bool full = t->inbox.count >= VN_INBOX_MAX;
+    if (!full) {
+        if (t->inbox.tail != NULL)
+            t->inbox.tail->next = pkt;
+        else
+            t->inbox.head = pkt;
+        t->inbox.tail = pkt;
+        t->inbox.count++;
+    }
+    pthread_mutex_unlock(&t->inbox.lock);
+    if (full) {
+        VN_STAT_INC(from->st.rx.drops[VN_DROP_STEER_BACKLOG]);
+        free(pkt);
+        return;
+    }
+    if (t != from) {
+        VN_STAT_INC(from->st.rx.steered_out);
+        eventfd_write(t->kick_fd, 1);
+    }
+}
+
+static struct vn_pkt *pkt_alloc(struct vn_qp *qp)
+{
+    if (qp->spare == NULL)
+        qp->spare = malloc(sizeof(struct vn_pkt) + VN_NET_HDR_MAX_LEN + VN_MAX_FRAME);
+    return qp->spare;
+}
+
+/* Place frames from our inbox. Returns false when the guest's ring lacks room
+ * for the next one (we are starved). */
+static bool rx_place_inbox(struct vn_qp *qp, bool mergeable, unsigned *pushed, unsigned *packets)
+{
+    struct vn_vq *vq = &qp->rx;
+    for (;;) {
+        struct vn_pkt *p = inbox_pop(qp, true);
+        if (p == NULL)
+            return true;
+        if (!rx_prefetch(qp, p->len, mergeable))
+            return false;
+        *pushed += rx_return_bad_head(qp);
+        uint64_t cap = rx_room(qp);
+        bool can_grow = qp->rx_count < (mergeable ? VN_RX_BUF_MAX : 1u) &&
+                        qp->rx_count < vq->size && qp->rx_iov_end < VN_RX_IOV_MAX;
+        if (cap < p->len && can_grow && cap == qp->rx_prefetched_bytes)
+            return false;
+        inbox_pop(qp, false);
+        if (cap < p->len) {
+            /* No more room can join these buffers (the ring is used up, or a
+             * malformed buffer is in the way): it cannot be delivered. */
+            VN_STAT_INC(qp->st.rx.drops[VN_DROP_BUFFER_TOO_SMALL]);
+        } else {
+            const struct vn_rx_buf *b0 = &qp->rx_buf[qp->rx_first];
+            iov_copy_in(&qp->rx_iov[b0->iov_start], qp->rx_iov_end - b0->iov_start, 0, p->data,
+                        p->len);
+            *pushed += rx_publish(qp, p->len, p->hash, p->report);
+            (*packets)++;
+        }
+        vn_pkt_place_done(qp->dev, p);
+    }
+}
+
 /* Returns true when it did any work; *starved when it stopped for lack of
- * guest buffers.
- *
- * Fast path: with room for the largest frame the guest accepts already
- * popped, read straight into the guest's buffers. With less room (the guest
- * is slow to refill), read into the bounce buffer and copy once the frame's
- * real size is known, holding it until enough buffers arrive: a frame is
- * never cut, and a large GSO frame never waits behind a small one. */
+ * guest buffers. */
 static bool process_rx(struct vn_qp *qp, bool *starved)
 {
     struct vn_dev *dev = qp->dev;
     struct vn_vq *vq = &qp->rx;
     struct vn_dir_stats *st = &qp->st.rx;
     bool mergeable = VN_HAS(dev->features, VN_F_MRG_RXBUF);
+    bool own_active = qp->index < dev->active_qps && vn_vq_ready(vq);
+    uint32_t hdr = dev->hdr_len;
     size_t need = rx_need(dev);
     unsigned pushed = 0, packets = 0;
+    bool progress = false;
     *starved = false;
 
     while (packets < RX_BUDGET) {
-        size_t want = qp->pending_len ? qp->pending_len : need;
-        if (!rx_prefetch(qp, want, mergeable))
-            break;
-        pushed += rx_return_bad_head(qp);
-        bool can_grow = qp->rx_count < (mergeable ? VN_RX_BUF_MAX : 1u) &&
-                        qp->rx_count < vq->size && qp->rx_iov_end < VN_RX_IOV_MAX;
-        /* Capacity of the leading good buffers (a bad one ends a packet). */
-        uint64_t cap = 0;
-        for (unsigned i = 0; i < qp->rx_count && !qp->rx_buf[qp->rx_first + i].bad; i++)
-            cap += qp->rx_buf[qp->rx_first + i].len;
-
-        if (qp->pending_len > 0) {
-            if (cap < qp->pending_len) {
-                if (can_grow && cap == qp->rx_prefetched_bytes) {
-                    *starved = true;
-                    break;
-                }
-                /* No more room can join these buffers (the ring is used up,
-                 * or a malformed buffer is in the way): it cannot be delivered. */
-                VN_STAT_INC(st->drops[VN_DROP_BUFFER_TOO_SMALL]);
-                qp->pending_len = 0;
-                continue;
-            }
-            const struct vn_rx_buf *b0 = &qp->rx_buf[qp->rx_first];
-            iov_copy_in(&qp->rx_iov[b0->iov_start], qp->rx_iov_end - b0->iov_start, 0, qp->bounce,
-                        qp->pending_len);
-            pushed += rx_publish_packet(qp, qp->pending_len);
-            qp->pending_len = 0;
-            packets++;
-            continue;
-        }
-        if (qp->rx_count == 0) {
+        /* Frames already steered here go first: they are older than
+         * anything still in the TAP. */
+        if (own_active && !rx_place_inbox(qp, mergeable, &pushed, &packets)) {
             *starved = true;
             break;
         }
+        if (atomic_load(&dev->old_inflight) > 0 || qp->tap_fd < 0)
+            break;
+        if (own_active) {
+            if (!rx_prefetch(qp, need, mergeable))
+                break;
+            pushed += rx_return_bad_head(qp);
+            if (qp->rx_count == 0) {
+                *starved = true;
+                break;
+            }
+        }
+        uint64_t cap = own_active ? rx_room(qp) : 0;
         if (cap >= need) {
+            /* Fast path: straight into our guest buffers. */
             const struct vn_rx_buf *b0 = &qp->rx_buf[qp->rx_first];
             struct iovec *iov = &qp->rx_iov[b0->iov_start];
             unsigned niov = 0;
@@ -357,39 +479,66 @@ static bool process_rx(struct vn_qp *qp, bool *starved)
                     VN_STAT_INC(st->drops[VN_DROP_TAP_ERROR]);
                 break;
             }
-            if ((size_t)n < VN_NET_HDR_LEN + 14) {
+            progress = true;
+            uint8_t f[PARSE_LEN];
+            size_t flen = iov_copy_out(iov, niov, hdr, f, sizeof(f));
+            if ((size_t)n < hdr + 14 || flen < 14) {
                 VN_STAT_INC(st->drops[VN_DROP_BUFFER_TOO_SMALL]);
                 continue;
             }
-            uint8_t dst[6];
-            iov_copy_out(iov, niov, VN_NET_HDR_LEN, dst, 6);
-            int why = rx_reject_reason(qp, dst);
+            int why = rx_reject_reason(qp, f);
             if (why >= 0) {
                 VN_STAT_INC(st->drops[why]);
                 continue;
             }
-            pushed += rx_publish_packet(qp, (uint64_t)n);
-            packets++;
+            uint32_t hash;
+            uint8_t report;
+            unsigned target = vn_steer_rx(&dev->steer, f, flen, dev->active_qps, &hash, &report);
+            if (target == qp->index) {
+                pushed += rx_publish(qp, (uint64_t)n, hash, report);
+                packets++;
+                continue;
+            }
+            struct vn_pkt *p = malloc(sizeof(*p) + (size_t)n);
+            if (p == NULL) {
+                VN_STAT_INC(st->drops[VN_DROP_STEER_BACKLOG]);
+                continue;
+            }
+            p->len = (uint32_t)n;
+            p->hash = hash;
+            p->report = report;
+            iov_copy_out(iov, niov, 0, p->data, (size_t)n);
+            steer_to(qp, target, p);
             continue;
         }
-        /* Short of room for the largest frame: go through the bounce buffer. */
-        ssize_t n = read(qp->tap_fd, qp->bounce, VN_NET_HDR_LEN + VN_MAX_FRAME);
+        /* Our own buffer: short of guest room, or this pair is not in use. */
+        struct vn_pkt *p = pkt_alloc(qp);
+        if (p == NULL)
+            break;
+        ssize_t n = read(qp->tap_fd, p->data, hdr + VN_MAX_FRAME);
         if (n < 0) {
             if (errno != EAGAIN && errno != EINTR)
                 VN_STAT_INC(st->drops[VN_DROP_TAP_ERROR]);
             break;
         }
-        if ((size_t)n < VN_NET_HDR_LEN + 14) {
+        progress = true;
+        if ((size_t)n < hdr + 14) {
             VN_STAT_INC(st->drops[VN_DROP_BUFFER_TOO_SMALL]);
             continue;
         }
-        int why = rx_reject_reason(qp, qp->bounce + VN_NET_HDR_LEN);
+        int why = rx_reject_reason(qp, p->data + hdr);
         if (why >= 0) {
             VN_STAT_INC(st->drops[why]);
             continue;
         }
-        VN_STAT_INC(st->bounced);
-        qp->pending_len = (uint32_t)n;
+        p->len = (uint32_t)n;
+        unsigned target = vn_steer_rx(&dev->steer, p->data + hdr, (size_t)n - hdr,
+                                      dev->active_qps, &p->hash, &p->report);
+        qp->spare = NULL;
+        struct vn_pkt *shrunk = realloc(p, sizeof(*p) + (size_t)n);
+        if (target == qp->index)
+            VN_STAT_INC(st->bounced);
+        steer_to(qp, target, shrunk != NULL ? shrunk : p);
     }
     if (*starved)
         VN_STAT_INC(st->ring_full);
@@ -397,7 +546,7 @@ static bool process_rx(struct vn_qp *qp, bool *starved)
         VN_STAT_INC(st->batches);
         notify_guest(qp, vq, st);
     }
-    return packets > 0;
+    return packets > 0 || progress;
 }
 
 /* Park while paused; returns false when asked to stop. */
@@ -410,6 +559,11 @@ static bool handle_requests(struct vn_qp *qp)
         rx_unprefetch(qp);
         return false;
     }
+    /* Before a steering change: what the guest queued for transmit under
+     * the old configuration leaves first. Bounded, in case the guest keeps
+     * adding. */
+    for (int i = 0; i < 64 && qp->dev->flush_tx_on_pause && vn_vq_ready(&qp->tx) && process_tx(qp); i++)
+        ;
     rx_unprefetch(qp);
     pthread_mutex_lock(&qp->lock);
     qp->parked = true;
@@ -438,7 +592,8 @@ void *vn_qp_worker(void *arg)
         if (!handle_requests(qp))
             break;
         bool tx_ok = vn_vq_ready(&qp->tx);
-        bool rx_ok = vn_vq_ready(&qp->rx) && qp->tap_fd >= 0;
+        bool rx_vq_ok = vn_vq_ready(&qp->rx);
+        bool rx_ok = qp->tap_fd >= 0;
         bool work = false;
         if (tx_ok)
             work |= process_tx(qp);
@@ -452,19 +607,21 @@ void *vn_qp_worker(void *arg)
         bool again = false;
         if (tx_ok)
             again |= vn_vq_enable_notify(&qp->tx);
-        if (rx_ok && rx_starved)
+        if (rx_vq_ok && rx_starved)
             again |= vn_vq_enable_notify(&qp->rx);
         if (again) {
             if (tx_ok)
                 vn_vq_disable_notify(&qp->tx);
-            if (rx_ok)
+            if (rx_vq_ok)
                 vn_vq_disable_notify(&qp->rx);
             rx_starved = false;
             continue;
         }
+        /* The TAP is only worth waking for while we may read it. */
+        bool read_tap = rx_ok && !rx_starved && atomic_load(&dev->old_inflight) == 0;
         struct pollfd pfd[2] = {
             { .fd = qp->kick_fd, .events = POLLIN },
-            { .fd = qp->tap_fd, .events = (rx_ok && !rx_starved) ? POLLIN : 0 },
+            { .fd = qp->tap_fd, .events = read_tap ? POLLIN : 0 },
         };
         int r = poll(pfd, 2, -1);
         if (r < 0 && errno != EINTR) {
@@ -478,7 +635,7 @@ void *vn_qp_worker(void *arg)
         }
         if (tx_ok)
             vn_vq_disable_notify(&qp->tx);
-        if (rx_ok)
+        if (rx_vq_ok)
             vn_vq_disable_notify(&qp->rx);
     }
     return NULL;

@@ -19,11 +19,14 @@
 #define VN_VQ_MAX_SIZE ...
 #define VN_VQ_NO_VECTOR ...
 #define VN_MAC_TABLE_ENTRIES ...
+#define VN_RSS_MAX_TABLE ...
+#define VN_RSS_MAX_KEY_SIZE ...
+#define VN_HASH_TYPES_SUPPORTED ...
 
 enum vn_drop_reason {
     VN_DROP_BAD_CHAIN, VN_DROP_HEADER_TOO_SHORT, VN_DROP_FRAME_TOO_BIG, VN_DROP_BUFFER_TOO_SMALL,
     VN_DROP_MAC_FILTER, VN_DROP_LINK_DOWN, VN_DROP_TAP_ERROR, VN_DROP_QUEUE_BROKEN, VN_DROP_RESET,
-    VN_DROP__COUNT
+    VN_DROP_STEER_BACKLOG, VN_DROP_QUEUE_DISABLED, VN_DROP__COUNT
 };
 enum vn_error_reason {
     VN_ERR_DESC_ADDR, VN_ERR_DESC_NEXT, VN_ERR_DESC_LOOP, VN_ERR_DESC_ORDER, VN_ERR_INDIRECT,
@@ -42,7 +45,8 @@ struct vn_dir_stats {
     uint64_t ring_full;
     uint64_t batches;
     uint64_t bounced;
-    uint64_t drops[9];
+    uint64_t steered_out;
+    uint64_t drops[11];
     uint64_t errors[10];
 };
 struct vn_qp_stats { struct vn_dir_stats rx; struct vn_dir_stats tx; };
@@ -55,6 +59,23 @@ struct vn_dev_stats {
     uint64_t dma_unmaps;
     uint64_t quiesces;
     uint64_t irq_errors;
+    uint64_t steering_switches;
+};
+enum vn_policy { VN_POLICY_AUTO = 0, VN_POLICY_SINGLE = 1, VN_POLICY_RSS = 2,
+                 VN_POLICY_RX_FOLLOWS_TX = 3, VN_POLICY__COUNT };
+struct vn_steer_info {
+    int policy;
+    int effective;
+    unsigned active_qps;
+    unsigned max_qps;
+    uint32_t epoch;
+    bool rss_configured;
+    uint32_t hash_types;
+    unsigned table_len;
+    unsigned unclassified;
+    uint16_t table[128];
+    unsigned key_len;
+    uint8_t key[40];
 };
 struct vn_rx_filter {
     uint8_t mac[6];
@@ -96,6 +117,10 @@ void vn_dev_get_qp_stats(struct vn_dev *dev, unsigned qp, struct vn_qp_stats *ou
 void vn_dev_get_ctrl_stats(struct vn_dev *dev, struct vn_dir_stats *out);
 void vn_dev_get_dev_stats(struct vn_dev *dev, struct vn_dev_stats *out);
 uint64_t vn_dev_get_irq_count(struct vn_dev *dev, uint16_t vector);
+void vn_dev_request_policy(struct vn_dev *dev, int policy);
+void vn_dev_set_steer_cap(struct vn_dev *dev, uint8_t *cap);
+void vn_dev_get_steering(struct vn_dev *dev, struct vn_steer_info *out);
+const char *vn_policy_name(int policy);
 const char *vn_drop_reason_name(int reason);
 const char *vn_error_reason_name(int reason);
 
