@@ -414,6 +414,33 @@ def test_mac_filter(session: GuestSession) -> None:
     assert rx_stats["drops"]["mac_filter"] == 3
 
 
+def test_mac_table_overflow(session: GuestSession) -> None:
+    """More addresses than the device keeps (Linux sends its whole lists):
+    accepted, and the device then lets every unicast (multicast) through."""
+    drv = session.driver
+    drv.bring_up()
+    port = session.env.port
+    assert drv.ctrl_command(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\0") == 0
+    many_uc = [bytes([2, 0x76, 0x6E, 1, i >> 8, i & 0xFF]) for i in range(200)]
+    ack = drv.ctrl_command(
+        VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET, mac_table(many_uc, [])
+    )
+    assert ack == VIRTIO_NET_OK
+    port.send(tagged_frame(OTHER_MC, b"mc-dropped"))
+    port.send(tagged_frame(OTHER_UC, b"uc-overflow"))
+    _, frame = drv.recv_packet(timeout=3)
+    assert has_tag(frame, b"uc-overflow"), f"got {frame[:40].hex()}"
+    many_mc = [bytes([1, 0, 0x5E, 0, i >> 8, i & 0xFF]) for i in range(200)]
+    ack = drv.ctrl_command(
+        VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET, mac_table([LISTED_UC], many_mc)
+    )
+    assert ack == VIRTIO_NET_OK
+    port.send(tagged_frame(OTHER_UC, b"uc-dropped"))
+    port.send(tagged_frame(OTHER_MC, b"mc-overflow"))
+    _, frame = drv.recv_packet(timeout=3)
+    assert has_tag(frame, b"mc-overflow"), f"got {frame[:40].hex()}"
+
+
 def test_ctrl_mac_addr_set(session: GuestSession) -> None:
     drv = session.driver
     drv.bring_up()
