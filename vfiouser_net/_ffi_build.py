@@ -54,6 +54,7 @@ ffibuilder.set_source(
     #include "device.h"
     #include "layout.h"
     #include "server.h"
+    #include "rss_hash.h"
     #include "steering.h"
     #include "tap.h"
     """,

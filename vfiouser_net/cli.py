@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import signal
 import sys
@@ -112,7 +113,12 @@ def serve(args: argparse.Namespace) -> int:
         log.info("SIGUSR1: steering policy %s -> %s", device.opts.steering, nxt)
         device.set_steering(nxt)
 
+    def on_usr2(signum: int, frame: FrameType | None) -> None:
+        # Until metrics and the admin channel exist: counters into the log.
+        log.info("device %s: counters %s", device.name, json.dumps(device.snapshot()))
+
     signal.signal(signal.SIGUSR1, on_usr1)
+    signal.signal(signal.SIGUSR2, on_usr2)
     try:
         device.start()
         while not stop.wait(LINK_POLL_SECONDS):

@@ -58,6 +58,7 @@ class Tap:
         validate_ifname(name)
         self.created = not interface_exists(name)
         self.fds: list[int] = []
+        self.steering_prog_fd = -1
         multi = queues > 1
         out = ffi.new("char[16]")
         for _ in range(queues):
@@ -77,6 +78,20 @@ class Tap:
                 raise TapError(f"cannot open TAP {name}: {os.strerror(-fd)}{hint}")
             self.fds.append(fd)
         self.name = ffi.string(out).decode()
+        if queues > 1:
+            # One reader per flow (see vn_tap_set_flow_steering); without it
+            # the kernel follows the guest's transmit queue, which can move a
+            # flow between readers mid-stream.
+            prog = lib.vn_tap_set_flow_steering(self.fds[0])
+            if prog < 0:
+                log.warning(
+                    "TAP %s: flow-hash queue selection unavailable (%s); the kernel's "
+                    "default applies and a flow may move between queues",
+                    self.name,
+                    os.strerror(-prog),
+                )
+            else:
+                self.steering_prog_fd = prog
         if self.created:
             log.info("created TAP %s with %d queue(s)", self.name, queues)
             if mtu is not None:
@@ -118,3 +133,6 @@ class Tap:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+        if self.steering_prog_fd >= 0:
+            os.close(self.steering_prog_fd)
+            self.steering_prog_fd = -1

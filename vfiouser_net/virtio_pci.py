@@ -100,6 +100,7 @@ class VirtioPciTransport:
         self.config_generation = 0
         self.queue_select = 0
         self.isr = 0
+        self._needs_reset_signalled = False
         self.queues = [QueueConfig(size=self.max_queue_size) for _ in range(self.num_queues)]
 
     @property
@@ -285,6 +286,11 @@ class VirtioPciTransport:
 
     def read_isr(self) -> int:
         with self.lock:
+            # DEVICE_NEEDS_RESET is raised by the datapath with a config
+            # interrupt; the ISR must show it as a configuration change too.
+            if self.backend.needs_reset() and not self._needs_reset_signalled:
+                self._needs_reset_signalled = True
+                self.isr |= 2
             value, self.isr = self.isr, 0
             return value
 

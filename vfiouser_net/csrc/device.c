@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <syslog.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "le.h"
@@ -75,6 +76,7 @@ struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu)
     dev->mtu = mtu;
     vn_mem_init(&dev->mem);
     vn_rx_filter_reset(&dev->filter, mac);
+    memcpy(dev->default_mac, mac, 6);
     pthread_rwlock_init(&dev->irq_lock, NULL);
     atomic_store(&dev->config_vector, VN_VQ_NO_VECTOR);
     atomic_store(&dev->link_up, true);
@@ -258,14 +260,14 @@ void vn_dev_reset(struct vn_dev *dev)
     dev->hdr_len = VN_NET_HDR_LEN;
     dev->flush_tx_on_pause = false;
     atomic_store(&dev->old_inflight, 0);
+    atomic_store(&dev->drain_pending, false);
     vn_steering_reset(&dev->steer);
     dev->learn_tx = false;
     atomic_store(&dev->needs_reset, false);
     atomic_store(&dev->announce, false);
     atomic_store(&dev->config_vector, VN_VQ_NO_VECTOR);
-    uint8_t mac[6];
-    memcpy(mac, dev->filter.mac, 6);
-    vn_rx_filter_reset(&dev->filter, mac);
+    /* A MAC the driver set (CTRL_MAC_ADDR) does not survive a reset. */
+    vn_rx_filter_reset(&dev->filter, dev->default_mac);
     vn_dev_update_steer_cap(dev);
 }
 
@@ -333,10 +335,36 @@ void vn_dev_steering_commit(struct vn_dev *dev, unsigned active_qps)
     dev->active_qps = active_qps;
     dev->learn_tx = vn_steering_effective(&dev->steer) == VN_POLICY_RX_FOLLOWS_TX;
     atomic_store(&dev->old_inflight, old);
+    if (dev->started) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        dev->drain_deadline_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec +
+                                 VN_STEER_DRAIN_MAX_NS;
+        atomic_store(&dev->drain_pending, true);
+    }
     atomic_fetch_add(&dev->epoch, 1);
     VN_STAT_INC(dev->st.steering_switches);
     vn_dev_update_steer_cap(dev);
     vn_dev_resume_workers(dev);
+}
+
+bool vn_dev_steering_hold(struct vn_dev *dev)
+{
+    if (atomic_load(&dev->old_inflight) > 0)
+        return true;
+    if (!atomic_load(&dev->drain_pending))
+        return false;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    bool caught_up = true;
+    for (unsigned i = 0; i < dev->active_qps && caught_up; i++)
+        caught_up = vn_vq_driver_caught_up(&dev->qp[i].rx);
+    if (!caught_up && now < dev->drain_deadline_ns)
+        return true;
+    if (atomic_exchange(&dev->drain_pending, false) && !caught_up)
+        __atomic_fetch_add(&dev->st.steering_drain_timeouts, 1, __ATOMIC_RELAXED);
+    return false;
 }
 
 void vn_dev_request_policy(struct vn_dev *dev, int policy)

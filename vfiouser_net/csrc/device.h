@@ -120,6 +120,7 @@ struct vn_dev_stats {
     uint64_t quiesces;
     uint64_t irq_errors;
     uint64_t steering_switches;
+    uint64_t steering_drain_timeouts;
 };
 
 struct vn_dev {
@@ -144,10 +145,16 @@ struct vn_dev {
      * remain, no worker reads the TAP, so no flow overtakes itself. */
     _Atomic uint32_t epoch;
     _Atomic int old_inflight;
+    /* After a switch, also until the guest has consumed what we placed in
+     * its receive rings (EVENT_IDX used_event), bounded by a deadline: then
+     * the old frames have reached the guest's sockets before any new one. */
+    _Atomic bool drain_pending;
+    uint64_t drain_deadline_ns;
     _Atomic int requested_policy; /* from the operator, applied by the context thread */
     int cmd_fd;                   /* wakes the context thread for it */
     uint8_t *steer_cap;           /* steering state in PCI config space (vendor cap) */
     struct vn_rx_filter filter;
+    uint8_t default_mac[6];      /* what a reset returns to */
     _Atomic bool link_up;
     _Atomic bool announce;
     _Atomic bool needs_reset;
@@ -216,6 +223,9 @@ struct vn_steer_info {
     uint8_t key[VN_RSS_MAX_KEY_SIZE];
 };
 void vn_dev_get_steering(struct vn_dev *dev, struct vn_steer_info *out);
+
+/* True while TAP reads must wait after a switch (any thread). */
+bool vn_dev_steering_hold(struct vn_dev *dev);
 
 /* Packets in flight between queues (worker.c). */
 void vn_pkt_place_done(struct vn_dev *dev, struct vn_pkt *pkt);

@@ -36,7 +36,7 @@ enum vn_error_reason {
     VN_ERR_AVAIL_IDX,        /* avail index moved by more than the ring size */
     VN_ERR_HEAD_INDEX,       /* avail ring names a descriptor past the ring */
     VN_ERR_RING_ADDR,        /* ring not inside guest memory */
-    VN_ERR_ZERO_LENGTH,      /* zero-length descriptor (skipped, not fatal) */
+    VN_ERR_ZERO_LENGTH,      /* zero-length descriptor (skipped), or rx buffer without room for the header */
     VN_ERR__COUNT
 };
 

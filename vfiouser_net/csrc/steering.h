@@ -21,6 +21,8 @@
 #define VN_RSS_MAX_TABLE 128
 #define VN_FLOW_TABLE_SIZE 4096
 #define VN_FLOW_EXPIRY_MS 3000
+/* Longest a switch holds new frames back for the guest to drain its rings. */
+#define VN_STEER_DRAIN_MAX_NS (200ull * 1000 * 1000)
 
 enum vn_policy {
     VN_POLICY_AUTO = 0,

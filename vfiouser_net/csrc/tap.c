@@ -3,7 +3,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/if.h>
+#include <linux/bpf.h>
 #include <linux/if_tun.h>
+#include <stddef.h>
+#include <sys/syscall.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -66,6 +69,31 @@ int vn_tap_set_vnet_hdr_len(int fd, int len)
     if (ioctl(fd, TUNSETVNETHDRSZ, &len) < 0)
         return -errno;
     return 0;
+}
+
+int vn_tap_set_flow_steering(int fd)
+{
+    /* r0 = skb->hash; return r0 (tun takes it modulo the number of queues). */
+    struct bpf_insn prog[2] = {
+        { .code = BPF_LDX | BPF_MEM | BPF_W, .dst_reg = BPF_REG_0, .src_reg = BPF_REG_1,
+          .off = offsetof(struct __sk_buff, hash) },
+        { .code = BPF_JMP | BPF_EXIT },
+    };
+    union bpf_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.prog_type = BPF_PROG_TYPE_SOCKET_FILTER;
+    attr.insn_cnt = 2;
+    attr.insns = (uint64_t)(uintptr_t)prog;
+    attr.license = (uint64_t)(uintptr_t)"GPL";
+    int prog_fd = (int)syscall(SYS_bpf, BPF_PROG_LOAD, &attr, sizeof(attr));
+    if (prog_fd < 0)
+        return -errno;
+    if (ioctl(fd, TUNSETSTEERINGEBPF, &prog_fd) < 0) {
+        int err = -errno;
+        close(prog_fd);
+        return err;
+    }
+    return prog_fd;
 }
 
 int vn_tap_is_up(const char *ifname)

@@ -17,6 +17,14 @@ int vn_tap_set_guest_offloads(int fd, uint64_t guest_offload_features);
 /* TUNSETVNETHDRSZ: the header length the guest uses (12, or 20 with hash reports). */
 int vn_tap_set_vnet_hdr_len(int fd, int len);
 
+/* Make the kernel pick a TAP queue for host-to-guest frames by the flow's
+ * own hash (a two-instruction eBPF steering program) instead of following
+ * the queue the guest last sent the flow on. Each flow is then read by one
+ * worker, so frames of a flow cannot overtake each other between workers;
+ * the device's steering engine still decides the guest queue. Returns the
+ * program fd (keep it open) or -errno (then the kernel's default applies). */
+int vn_tap_set_flow_steering(int fd);
+
 /* IFF_UP of the interface (the operator's link switch on the host side):
  * 1 up, 0 down, -errno on failure. */
 int vn_tap_is_up(const char *ifname);

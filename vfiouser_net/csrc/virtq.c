@@ -218,3 +218,14 @@ void vn_vq_disable_notify(struct vn_vq *vq)
         vn_le16_store_relaxed(used_flags_ptr(vq), VRING_USED_F_NO_NOTIFY);
     /* With EVENT_IDX, leaving avail_event behind suppresses doorbells. */
 }
+
+bool vn_vq_driver_caught_up(const struct vn_vq *vq)
+{
+    if (!vq->event_idx || vq->desc == NULL)
+        return true;
+    uint16_t published = vn_le16_load_acquire(used_idx_ptr(vq));
+    uint16_t seen = vn_le16_load_relaxed(used_event_ptr(vq));
+    /* used_event is where the driver wants its next interrupt: it has
+     * consumed everything before it. */
+    return (uint16_t)(published - seen) == 0 || (uint16_t)(seen - published) < 0x8000;
+}

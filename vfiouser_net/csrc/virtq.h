@@ -87,6 +87,10 @@ bool vn_vq_should_notify(struct vn_vq *vq);
 bool vn_vq_enable_notify(struct vn_vq *vq);
 void vn_vq_disable_notify(struct vn_vq *vq);
 
+/* Has the driver consumed every used entry we published? Only known with
+ * EVENT_IDX (the driver's used_event); true without it. */
+bool vn_vq_driver_caught_up(const struct vn_vq *vq);
+
 static inline bool vn_vq_ready(const struct vn_vq *vq)
 {
     return vq->desc != NULL && !vq->broken;

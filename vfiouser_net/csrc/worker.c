@@ -234,6 +234,11 @@ static bool rx_prefetch(struct vn_qp *qp, size_t need, bool mergeable)
             r = VN_POP_BAD;
             err = VN_ERR_DESC_ORDER;
             VN_STAT_INC(qp->st.rx.errors[VN_ERR_DESC_ORDER]);
+        } else if (r == VN_POP_OK && c.in_len < qp->dev->hdr_len) {
+            /* Every receive buffer must hold at least the header (5.1.6.3). */
+            r = VN_POP_BAD;
+            err = VN_ERR_ZERO_LENGTH;
+            VN_STAT_INC(qp->st.rx.errors[VN_ERR_ZERO_LENGTH]);
         }
         if (r == VN_POP_BAD) {
             guest_error(qp, "rx", err);
@@ -450,7 +455,7 @@ static bool process_rx(struct vn_qp *qp, bool *starved)
             *starved = true;
             break;
         }
-        if (atomic_load(&dev->old_inflight) > 0 || qp->tap_fd < 0)
+        if (qp->tap_fd < 0 || vn_dev_steering_hold(dev))
             break;
         if (own_active) {
             if (!rx_prefetch(qp, need, mergeable))
@@ -617,13 +622,16 @@ void *vn_qp_worker(void *arg)
             rx_starved = false;
             continue;
         }
-        /* The TAP is only worth waking for while we may read it. */
-        bool read_tap = rx_ok && !rx_starved && atomic_load(&dev->old_inflight) == 0;
+        /* The TAP is only worth waking for while we may read it; while a
+         * switch waits for the guest to drain its rings nothing signals us,
+         * so look again every millisecond. */
+        bool hold = vn_dev_steering_hold(dev);
+        bool read_tap = rx_ok && !rx_starved && !hold;
         struct pollfd pfd[2] = {
             { .fd = qp->kick_fd, .events = POLLIN },
             { .fd = qp->tap_fd, .events = read_tap ? POLLIN : 0 },
         };
-        int r = poll(pfd, 2, -1);
+        int r = poll(pfd, 2, hold && atomic_load(&dev->old_inflight) == 0 ? 1 : -1);
         if (r < 0 && errno != EINTR) {
             vn_log(dev, LOG_ERR, "queue pair %u: poll failed: %s", qp->index, strerror(errno));
             break;

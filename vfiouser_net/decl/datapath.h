@@ -60,6 +60,7 @@ struct vn_dev_stats {
     uint64_t quiesces;
     uint64_t irq_errors;
     uint64_t steering_switches;
+    uint64_t steering_drain_timeouts;
 };
 enum vn_policy { VN_POLICY_AUTO = 0, VN_POLICY_SINGLE = 1, VN_POLICY_RSS = 2,
                  VN_POLICY_RX_FOLLOWS_TX = 3, VN_POLICY__COUNT };
@@ -124,7 +125,21 @@ const char *vn_policy_name(int policy);
 const char *vn_drop_reason_name(int reason);
 const char *vn_error_reason_name(int reason);
 
+/* RSS hashing (csrc/rss_hash.h), exported for its verification tests. */
+struct vn_flow_tuple {
+    uint8_t family;
+    uint8_t l4;
+    uint8_t addr_len;
+    uint8_t src[16], dst[16];
+    uint8_t sport[2], dport[2];
+};
+uint32_t vn_toeplitz(const uint8_t *key, size_t key_len, const uint8_t *data, size_t len);
+void vn_flow_parse(const uint8_t *frame, size_t len, struct vn_flow_tuple *t);
+uint32_t vn_rss_hash(const struct vn_flow_tuple *t, uint32_t types, const uint8_t *key,
+                     size_t key_len, uint8_t *report);
+
 int vn_tap_open(const char *name, bool multi_queue, char *ifname_out);
+int vn_tap_set_flow_steering(int fd);
 
 int vn_server_setup(struct vn_dev *dev, void *vfu_ctx, int log_level);
 int vn_server_run(struct vn_dev *dev);
