@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import random
+import shutil
 import struct
 import subprocess
 import time
@@ -72,6 +73,7 @@ from tests.protocol.support import (
     mac_table,
     open_session,
     recv_tagged,
+    require,
     tagged_frame,
     wait_used_idx,
 )
@@ -326,6 +328,7 @@ def _answer(frame: bytes, guest_ip: bytes) -> bytes | None:
 def test_ping_from_namespace(session: GuestSession) -> None:
     """The kernel in the namespace pings the "guest", which the test plays:
     ARP and ICMP go through the TAP, the device and both queues."""
+    require(shutil.which("ping") is not None, "ping (iputils) not installed")
     env = session.env
     drv = session.driver
     drv.bring_up()
