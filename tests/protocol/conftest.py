@@ -4,8 +4,9 @@ Also makes the repository root importable (``tests.harness``) however pytest
 is run, and attaches the daemon's log to the report of a failed test.
 """
 
+import contextlib
 import sys
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,21 @@ def env(request: pytest.FixtureRequest) -> Iterator[DeviceEnv]:
     with device_env() as e:
         request.node.stash[_ENV_KEY] = e
         yield e
+
+
+@pytest.fixture
+def env_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., DeviceEnv]]:
+    """Start daemons with other options:
+    ``env_factory("--queue-pairs", "4", multi_queue=True)``."""
+    check_prerequisites()
+    with contextlib.ExitStack() as stack:
+
+        def make(*extra_args: str, multi_queue: bool = False) -> DeviceEnv:
+            e = stack.enter_context(device_env(extra_args=extra_args, multi_queue=multi_queue))
+            request.node.stash[_ENV_KEY] = e
+            return e
+
+        yield make
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -256,6 +257,22 @@ class DeviceEnv:
     def assert_alive(self) -> None:
         assert self.server.alive(), f"server exited:\n{self.log()[-3000:]}"
 
+    def counters(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The daemon's counters now: SIGUSR2 makes it log them as JSON."""
+        rx = re.compile(r": counters (\{.*)$")
+        before = sum(1 for ln in self.log().splitlines() if rx.search(ln))
+        assert self.server.proc is not None
+        os.kill(self.server.proc.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [m.group(1) for ln in self.log().splitlines() if (m := rx.search(ln))]
+            if len(found) > before:
+                counters: dict[str, Any] = json.loads(found[-1])
+                return counters
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no counters logged on SIGUSR2:\n{self.log()[-2000:]}")
+            time.sleep(0.02)
+
     def final_counters(self) -> dict[str, Any]:
         """Stop the daemon (SIGTERM, must exit 0) and return the counters it
         logs on the way out ("final counters {json}"): the only way to read
@@ -279,6 +296,8 @@ class DeviceEnv:
 def device_env(
     mac: bytes = GUEST_MAC,
     extra_args: Sequence[str] = (),
+    *,
+    multi_queue: bool = False,
 ) -> Iterator[DeviceEnv]:
     """Namespace + TAP + daemon + packet port, all removed on the way out.
 
@@ -293,7 +312,7 @@ def device_env(
             # arriving on the device's rx queue in the middle of a test.
             for conf in ("all", "default"):
                 ns.run(["sysctl", "-qw", f"net.ipv6.conf.{conf}.disable_ipv6=1"], check=False)
-            tap = ns.add_tap(TAP_NAME)
+            tap = ns.add_tap(TAP_NAME, multi_queue=multi_queue)
             server = Server(
                 sock, TAP_NAME, netns=ns.name, extra_args=["--mac", mac_str(mac), *extra_args]
             )

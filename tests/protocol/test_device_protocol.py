@@ -15,6 +15,9 @@ import shutil
 import struct
 import subprocess
 import time
+from collections.abc import Callable
+
+import pytest
 
 from tests.harness import vfio_user_client as vu
 from tests.harness.virtio_pci_driver import (
@@ -108,7 +111,9 @@ STRUCTURE_CAPS = (CfgType.COMMON, CfgType.NOTIFY, CfgType.ISR, CfgType.DEVICE)
 OPTIONAL_CAPS = (CfgType.PCI, CfgType.SHARED_MEMORY, CfgType.VENDOR)
 
 
-def test_capabilities(env: DeviceEnv) -> None:
+@pytest.mark.parametrize("pairs", [1, 4])
+def test_capabilities(env_factory: Callable[..., DeviceEnv], pairs: int) -> None:
+    env = env_factory("--queue-pairs", str(pairs), multi_queue=pairs > 1)
     c = env.connect()
     cfg = c.config_read(0, 256)
     all_vcaps, msix = parse_virtio_caps(cfg)
@@ -138,8 +143,7 @@ def test_capabilities(env: DeviceEnv) -> None:
     assert msix is not None
     t = VirtioPciTransport(c)
     try:
-        pairs = struct.unpack("<H", t.device_config_read(8, 2))[0]
-        assert pairs >= 1
+        assert struct.unpack("<H", t.device_config_read(8, 2))[0] == pairs
         assert msix.table_size == 2 * pairs + 2
         assert t.num_queues == 2 * pairs + 1
     finally:

@@ -164,6 +164,7 @@ def test_tx_descriptor_outside_memory(session: GuestSession, case: str) -> None:
     e = wait_used(drv, tx)
     assert (e.id, e.len) == (ids[0], 0)
     session.env.wait_log(guest_error("tx", "desc_addr"))
+    assert session.env.counters()["queues"][0]["tx"]["errors"]["desc_addr"] == 1
     assert_healthy(session)
     assert_tx_still_works(session, b"good-after-" + case.encode())
     assert_rx_still_works(session, b"rx-after-" + case.encode())
