@@ -146,7 +146,9 @@ int vn_rss_config_parse(const uint8_t *d, uint32_t len, unsigned max_pairs,
     }
     uint16_t tx = vn_le16_get(d + off);
     uint8_t key_len = d[off + 2];
-    if (tx == 0 || tx > max_pairs || key_len > VN_RSS_MAX_KEY_SIZE || len != off + 3 + key_len)
+    /* Trailing bytes are allowed: Linux 6.12 sends its trailer structure
+     * whole (room for a 40-byte key plus padding) whatever the key length. */
+    if (tx == 0 || tx > max_pairs || key_len > VN_RSS_MAX_KEY_SIZE || len < off + 3 + key_len)
         return -1;
     out->configured = true;
     out->hash_types = types;
@@ -166,7 +168,7 @@ int vn_hash_config_parse(const uint8_t *d, uint32_t len, struct vn_rss_config *o
     uint32_t types = vn_le32_get(d);
     uint8_t key_len = d[12];
     if ((types & ~VN_HASH_TYPES_SUPPORTED) != 0 || key_len > VN_RSS_MAX_KEY_SIZE ||
-        len != 13u + key_len)
+        len < 13u + key_len)
         return -1;
     memset(out, 0, sizeof(*out));
     out->hash_types = types;
