@@ -14,6 +14,7 @@ through the daemon's log lines, as it has no admin channel yet.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import struct
@@ -37,10 +38,14 @@ from tests.harness.virtio_pci_driver import (
     VIRTIO_NET_CTRL_MAC_ADDR_SET,
     VIRTIO_NET_CTRL_MAC_TABLE_SET,
     VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_HASH_CONFIG,
+    VIRTIO_NET_CTRL_MQ_RSS_CONFIG,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
     VIRTIO_NET_CTRL_RX,
     VIRTIO_NET_CTRL_RX_PROMISC,
     VIRTIO_NET_ERR,
     VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_RSS,
     VIRTIO_NET_OK,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
@@ -572,6 +577,81 @@ def test_malformed_control_command(session: GuestSession, case: str) -> None:
     assert_healthy(session)
     device = session.env.final_counters()["device"]
     assert (device["ctrl_err"], device["ctrl_ok"]) == (1, 3)
+
+
+def rss_config(
+    table: tuple[int, ...] = (0, 1, 2, 3),
+    *,
+    types: int = 0x3F,
+    unclassified: int = 0,
+    max_tx: int = 4,
+    key: bytes = bytes(range(40)),
+    mask: int | None = None,
+) -> bytes:
+    """struct virtio_net_rss_config."""
+    m = len(table) - 1 if mask is None else mask
+    return (
+        struct.pack("<IHH", types, m, unclassified)
+        + b"".join(struct.pack("<H", q) for q in table)
+        + struct.pack("<HB", max_tx, len(key))
+        + key
+    )
+
+
+MQ_PAIRS = 4
+MALFORMED_MQ: dict[str, tuple[int, bytes]] = {
+    "pairs_zero": (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 0)),
+    "pairs_too_many": (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", MQ_PAIRS + 1)),
+    "pairs_huge": (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 0xFFFF)),
+    "pairs_short": (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, b"\1"),
+    "pairs_long": (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, b"\1\0\0"),
+    "rss_truncated": (VIRTIO_NET_CTRL_MQ_RSS_CONFIG, rss_config()[:7]),
+    "rss_table_truncated": (VIRTIO_NET_CTRL_MQ_RSS_CONFIG, rss_config()[:12]),
+    "rss_table_not_pow2": (VIRTIO_NET_CTRL_MQ_RSS_CONFIG, rss_config((0, 1, 2))),
+    "rss_table_too_big": (VIRTIO_NET_CTRL_MQ_RSS_CONFIG, rss_config((0,) * 256)),
+    "rss_mask_beyond_data": (VIRTIO_NET_CTRL_MQ_RSS_CONFIG, rss_config(mask=0x7F)),
+    "rss_entry_out_of_range": (VIRTIO_NET_CTRL_MQ_RSS_CONFIG, rss_config((0, 1, 2, 9))),
+    "rss_unclassified_out_of_range": (
+        VIRTIO_NET_CTRL_MQ_RSS_CONFIG,
+        rss_config(unclassified=MQ_PAIRS),
+    ),
+    "rss_max_tx_zero": (VIRTIO_NET_CTRL_MQ_RSS_CONFIG, rss_config(max_tx=0)),
+    "rss_max_tx_too_many": (VIRTIO_NET_CTRL_MQ_RSS_CONFIG, rss_config(max_tx=MQ_PAIRS + 1)),
+    "rss_key_too_long": (VIRTIO_NET_CTRL_MQ_RSS_CONFIG, rss_config(key=bytes(41))),
+    "rss_key_truncated": (VIRTIO_NET_CTRL_MQ_RSS_CONFIG, rss_config()[:-30]),
+    "rss_unknown_hash_types": (VIRTIO_NET_CTRL_MQ_RSS_CONFIG, rss_config(types=1 << 20)),
+    "hash_config_not_negotiated": (VIRTIO_NET_CTRL_MQ_HASH_CONFIG, bytes(13)),
+    "unknown_mq_cmd": (9, struct.pack("<H", 1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_MQ))
+def test_malformed_multiqueue_command(env_factory: Callable[..., DeviceEnv], case: str) -> None:
+    """With 4 queue pairs and RSS negotiated: malformed MQ commands are
+    answered VIRTIO_NET_ERR and change neither the pairs nor the RSS state."""
+    env = env_factory("--queue-pairs", str(MQ_PAIRS), multi_queue=True)
+    s = open_session(env, features=GUEST_FEATURES | bit(VIRTIO_NET_F_RSS))
+    try:
+        drv = s.driver
+        drv.bring_up(pairs=MQ_PAIRS)
+        assert drv.has(VIRTIO_NET_F_RSS)
+        good = rss_config((3, 2, 1, 0))
+        assert drv.ctrl_command(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_RSS_CONFIG, good) == 0
+        before = env.counters()["steering"]
+        cmd, data = MALFORMED_MQ[case]
+        assert drv.ctrl_command(VIRTIO_NET_CTRL_MQ, cmd, data) == VIRTIO_NET_ERR
+        env.wait_log(rf"control queue: command class {VIRTIO_NET_CTRL_MQ} cmd {cmd} .* refused")
+        after = env.counters()["steering"]
+        assert after["active_queue_pairs"] == MQ_PAIRS
+        assert after["rss"] == before["rss"]
+        assert after["rss"]["table"] == [3, 2, 1, 0]
+        assert not drv.transport.status & STATUS_DEVICE_NEEDS_RESET
+        for pair in range(MQ_PAIRS):
+            tag = f"mq-tx{pair}".encode()
+            drv.send_packet(tagged_frame(BROADCAST, tag, src=GUEST_MAC), pair=pair)
+            assert env.port.recv(functools.partial(has_tag, tag=tag)) is not None
+    finally:
+        s.close()
 
 
 def _ctrl_raw(s: GuestSession, chain: list[tuple[int, int, bool]]) -> tuple[int, int]:
