@@ -17,8 +17,11 @@ TAP_NAME = "vntap0"
 GUEST_MAC = "52:54:00:c0:ff:01"
 
 
-def configure_guest_ip(guest: Guest, ns: NetNS) -> None:
+def configure_guest_ip(guest: Guest, ns: NetNS, queues: int = 1) -> None:
     guest.check(f"ip addr add {ns.guest_addr()}/{ns.prefix_len} dev eth0 && ip link set eth0 up")
+    if queues > 1:
+        # Linux starts with min(queues, CPUs) pairs: use them all.
+        guest.check(f"ethtool -L eth0 combined {queues}")
     guest.wait_until("grep -qx 1 /sys/class/net/eth0/carrier", timeout=20)
     guest.wait_until(f"ping -c 1 -W 1 {ns.host_addr}", timeout=30)
 
@@ -37,7 +40,10 @@ def guest_on_vfiouser_net(
     *, cpus: int = 2, server_args: Sequence[str] = (), log_level: str = "info"
 ) -> Iterator[tuple[Guest, NetNS, Server]]:
     """Daemon in a namespace serving its TAP; QEMU (outside) attached to it."""
-    multi_queue = "--queue-pairs" in server_args
+    queues = 1
+    if "--queue-pairs" in server_args:
+        queues = int(server_args[list(server_args).index("--queue-pairs") + 1])
+    multi_queue = queues > 1
     with netns() as ns, tempfile.TemporaryDirectory(prefix="vn-") as tmp:
         ns.add_tap(TAP_NAME, multi_queue=multi_queue)
         sock = Path(tmp) / "vn.sock"
@@ -45,16 +51,16 @@ def guest_on_vfiouser_net(
         server = Server(sock, TAP_NAME, netns=ns.name, extra_args=args, log_level=log_level)
         guest = Guest(cpus=cpus, extra_args=vfio_user_pci_args(sock), name="vn-guest")
         with server, guest:
-            configure_guest_ip(guest, ns)
+            configure_guest_ip(guest, ns, queues)
             yield guest, ns, server
 
 
 @contextlib.contextmanager
-def guest_on_builtin_virtio_net(*, cpus: int = 2) -> Iterator[tuple[Guest, NetNS]]:
+def guest_on_builtin_virtio_net(*, cpus: int = 2, queues: int = 1) -> Iterator[tuple[Guest, NetNS]]:
     """QEMU's own virtio-net-pci (userspace datapath) on the same kind of TAP."""
     with netns() as ns:
-        ns.add_tap(TAP_NAME)
-        args = builtin_virtio_net_args(TAP_NAME)
+        ns.add_tap(TAP_NAME, multi_queue=queues > 1)
+        args = builtin_virtio_net_args(TAP_NAME, queues)
         with Guest(cpus=cpus, netns=ns.name, extra_args=args, name="qemu-guest") as guest:
-            configure_guest_ip(guest, ns)
+            configure_guest_ip(guest, ns, queues)
             yield guest, ns
