@@ -20,20 +20,11 @@ import pytest
 from tests.harness.guest import Guest
 from tests.harness.iperf import run_iperf3
 from tests.harness.netns import NetNS, Tap
+from tests.harness.scenarios import GUEST_MAC, builtin_virtio_net_args
 
 log = logging.getLogger(__name__)
 
-GUEST_MAC = "52:54:00:c0:ff:01"
 IPERF_SECONDS = 3
-
-
-def builtin_virtio_net_args(tap: str, queues: int = 1) -> list[str]:
-    netdev = f"tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"
-    device = f"virtio-net-pci,netdev=n0,mac={GUEST_MAC},romfile="
-    if queues > 1:
-        netdev += f",queues={queues}"
-        device += f",mq=on,vectors={2 * queues + 2}"
-    return ["-netdev", netdev, "-device", device]
 
 
 @pytest.mark.e2e
