@@ -222,6 +222,7 @@ class DeviceEnv:
     port: TapPort
     clients: list[VfioUserClient] = field(default_factory=list)
     stopped: bool = False
+    final_log: str | None = None
 
     def connect(self, timeout: float = 5.0) -> VfioUserClient:
         """A new negotiated vfio-user connection (closed at the end of the test)."""
@@ -231,6 +232,9 @@ class DeviceEnv:
         return c
 
     def log(self) -> str:
+        """The daemon's log so far (kept after the log file is removed)."""
+        if self.final_log is not None:
+            return self.final_log
         return self.server.log()
 
     def wait_log(self, pattern: str, timeout: float = 5.0, count: int = 1) -> list[str]:
@@ -334,13 +338,16 @@ def device_env(
                 stopped = env is not None and env.stopped
                 alive = server.alive()
                 rc = server.stop(timeout=5)
-                if not ok:
-                    log.error("server log %s:\n%s", server.log_path, server.log()[-6000:])
-                if ok and not stopped:
-                    assert alive, f"the server died during the test:\n{server.log()[-3000:]}"
-                    assert rc == 0, f"server exited {rc} on SIGTERM:\n{server.log()[-3000:]}"
+                text = server.log()
+                if env is not None:
+                    env.final_log = text
                 with contextlib.suppress(OSError):
                     server.log_path.unlink()
+                if not ok:
+                    log.error("server log:\n%s", text[-6000:])
+                if ok and not stopped:
+                    assert alive, f"the server died during the test:\n{text[-3000:]}"
+                    assert rc == 0, f"server exited {rc} on SIGTERM:\n{text[-3000:]}"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
