@@ -18,6 +18,7 @@ from vfiouser_net.device import (
     VirtioNetDevice,
     parse_mac,
 )
+from vfiouser_net.metrics import DEFAULT_METRICS_PORT, parse_metrics_addr, serve_metrics
 from vfiouser_net.tap import TapError
 
 log = logging.getLogger("vfiouser_net")
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         "rx-follows-tx before); SIGUSR1 cycles through the policies at run time",
     )
     serve.add_argument(
+        "--metrics-addr",
+        default=f"127.0.0.1:{DEFAULT_METRICS_PORT}",
+        help=f"serve Prometheus metrics on HOST:PORT (default 127.0.0.1:{DEFAULT_METRICS_PORT}; "
+        "port 0 picks a free one, 'none' disables)",
+    )
+    serve.add_argument(
         "--speed",
         type=_positive_int,
         default=10000,
@@ -97,6 +104,11 @@ def serve(args: argparse.Namespace) -> int:
         steering=args.steering,
         speed_mbps=args.speed,
     )
+    if args.metrics_addr != "none":
+        try:
+            parse_metrics_addr(args.metrics_addr)
+        except ValueError as exc:
+            raise DeviceError(str(exc)) from exc
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -119,6 +131,12 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGUSR1, on_usr1)
     signal.signal(signal.SIGUSR2, on_usr2)
+    if args.metrics_addr != "none":
+        try:
+            serve_metrics(args.metrics_addr, lambda: [device])
+        except OSError as exc:
+            # The device matters more than its metrics: serve it anyway.
+            log.error("metrics: cannot listen on %s: %s", args.metrics_addr, exc)
     try:
         device.start()
         while not stop.wait(LINK_POLL_SECONDS):

@@ -142,6 +142,7 @@ class VirtioNetDevice:
         self.num_queues = 2 * self.max_qps + 1
         self.num_vectors = self.num_queues + 1
         self.connected = False
+        self.resets: dict[str, int] = {}
         self.operator_link_up = True
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -397,7 +398,10 @@ class VirtioNetDevice:
         return self.config.pack()
 
     def on_reset(self, reset_type: int) -> None:
-        log.info("device %s: reset (%s)", self.name, _RESET_TYPES.get(reset_type, reset_type))
+        kind = _RESET_TYPES.get(reset_type, str(reset_type))
+        label = kind.replace(" ", "_").lower()
+        self.resets[label] = self.resets.get(label, 0) + 1
+        log.info("device %s: reset (%s)", self.name, kind)
         self.transport.reset()
 
     def on_event(self, event: int) -> None:
@@ -450,7 +454,20 @@ class VirtioNetDevice:
     def device_stats(self) -> dict[str, int]:
         st = ffi.new("struct vn_dev_stats *")
         lib.vn_dev_get_dev_stats(self._dev, st)
-        return {name: int(getattr(st, name)) for name, _ in ffi.typeof(st[0]).fields}
+        out: dict[str, Any] = {
+            name: int(getattr(st, name))
+            for name, _ in ffi.typeof(st[0]).fields
+            if name != "ctrl_cmds"
+        }
+        # {class: {command: [ok, err]}} for the slots that saw any command.
+        cmds: dict[str, dict[str, list[int]]] = {}
+        for cls in range(10):
+            for cmd in range(8):
+                ok, err = int(st.ctrl_cmds[cls][cmd][0]), int(st.ctrl_cmds[cls][cmd][1])
+                if ok or err:
+                    cmds.setdefault(str(cls), {})[str(cmd)] = [ok, err]
+        out["ctrl_cmds"] = cmds
+        return out
 
     def rx_filter(self) -> dict[str, Any]:
         f = ffi.new("struct vn_rx_filter *")
@@ -499,6 +516,10 @@ def _dir_stats(d: Any) -> dict[str, Any]:
         "batches": int(d.batches),
         "bounced": int(d.bounced),
         "steered_out": int(d.steered_out),
+        "avail_seen": int(d.avail_seen),
+        "used_idx": int(d.used_idx),
+        "batch_hist": [int(x) for x in d.batch_hist],
+        "size_hist": [int(x) for x in d.size_hist],
         "drops": {
             ffi.string(lib.vn_drop_reason_name(i)).decode(): int(d.drops[i])
             for i in range(lib.VN_DROP__COUNT)

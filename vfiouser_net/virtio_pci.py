@@ -89,6 +89,7 @@ class VirtioPciTransport:
         self.num_vectors = num_vectors
         self.backend = backend
         self.lock = threading.RLock()
+        self.driver_resets = 0
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -236,6 +237,7 @@ class VirtioPciTransport:
 
     def _write_status(self, value: int) -> None:
         if value == 0:
+            self.driver_resets += 1
             self.reset()
             return
         new = DeviceStatus(value & ~DeviceStatus.DEVICE_NEEDS_RESET)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,6 +39,9 @@ class Server:
         self.tap = tap
         self.netns = netns
         self.log_path = Path(tempfile.mkstemp(prefix="vn-server-", suffix=".log")[1])
+        if "--metrics-addr" not in extra_args:
+            # Tests run several daemons at once: no fixed port.
+            extra_args = [*extra_args, "--metrics-addr", "127.0.0.1:0"]
         self.argv = [
             sys.executable,
             "-m",
@@ -78,6 +82,16 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def metrics_url(self, timeout: float = 10.0) -> str:
+        """Where the daemon serves /metrics (from its log line)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"metrics on (http://\S+/metrics)", self.log())
+            if m:
+                return m.group(1)
+            time.sleep(0.05)
+        raise ServerError(f"no metrics address in the log:\n{self.log()}")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -234,6 +234,9 @@ void vn_ctrl_process(struct vn_dev *dev)
             VN_STAT_INC(dev->st.ctrl_ok);
         else
             VN_STAT_INC(dev->st.ctrl_err);
+        unsigned cs = cls < VN_CTRL_CLASS_SLOTS - 1 ? cls : VN_CTRL_CLASS_SLOTS - 1;
+        unsigned cm = cmd < VN_CTRL_CMD_SLOTS - 1 ? cmd : VN_CTRL_CMD_SLOTS - 1;
+        VN_STAT_INC(dev->st.ctrl_cmds[cs][cm][ack == VN_CTRL_OK ? 0 : 1]);
         /* The ack is the last device-writable byte. */
         const struct iovec *last = &iov[c.niov - 1];
         ((uint8_t *)last->iov_base)[last->iov_len - 1] = ack;

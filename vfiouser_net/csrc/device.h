@@ -110,6 +110,9 @@ enum vn_event {
     VN_EVENT_CTRL = 4,
 };
 
+#define VN_CTRL_CLASS_SLOTS 10
+#define VN_CTRL_CMD_SLOTS 8
+
 struct vn_dev_stats {
     uint64_t ctrl_ok;
     uint64_t ctrl_err;
@@ -121,6 +124,9 @@ struct vn_dev_stats {
     uint64_t irq_errors;
     uint64_t steering_switches;
     uint64_t steering_drain_timeouts;
+    /* Control commands by class and command (class/command >= 7 fold into
+     * 7) and result (0 ok, 1 error). */
+    uint64_t ctrl_cmds[VN_CTRL_CLASS_SLOTS][VN_CTRL_CMD_SLOTS][2];
 };
 
 struct vn_dev {

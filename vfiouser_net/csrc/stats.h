@@ -40,6 +40,10 @@ enum vn_error_reason {
     VN_ERR__COUNT
 };
 
+/* Histogram buckets (upper bounds); the last slot counts larger values. */
+#define VN_BATCH_BUCKETS 9   /* 1 2 4 8 16 32 64 128 256 */
+#define VN_SIZE_BUCKETS 10   /* 64 128 256 512 1024 1518 4096 9216 16384 65535 */
+
 struct vn_dir_stats {
     uint64_t packets;
     uint64_t bytes;
@@ -52,7 +56,31 @@ struct vn_dir_stats {
     uint64_t steered_out;    /* rx frames this pair read and handed to another */
     uint64_t drops[VN_DROP__COUNT];
     uint64_t errors[VN_ERR__COUNT];
+    /* Ring position as last seen by the worker (gauges): the driver's avail
+     * index and our used index; their difference is what is in flight. */
+    uint64_t avail_seen;
+    uint64_t used_idx;
+    uint64_t batch_hist[VN_BATCH_BUCKETS + 1];
+    uint64_t size_hist[VN_SIZE_BUCKETS + 1];
 };
+
+static inline unsigned vn_batch_bucket(uint64_t n)
+{
+    unsigned i = 0;
+    while (i < VN_BATCH_BUCKETS && n > (1ull << i))
+        i++;
+    return i;
+}
+
+static inline unsigned vn_size_bucket(uint64_t n)
+{
+    static const uint32_t bounds[VN_SIZE_BUCKETS] = { 64,   128,  256,  512,   1024,
+                                                      1518, 4096, 9216, 16384, 65535 };
+    unsigned i = 0;
+    while (i < VN_SIZE_BUCKETS && n > bounds[i])
+        i++;
+    return i;
+}
 
 struct vn_qp_stats {
     struct vn_dir_stats rx;
@@ -64,6 +92,7 @@ struct vn_qp_stats {
 #define VN_STAT_ADD(field, n) \
     __atomic_store_n(&(field), __atomic_load_n(&(field), __ATOMIC_RELAXED) + (n), __ATOMIC_RELAXED)
 #define VN_STAT_INC(field) VN_STAT_ADD(field, 1)
+#define VN_STAT_STORE(field, v) __atomic_store_n(&(field), (uint64_t)(v), __ATOMIC_RELAXED)
 
 const char *vn_drop_reason_name(int reason);
 const char *vn_error_reason_name(int reason);

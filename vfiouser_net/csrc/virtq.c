@@ -76,6 +76,7 @@ int vn_vq_pop(struct vn_vq *vq, struct iovec *iov, unsigned iov_max, struct vn_c
     *err_reason = -1;
     uint16_t avail_idx = vn_le16_load_acquire(avail_idx_ptr(vq));
     uint16_t pending = (uint16_t)(avail_idx - vq->last_avail);
+    VN_STAT_STORE(vq->st->avail_seen, avail_idx);
     if (pending == 0)
         return VN_POP_EMPTY;
     if (pending > vq->size) {
@@ -178,6 +179,7 @@ void vn_vq_push(struct vn_vq *vq, uint16_t head, uint32_t len)
 void vn_vq_publish(struct vn_vq *vq)
 {
     vn_le16_store_release(used_idx_ptr(vq), vq->used_idx);
+    VN_STAT_STORE(vq->st->used_idx, vq->used_idx);
 }
 
 bool vn_vq_should_notify(struct vn_vq *vq)

@@ -154,12 +154,14 @@ static bool process_tx(struct vn_qp *qp)
             } else {
                 VN_STAT_INC(st->packets);
                 VN_STAT_ADD(st->bytes, c.out_len - hdr);
+                VN_STAT_INC(st->size_hist[vn_size_bucket(c.out_len - hdr)]);
             }
         }
         vn_vq_push(vq, c.head, 0);
     }
     if (done > 0) {
         VN_STAT_INC(st->batches);
+        VN_STAT_INC(st->batch_hist[vn_batch_bucket(done)]);
         notify_guest(qp, vq, st);
     }
     return done > 0;
@@ -316,6 +318,7 @@ static unsigned rx_publish(struct vn_qp *qp, uint64_t n, uint32_t hash, uint8_t 
     qp->rx_count -= used;
     VN_STAT_INC(qp->st.rx.packets);
     VN_STAT_ADD(qp->st.rx.bytes, n - dev->hdr_len);
+    VN_STAT_INC(qp->st.rx.size_hist[vn_size_bucket(n - dev->hdr_len)]);
     return used;
 }
 
@@ -549,6 +552,7 @@ static bool process_rx(struct vn_qp *qp, bool *starved)
         VN_STAT_INC(st->ring_full);
     if (pushed > 0) {
         VN_STAT_INC(st->batches);
+        VN_STAT_INC(st->batch_hist[vn_batch_bucket(packets)]);
         notify_guest(qp, vq, st);
     }
     return packets > 0 || progress;

@@ -48,6 +48,10 @@ struct vn_dir_stats {
     uint64_t steered_out;
     uint64_t drops[11];
     uint64_t errors[10];
+    uint64_t avail_seen;
+    uint64_t used_idx;
+    uint64_t batch_hist[10];
+    uint64_t size_hist[11];
 };
 struct vn_qp_stats { struct vn_dir_stats rx; struct vn_dir_stats tx; };
 struct vn_dev_stats {
@@ -61,6 +65,7 @@ struct vn_dev_stats {
     uint64_t irq_errors;
     uint64_t steering_switches;
     uint64_t steering_drain_timeouts;
+    uint64_t ctrl_cmds[10][8][2];
 };
 enum vn_policy { VN_POLICY_AUTO = 0, VN_POLICY_SINGLE = 1, VN_POLICY_RSS = 2,
                  VN_POLICY_RX_FOLLOWS_TX = 3, VN_POLICY__COUNT };

@@ -1,0 +1,241 @@
+"""Prometheus metrics, read at scrape time from the datapath's counters.
+
+Nothing here runs per packet: a scrape takes one lock-free snapshot of each
+device's C counters (relaxed atomic loads; the workers never wait for it) and
+turns it into metric families. Names follow Prometheus conventions: one
+prefix, base units, `_total` for counters; labels `device`, `queue` (queue
+pair index) and `direction` (`rx`/`tx`) have bounded values.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from vfiouser_net.device import VirtioNetDevice, format_mac
+
+log = logging.getLogger(__name__)
+
+PREFIX = "vfiouser_net"
+DEFAULT_METRICS_PORT = 9742
+
+BATCH_BOUNDS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+SIZE_BOUNDS = [64, 128, 256, 512, 1024, 1518, 4096, 9216, 16384, 65535]
+
+CTRL_CLASSES = ["rx", "mac", "vlan", "announce", "mq", "guest_offloads", "notf_coal", "7", "stats"]
+CTRL_COMMANDS: dict[str, list[str]] = {
+    "rx": ["promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast"],
+    "mac": ["table_set", "addr_set"],
+    "announce": ["ack"],
+    "mq": ["vq_pairs_set", "rss_config", "hash_config"],
+    "guest_offloads": ["set"],
+    "stats": ["query", "get"],
+}
+
+
+def ctrl_class_name(cls: int) -> str:
+    return CTRL_CLASSES[cls] if cls < len(CTRL_CLASSES) else "other"
+
+
+def ctrl_command_name(cls_name: str, cmd: int) -> str:
+    names = CTRL_COMMANDS.get(cls_name, [])
+    if cmd >= 7:
+        return "other"
+    return names[cmd] if cmd < len(names) else str(cmd)
+
+
+def _cumulative(counts: list[int], bounds: list[int]) -> list[tuple[str, float]]:
+    """Prometheus buckets from per-bucket counts (the last slot is +Inf only)."""
+    buckets: list[tuple[str, float]] = []
+    total = 0
+    for bound, n in zip(bounds, counts, strict=False):
+        total += n
+        buckets.append((str(bound), float(total)))
+    total += sum(counts[len(bounds) :])
+    buckets.append(("+Inf", float(total)))
+    return buckets
+
+
+class DeviceCollector(Collector):
+    """All devices of this daemon, as metric families."""
+
+    def __init__(self, devices: Callable[[], Iterable[VirtioNetDevice]]) -> None:
+        self.devices = devices
+
+    def describe(self) -> list[Metric]:
+        # Families depend on the devices present; let the registry call collect().
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        f = _Families()
+        for dev in self.devices():
+            try:
+                f.add_device(dev)
+            except Exception:  # a scrape must not fail because one device is closing
+                log.exception("metrics: device %s skipped", dev.name)
+        yield from f.all()
+
+
+class _Families:
+    def __init__(self) -> None:
+        q = ["device", "queue", "direction"]
+        d = ["device"]
+
+        def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
+
+        def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
+
+        self.packets = counter("queue_packets", "Frames moved by a queue.", q)
+        self.bytes = counter("queue_bytes", "Bytes moved by a queue (frame bytes, no header).", q)
+        self.drops = counter("queue_drops", "Frames dropped, by reason.", [*q, "reason"])
+        self.errors = counter("queue_errors", "Guest errors found, by reason.", [*q, "reason"])
+        self.kicks = counter("queue_kicks", "Doorbells (kicks) received from the guest.", q)
+        self.interrupts = counter("queue_interrupts", "Interrupts sent to the guest.", q)
+        self.suppressed = counter(
+            "queue_notifications_suppressed", "Interrupts the guest asked us not to send.", q
+        )
+        self.ring_full = counter(
+            "queue_ring_full", "Times a frame waited because the guest's ring was empty.", q
+        )
+        self.steered = counter(
+            "queue_steered", "Frames read on this pair and handed to another pair.", q
+        )
+        self.in_flight = gauge(
+            "queue_descriptors_in_flight", "Buffers the guest made available and not yet used.", q
+        )
+        self.batch = HistogramMetricFamily(
+            f"{PREFIX}_queue_batch_size", "Frames per batch (one worker pass).", labels=q
+        )
+        self.size = HistogramMetricFamily(
+            f"{PREFIX}_queue_packet_size_bytes", "Frame sizes.", labels=q
+        )
+        self.info = InfoMetricFamily(
+            f"{PREFIX}_device", "Identity and negotiated features.", labels=d
+        )
+        self.link = gauge("device_link_up", "1 when the guest sees the link up.", d)
+        self.status = gauge("device_driver_status", "virtio device status byte.", d)
+        self.driver_ok = gauge("device_driver_ready", "1 once the driver set DRIVER_OK.", d)
+        self.needs_reset = gauge(
+            "device_needs_reset", "1 while the device is in DEVICE_NEEDS_RESET.", d
+        )
+        self.connected = gauge(
+            "device_client_connected", "1 while a vfio-user client is attached.", d
+        )
+        self.pairs_active = gauge("device_queue_pairs_active", "Queue pairs the driver uses.", d)
+        self.pairs_max = gauge("device_queue_pairs_max", "Queue pairs offered.", d)
+        self.steering = gauge(
+            "device_steering_policy",
+            "1 for the steering policy in force (configured and effective).",
+            [*d, "policy", "effective"],
+        )
+        self.switches = counter("device_steering_switches", "Steering changes applied.", d)
+        self.ctrl = counter(
+            "device_control_commands",
+            "Control queue commands, by class, command and result.",
+            [*d, "class", "command", "result"],
+        )
+        self.resets = counter("device_resets", "Device resets, by origin.", [*d, "type"])
+        self.dma = gauge("device_dma_regions", "Guest memory regions mapped.", d)
+
+    def add_device(self, dev: VirtioNetDevice) -> None:
+        snap: dict[str, Any] = dev.snapshot()
+        name = dev.name
+        for qp, queue in enumerate(snap["queues"]):
+            for direction in ("rx", "tx"):
+                s = queue[direction]
+                lab = [name, str(qp), direction]
+                self.packets.add_metric(lab, s["packets"])
+                self.bytes.add_metric(lab, s["bytes"])
+                for reason, n in s["drops"].items():
+                    self.drops.add_metric([*lab, reason], n)
+                for reason, n in s["errors"].items():
+                    self.errors.add_metric([*lab, reason], n)
+                self.kicks.add_metric(lab, s["doorbells"])
+                self.interrupts.add_metric(lab, s["interrupts"])
+                self.suppressed.add_metric(lab, s["interrupts_suppressed"])
+                self.ring_full.add_metric(lab, s["ring_full"])
+                if direction == "rx":
+                    self.steered.add_metric(lab, s["steered_out"])
+                self.in_flight.add_metric(lab, (s["avail_seen"] - s["used_idx"]) & 0xFFFF)
+                self.batch.add_metric(
+                    lab, _cumulative(s["batch_hist"], BATCH_BOUNDS), sum_value=s["packets"]
+                )
+                self.size.add_metric(
+                    lab, _cumulative(s["size_hist"], SIZE_BOUNDS), sum_value=s["bytes"]
+                )
+        steer = snap["steering"]
+        self.info.add_metric(
+            [name],
+            {
+                "socket": snap["socket"],
+                "tap": snap["tap"],
+                "mac": snap["rx_filter"]["mac"],
+                "configured_mac": format_mac(dev.opts.mac),
+                "mtu": str(snap["mtu"]),
+                "features": ",".join(snap["features"]),
+            },
+        )
+        status = snap["status"]
+        self.link.add_metric([name], int(snap["link_up"]))
+        self.status.add_metric([name], status)
+        self.driver_ok.add_metric([name], int(bool(status & 4)))
+        self.needs_reset.add_metric([name], int(bool(status & 64)))
+        self.connected.add_metric([name], int(snap["connected"]))
+        self.pairs_active.add_metric([name], steer["active_queue_pairs"])
+        self.pairs_max.add_metric([name], steer["max_queue_pairs"])
+        self.steering.add_metric([name, steer["policy"], steer["effective"]], 1)
+        device = snap["device"]
+        self.switches.add_metric([name], device["steering_switches"])
+        for cls, cmds in device["ctrl_cmds"].items():
+            cls_name = ctrl_class_name(int(cls))
+            for cmd, (ok, err) in cmds.items():
+                cmd_name = ctrl_command_name(cls_name, int(cmd))
+                self.ctrl.add_metric([name, cls_name, cmd_name, "ok"], ok)
+                self.ctrl.add_metric([name, cls_name, cmd_name, "error"], err)
+        resets = dict(dev.resets)
+        resets["driver"] = dev.transport.driver_resets
+        for kind, n in resets.items():
+            self.resets.add_metric([name, kind], n)
+        self.dma.add_metric([name], max(0, device["dma_maps"] - device["dma_unmaps"]))
+
+    def all(self) -> Iterator[Metric]:
+        yield from (v for v in vars(self).values() if isinstance(v, Metric))
+
+
+def parse_metrics_addr(text: str) -> tuple[str, int]:
+    """HOST:PORT, [V6]:PORT, or :PORT / PORT (loopback)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError as exc:
+        raise ValueError(f"invalid metrics address {text!r}: port must be a number") from exc
+    if not 0 <= number <= 65535:
+        raise ValueError(f"invalid metrics address {text!r}: port out of range")
+    return host, number
+
+
+def serve_metrics(addr: str, devices: Callable[[], Iterable[VirtioNetDevice]]) -> CollectorRegistry:
+    """Serve /metrics on addr (a thread of prometheus_client)."""
+    host, port = parse_metrics_addr(addr)
+    registry = CollectorRegistry()
+    registry.register(DeviceCollector(devices))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    bound = server.server_address[1]
+    log.info("metrics on http://%s:%d/metrics", host, bound)
+    return registry
