@@ -8,6 +8,7 @@
 #include <string.h>
 #include <syslog.h>
 
+#include "ctrl_stats.h"
 #include "device.h"
 #include "le.h"
 #include "net_hdr.h"
@@ -18,6 +19,9 @@
  * tables must overflow to "accept all", not be refused. 64 KiB holds about
  * 10000 addresses. */
 #define CTRL_MAX_REQ (64 * 1024)
+/* Largest command-specific-result (STATS GET for 16 pairs and the control
+ * queue is under 2 KiB); a larger writable part is used up to this. */
+#define CTRL_MAX_REPLY (64 * 1024)
 
 static uint8_t ctrl_rx(struct vn_dev *dev, uint8_t cmd, const uint8_t *data, uint32_t len)
 {
@@ -149,8 +153,10 @@ static uint8_t ctrl_mq(struct vn_dev *dev, uint8_t cmd, const uint8_t *data, uin
     }
 }
 
-uint8_t vn_ctrl_handle(struct vn_dev *dev, const uint8_t *req, uint32_t len)
+uint8_t vn_ctrl_handle_reply(struct vn_dev *dev, const uint8_t *req, uint32_t len, uint8_t *reply,
+                             uint32_t reply_cap, uint32_t *reply_len)
 {
+    *reply_len = 0;
     if (len < 2)
         return VN_CTRL_ERR;
     uint8_t cls = req[0], cmd = req[1];
@@ -170,8 +176,28 @@ uint8_t vn_ctrl_handle(struct vn_dev *dev, const uint8_t *req, uint32_t len)
         return ctrl_guest_offloads(dev, cmd, data, dlen);
     case VN_CTRL_MQ:
         return ctrl_mq(dev, cmd, data, dlen);
+    case VN_CTRL_STATS:
+        return vn_ctrl_stats(dev, cmd, data, dlen, reply, reply_cap, reply_len);
     default:
         return VN_CTRL_ERR;
+    }
+}
+
+uint8_t vn_ctrl_handle(struct vn_dev *dev, const uint8_t *req, uint32_t len)
+{
+    uint32_t reply_len;
+    return vn_ctrl_handle_reply(dev, req, len, NULL, 0, &reply_len);
+}
+
+/* Copy the command-specific-result to the start of the device-writable
+ * buffers iov[0..n) (it ends before the ack byte: len < their total). */
+static void put_reply(const struct iovec *iov, unsigned n, const uint8_t *reply, uint32_t len)
+{
+    for (unsigned i = 0; i < n && len > 0; i++) {
+        size_t k = iov[i].iov_len < len ? iov[i].iov_len : len;
+        memcpy(iov[i].iov_base, reply, k);
+        reply += k;
+        len -= (uint32_t)k;
     }
 }
 
@@ -211,6 +237,13 @@ void vn_ctrl_process(struct vn_dev *dev)
         }
         uint8_t ack = VN_CTRL_ERR;
         uint8_t cls = 0, cmd = 0;
+        /* Writable bytes before the ack, for a command-specific-result;
+         * none (the usual ack-only buffer) needs no allocation. */
+        uint32_t reply_cap = c.in_len - 1 < CTRL_MAX_REPLY ? c.in_len - 1 : CTRL_MAX_REPLY;
+        uint32_t reply_len = 0;
+        uint8_t *reply = reply_cap > 0 ? malloc(reply_cap) : NULL;
+        if (reply == NULL)
+            reply_cap = 0;
         uint8_t *req = c.out_len <= CTRL_MAX_REQ ? malloc(c.out_len + 1) : NULL;
         if (req != NULL) {
             uint32_t off = 0;
@@ -220,7 +253,7 @@ void vn_ctrl_process(struct vn_dev *dev)
             }
             cls = off > 0 ? req[0] : 0;
             cmd = off > 1 ? req[1] : 0;
-            ack = vn_ctrl_handle(dev, req, off);
+            ack = vn_ctrl_handle_reply(dev, req, off, reply, reply_cap, &reply_len);
             if (ack != VN_CTRL_OK)
                 vn_log(dev, LOG_WARNING, "control queue: command class %u cmd %u (%u bytes) refused",
                        cls, cmd, off);
@@ -237,10 +270,15 @@ void vn_ctrl_process(struct vn_dev *dev)
         unsigned cs = cls < VN_CTRL_CLASS_SLOTS - 1 ? cls : VN_CTRL_CLASS_SLOTS - 1;
         unsigned cm = cmd < VN_CTRL_CMD_SLOTS - 1 ? cmd : VN_CTRL_CMD_SLOTS - 1;
         VN_STAT_INC(dev->st.ctrl_cmds[cs][cm][ack == VN_CTRL_OK ? 0 : 1]);
-        /* The ack is the last device-writable byte. */
+        /* The result (if any) starts the device-writable part, the ack is
+         * its last byte; the used length counts the bytes written. */
+        if (ack != VN_CTRL_OK || reply_len > reply_cap)
+            reply_len = 0;
+        put_reply(&iov[c.nout], c.niov - c.nout, reply, reply_len);
+        free(reply);
         const struct iovec *last = &iov[c.niov - 1];
         ((uint8_t *)last->iov_base)[last->iov_len - 1] = ack;
-        vn_vq_push(vq, c.head, 1);
+        vn_vq_push(vq, c.head, 1 + reply_len);
         if (dev->hooks.event != NULL)
             dev->hooks.event(dev->hooks.py, VN_EVENT_CTRL);
     }

@@ -35,6 +35,7 @@
 #define VN_F_MQ 22
 #define VN_F_CTRL_MAC_ADDR 23
 #define VN_F_RING_INDIRECT_DESC 28
+#define VN_F_DEVICE_STATS 50
 #define VN_F_HASH_REPORT 57
 #define VN_F_RSS 60
 #define VN_F_RING_EVENT_IDX 29
@@ -64,6 +65,52 @@
 
 #define VN_CTRL_GUEST_OFFLOADS 5
 #define VN_CTRL_GUEST_OFFLOADS_SET 0
+
+/* Device statistics (virtio 1.3, 5.1.6.5.x "Device Statistics"). */
+#define VN_CTRL_STATS 8
+#define VN_CTRL_STATS_QUERY 0
+#define VN_CTRL_STATS_GET 1
+
+/* struct virtio_net_stats_capabilities { le64 supported_stats_types[1]; } and
+ * virtio_net_ctrl_queue_stats.stats[i].types_bitmap[0]. */
+#define VN_STATS_TYPE_RX_BASIC (1ull << 0)
+#define VN_STATS_TYPE_RX_CSUM (1ull << 1)
+#define VN_STATS_TYPE_RX_GSO (1ull << 2)
+#define VN_STATS_TYPE_RX_SPEED (1ull << 3)
+#define VN_STATS_TYPE_TX_BASIC (1ull << 16)
+#define VN_STATS_TYPE_TX_CSUM (1ull << 17)
+#define VN_STATS_TYPE_TX_GSO (1ull << 18)
+#define VN_STATS_TYPE_TX_SPEED (1ull << 19)
+#define VN_STATS_TYPE_CVQ (1ull << 32)
+#define VN_STATS_TYPE_RX_ALL (VN_STATS_TYPE_RX_BASIC | VN_STATS_TYPE_RX_CSUM | \
+                              VN_STATS_TYPE_RX_GSO | VN_STATS_TYPE_RX_SPEED)
+#define VN_STATS_TYPE_TX_ALL (VN_STATS_TYPE_TX_BASIC | VN_STATS_TYPE_TX_CSUM | \
+                              VN_STATS_TYPE_TX_GSO | VN_STATS_TYPE_TX_SPEED)
+#define VN_STATS_CAPS_LEN 8
+
+/* One request entry: le16 vq_index; le16 reserved[3]; le64 types_bitmap[1]. */
+#define VN_STATS_REQ_ENTRY_LEN 16
+#define VN_STATS_REQ_VQ_INDEX_OFF 0
+#define VN_STATS_REQ_TYPES_OFF 8
+
+/* struct virtio_net_stats_reply_hdr: u8 type; u8 reserved; le16 vq_index;
+ * le16 reserved1; le16 size (of the whole block, header included). */
+#define VN_STATS_REPLY_HDR_LEN 8
+#define VN_STATS_REPLY_TYPE_OFF 0
+#define VN_STATS_REPLY_VQ_INDEX_OFF 2
+#define VN_STATS_REPLY_SIZE_OFF 6
+/* virtio_net_stats_reply_hdr.type: the bit number of the type. */
+#define VN_STATS_REPLY_RX_BASIC 0
+#define VN_STATS_REPLY_TX_BASIC 16
+#define VN_STATS_REPLY_CVQ 32
+/* Block sizes: the header and le64 counters. struct virtio_net_stats_cvq:
+ * command_num, ok_num. struct virtio_net_stats_rx_basic: rx_notifications,
+ * rx_packets, rx_bytes, rx_interrupts, rx_drops, rx_drop_overruns.
+ * struct virtio_net_stats_tx_basic: tx_notifications, tx_packets, tx_bytes,
+ * tx_interrupts, tx_drops, tx_drop_malformed. */
+#define VN_STATS_CVQ_LEN (VN_STATS_REPLY_HDR_LEN + 2 * 8)
+#define VN_STATS_RX_BASIC_LEN (VN_STATS_REPLY_HDR_LEN + 6 * 8)
+#define VN_STATS_TX_BASIC_LEN (VN_STATS_REPLY_HDR_LEN + 6 * 8)
 
 /* Largest frame a guest may hand us or we may hand it: a 64 KiB GSO packet
  * plus Ethernet/VLAN headers. */

@@ -1,0 +1,39 @@
+/* VIRTIO_NET_CTRL_STATS: device statistics through the control queue
+ * (virtio 1.3, 5.1.6.5.x "Device Statistics"; VIRTIO_NET_F_DEVICE_STATS).
+ *
+ * The figures are the datapath's own counters (stats.h), the ones the
+ * Prometheus metrics and the SIGUSR2 snapshot show, read with relaxed loads. */
+#ifndef VN_CTRL_STATS_H
+#define VN_CTRL_STATS_H
+
+#include <stdint.h>
+
+#include "net_hdr.h"
+
+struct vn_dev;
+
+/* The statistic types the device supports (the QUERY reply): controlq,
+ * receiveq basic and transmitq basic. CSUM, GSO and SPEED are not. */
+#define VN_STATS_SUPPORTED (VN_STATS_TYPE_CVQ | VN_STATS_TYPE_RX_BASIC | VN_STATS_TYPE_TX_BASIC)
+
+/* Handles VIRTIO_NET_CTRL_STATS command `cmd` whose command-specific-data is
+ * data[0..len). The command-specific-result goes into reply[0..reply_cap)
+ * (the device-writable bytes before the ack). Returns VN_CTRL_OK with
+ * *reply_len bytes written, or VN_CTRL_ERR with *reply_len = 0 and nothing
+ * written: DEVICE_STATS not negotiated, unknown command, wrong data length,
+ * an unknown, unsupported or misplaced statistic type, a virtqueue index out
+ * of range or of a queue the driver does not use, or a reply that does not
+ * fit. Context thread (the counters of the current command are not yet
+ * counted: the CVQ block includes it, as the spec asks). */
+uint8_t vn_ctrl_stats(struct vn_dev *dev, uint8_t cmd, const uint8_t *data, uint32_t len,
+                      uint8_t *reply, uint32_t reply_cap, uint32_t *reply_len);
+
+/* vn_ctrl_handle() (ctrl.c) for commands with a command-specific-result:
+ * req[0..len) is the whole device-readable part (class, command, data) and
+ * reply[0..reply_cap) the device-writable bytes before the ack. On
+ * VN_CTRL_OK *reply_len bytes of result were written (0 for every class
+ * but STATS); on VN_CTRL_ERR none. vn_ctrl_handle() is this with no room. */
+uint8_t vn_ctrl_handle_reply(struct vn_dev *dev, const uint8_t *req, uint32_t len, uint8_t *reply,
+                             uint32_t reply_cap, uint32_t *reply_len);
+
+#endif
