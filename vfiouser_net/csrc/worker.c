@@ -432,6 +432,12 @@ static bool rx_place_inbox(struct vn_qp *qp, bool mergeable, unsigned *pushed, u
             *pushed += rx_publish(qp, p->len, p->hash, p->report);
             (*packets)++;
         }
+        /* A frame steered before the last switch: the driver must see it
+         * before it stops counting as in flight, or a worker could find
+         * the driver caught up (used_event) without it and let frames of
+         * the new rule overtake it. */
+        if (p->epoch != atomic_load(&qp->dev->epoch))
+            vn_vq_publish(vq);
         vn_pkt_place_done(qp->dev, p);
     }
 }
