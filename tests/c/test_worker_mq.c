@@ -724,6 +724,90 @@ static void test_switch_without_event_idx(void **state)
     assert_accounted(m, 0);
 }
 
+/* A target pair whose ring stays full: its inbox holds VN_INBOX_MAX frames,
+ * the reader drops the rest and counts them (steer_backlog); the held ones
+ * are placed in order once the driver gives room. */
+static void test_inbox_backlog_full(void **state)
+{
+    struct mq *m = *state = mq_new(2);
+    m->fixed_size = 80;
+    post(m, 1, QSIZE);
+    mq_start(m, BASE_FEATURES);
+    assert_int_equal(steer_all_to(m, 0, 2), VN_CTRL_OK);
+    const unsigned n = VN_INBOX_MAX + 40;
+    for (uint32_t i = 0; i < n; i++)
+        host_send(m, 1, 6, i);
+    WAIT_FOR(qstats(m, 1).rx.steered_out + qstats(m, 1).rx.drops[VN_DROP_STEER_BACKLOG] == n);
+    assert_int_equal(inbox_count(m, 0), VN_INBOX_MAX);
+    assert_int_equal(qstats(m, 1).rx.drops[VN_DROP_STEER_BACKLOG], 40);
+    assert_int_equal(qstats(m, 1).rx.steered_out, VN_INBOX_MAX);
+    /* The driver keeps reposting: the first VN_INBOX_MAX, in order. */
+    uint32_t next = 0;
+    uint64_t end = now_ms() + TIMEOUT_MS;
+    while (next < VN_INBOX_MAX) {
+        post(m, 0, m->n_free[0]);
+        struct rx_frame f;
+        while (get_frame(m, 0, &f)) {
+            uint32_t fl, seq;
+            check_frame(m, &f, &fl, &seq);
+            assert_int_equal(seq, next++);
+        }
+        ack_ring(m, 0);
+        if (now_ms() > end)
+            fail_msg("timeout: %u of %u frames read", next, VN_INBOX_MAX);
+        usleep(200);
+    }
+    expect_ring_empty(m, 1);
+    assert_accounted(m, 40);
+}
+
+/* Without mergeable buffers, a steered frame larger than the target's one
+ * buffer is dropped there and counted; the buffer takes the next frame. */
+static void test_inbox_frame_too_big(void **state)
+{
+    struct mq *m = *state = mq_new(2);
+    post(m, 0, 4);
+    post(m, 1, QSIZE);
+    mq_start(m, BASE_FEATURES & ~F(VN_F_MRG_RXBUF));
+    assert_int_equal(steer_all_to(m, 0, 2), VN_CTRL_OK);
+    m->fixed_size = 1000;
+    host_send(m, 1, 2, 0);
+    WAIT_FOR(qstats(m, 0).rx.drops[VN_DROP_BUFFER_TOO_SMALL] == 1);
+    m->fixed_size = 300;
+    host_send(m, 1, 2, 1);
+    expect_frames(m, 0, 2, 1, 1);
+    assert_int_equal(qstats(m, 1).rx.steered_out, 2);
+    assert_accounted(m, 1);
+}
+
+/* A malformed buffer at the head of the target's ring is returned with
+ * length 0 (counted), and the steered frame goes in the next ones. */
+static void test_inbox_skips_bad_buffer(void **state)
+{
+    struct mq *m = *state = mq_new(2);
+    struct fd_vq *vq = &m->rxq[0];
+    uint16_t bad = m->free_ids[0][--m->n_free[0]];
+    fd_vq_desc(vq, bad, m->buf[0][bad], BUFLEN, 0 /* device-readable */, 0);
+    fd_vq_make_avail(vq, bad);
+    post(m, 0, 8);
+    post(m, 1, QSIZE);
+    mq_start(m, BASE_FEATURES);
+    assert_int_equal(steer_all_to(m, 0, 2), VN_CTRL_OK);
+    m->fixed_size = 700; /* two buffers */
+    host_send(m, 1, 4, 0);
+    WAIT_FOR(fd_vq_used_idx(vq) == 3);
+    uint32_t id, len;
+    assert_true(fd_vq_get_used(vq, &id, &len));
+    assert_int_equal(id, bad);
+    assert_int_equal(len, 0);
+    m->free_ids[0][m->n_free[0]++] = (uint16_t)id;
+    expect_frames(m, 0, 4, 0, 1);
+    struct vn_qp_stats st = qstats(m, 0);
+    fd_assert_errors(&st.rx, VN_ERR_DESC_ORDER, 1);
+    assert_false(vn_dev_get_needs_reset(m->dev));
+    assert_accounted(m, 0);
+}
+
 /* ---- the no-reordering rule under load --------------------------------------------- */
 
 #define STREAM_PER_FLOW 2500
@@ -935,6 +1019,9 @@ int main(void)
         T(test_switch_drain_timeout),
         T(test_switch_places_old_frames_first),
         T(test_switch_without_event_idx),
+        T(test_inbox_backlog_full),
+        T(test_inbox_frame_too_big),
+        T(test_inbox_skips_bad_buffer),
         T(test_switch_under_load_keeps_order),
         T(test_switch_under_load_keeps_order_4_pairs),
     };
