@@ -94,7 +94,15 @@ def parse_results(output: str) -> dict[str, tuple[int, int, int]]:
 
 def test_expected_cases_are_found() -> None:
     counts = expected_cases()
-    assert set(counts) >= {"test_virtq", "test_rx_filter", "test_ctrl", "test_worker"}
+    assert set(counts) >= {
+        "test_virtq",
+        "test_rx_filter",
+        "test_ctrl",
+        "test_worker",
+        "test_steering",
+        "test_ctrl_mq",
+        "test_worker_mq",
+    }
     assert all(n > 0 for n in counts.values()), counts
 
 
