@@ -4,8 +4,10 @@
  * write one byte past either crashes), byte-exact replies built by hand from
  * the spec's layouts, every refused request leaving the result buffer
  * untouched; then vn_ctrl_process() end to end through the synthetic driver
- * with Linux's buffer layout (header, data, result, ack) and awkward ones
- * (result split over descriptors, sharing one with the ack, indirect). */
+ * with Linux's buffer layout (header, data, status, result: the ack comes
+ * before the command-specific-result, as struct virtio_net_ctrl has it)
+ * and awkward ones (result split over descriptors, sharing one with the
+ * ack, indirect). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -753,14 +755,16 @@ static void assert_guest_untouched(struct cfx *x, uint64_t gpa, uint32_t len)
             fail_msg("guest byte %u written", i);
 }
 
-/* Linux's QUERY at probe: header, result (8 bytes), ack, each its own
- * descriptor; used length 9. */
+/* Linux's QUERY at probe (virtnet_send_command_reply): header, then the
+ * status byte, then the 8-byte result, each its own descriptor; the ack
+ * comes first in the device-writable part (struct virtio_net_ctrl: ack,
+ * command-specific-result). Used length 9. */
 static void test_process_query(void **state)
 {
     struct cfx *x = *state;
     const uint8_t hdr[2] = { VN_CTRL_STATS, VN_CTRL_STATS_QUERY };
-    uint64_t h = out_buf(x, hdr, 2), caps = in_buf(x, 8), ack = in_buf(x, 1);
-    struct fd_buf b[3] = { { h, 2, false }, { caps, 8, true }, { ack, 1, true } };
+    uint64_t h = out_buf(x, hdr, 2), ack = in_buf(x, 1), caps = in_buf(x, 8);
+    struct fd_buf b[3] = { { h, 2, false }, { ack, 1, true }, { caps, 8, true } };
     fd_vq_add(&x->q, b, 3);
     doorbell(x);
     expect_used(x, 9);
@@ -774,8 +778,8 @@ static void test_process_query(void **state)
 }
 
 /* Linux's GET for `ethtool -S` (one pair in use): header, request entries,
- * result, ack. The CVQ block counts this command; afterwards the device's
- * counters agree with it. */
+ * status, result. The CVQ block counts this command; afterwards the
+ * device's counters agree with it. */
 static void test_process_get(void **state)
 {
     struct cfx *x = *state;
@@ -791,13 +795,13 @@ static void test_process_get(void **state)
     req_add(&r, CTRL_VQ, VN_STATS_TYPE_CVQ);
     const uint32_t res = 56 + 56 + 24;
     uint64_t h = out_buf(x, r.b, 2), data = out_buf(x, r.b + 2, (uint32_t)r.len - 2);
-    uint64_t out = in_buf(x, res), ack = in_buf(x, 1);
+    uint64_t ack = in_buf(x, 1), out = in_buf(x, res);
     struct fd_buf b[4] = {
-        { h, 2, false }, { data, (uint32_t)r.len - 2, false }, { out, res, true }, { ack, 1, true }
+        { h, 2, false }, { data, (uint32_t)r.len - 2, false }, { ack, 1, true }, { out, res, true }
     };
     fd_vq_add(&x->q, b, 4);
     doorbell(x);
-    expect_used(x, res + 1);
+    expect_used(x, 1 + res);
     assert_int_equal(byte_at(x, ack), VN_CTRL_OK);
     uint8_t got[56 + 56 + 24];
     fd_read(&x->g, out, got, res);
@@ -827,9 +831,9 @@ static void test_process_get(void **state)
     req_init(&r, VN_CTRL_STATS_GET);
     req_add(&r, 3, VN_STATS_TYPE_TX_BASIC);
     h = out_buf(x, r.b, (uint32_t)r.len); /* header and data in one buffer */
-    out = in_buf(x, 56);
     ack = in_buf(x, 1);
-    struct fd_buf b2[3] = { { h, (uint32_t)r.len, false }, { out, 56, true }, { ack, 1, true } };
+    out = in_buf(x, 56);
+    struct fd_buf b2[3] = { { h, (uint32_t)r.len, false }, { ack, 1, true }, { out, 56, true } };
     fd_vq_add(&x->q, b2, 3);
     doorbell(x);
     expect_used(x, 57);
@@ -839,8 +843,9 @@ static void test_process_get(void **state)
     assert_int_equal(vn_le64_get(got + 8), 31);
 }
 
-/* The result split over descriptors at odd places, its tail and the ack in
- * one descriptor, the whole chain through an indirect table. */
+/* The ack and the start of the result sharing a descriptor, the result
+ * split at odd places, a larger result buffer than needed (filled from its
+ * start only), the whole chain through an indirect table. */
 static void test_process_split_result(void **state)
 {
     struct cfx *x = *state;
@@ -855,27 +860,31 @@ static void test_process_split_result(void **state)
     uint64_t v[6] = { 0, 0x1122334455667788ull, 0, 0, 6, 4 };
     size_t at = block(want, 16, 1, v, 6);
     at += cvq_block(want + at, CTRL_VQ, 0, 0);
+    assert_int_equal(at, 80);
     uint64_t req = out_buf(x, r.b, (uint32_t)r.len);
-    uint64_t p1 = in_buf(x, 3), p2 = in_buf(x, 1), p3 = in_buf(x, 50), tail = in_buf(x, 26 + 1);
+    /* Writable: [ack + 3 result bytes] [1] [50] [26 + 40 spare]. */
+    uint64_t p1 = in_buf(x, 4), p2 = in_buf(x, 1), p3 = in_buf(x, 50), tail = in_buf(x, 66);
     struct fd_buf b[6] = { { req, 1, false },   { req + 1, (uint32_t)r.len - 1, false },
-                           { p1, 3, true },     { p2, 1, true },
-                           { p3, 50, true },    { tail, 27, true } };
+                           { p1, 4, true },     { p2, 1, true },
+                           { p3, 50, true },    { tail, 66, true } };
     uint64_t t = fd_indirect_table(&x->g, 1, b, 6);
     fd_vq_desc(&x->q, 0, t, 16 * 6, VRING_DESC_F_INDIRECT, 0);
     fd_vq_make_avail(&x->q, 0);
     doorbell(x);
-    expect_used(x, 80 + 1);
-    assert_int_equal(byte_at(x, tail + 26), VN_CTRL_OK);
+    expect_used(x, 1 + 80);
+    assert_int_equal(byte_at(x, p1), VN_CTRL_OK);
     uint8_t got[80];
-    fd_read(&x->g, p1, got, 3);
+    fd_read(&x->g, p1 + 1, got, 3);
     fd_read(&x->g, p2, got + 3, 1);
     fd_read(&x->g, p3, got + 4, 50);
     fd_read(&x->g, tail, got + 54, 26);
     assert_memory_equal(got, want, 80);
+    assert_guest_untouched(x, tail + 26, 40);
 }
 
-/* Refused commands: ERR in the last byte, used length 1, the result buffer
- * untouched; an ack-only writable part still works for every class. */
+/* Refused commands: ERR in the first writable byte, used length 1, the
+ * result buffer untouched; an ack-only writable part still works for every
+ * class, and the other classes keep the ack in the last writable byte. */
 static void test_process_refused(void **state)
 {
     struct cfx *x = *state;
@@ -883,46 +892,53 @@ static void test_process_refused(void **state)
     req_init(&r, VN_CTRL_STATS_GET);
     req_add(&r, 0, VN_STATS_TYPE_RX_BASIC);
     req_add(&r, CTRL_VQ, VN_STATS_TYPE_CVQ);
-    struct {
-        const uint8_t *req;
-        uint32_t len;
-        uint32_t room;
-    } cases[] = {
-        { r.b, (uint32_t)r.len, 56 + 24 - 1 }, /* result buffer one byte short */
-        { r.b, (uint32_t)r.len, 0 },           /* ack only */
-        { r.b, (uint32_t)r.len - 1, 200 },     /* truncated request */
-        { r.b, 2, 200 },                       /* no entry */
-    };
     struct req bad;
     req_init(&bad, VN_CTRL_STATS_GET);
     req_add(&bad, 2, VN_STATS_TYPE_RX_BASIC); /* pair 1 not in use */
     struct req query;
     req_init(&query, VN_CTRL_STATS_QUERY);
-    for (unsigned i = 0; i < 6; i++) {
-        const uint8_t *q = i < 4 ? cases[i].req : i == 4 ? bad.b : query.b;
-        uint32_t len = i < 4 ? cases[i].len : i == 4 ? (uint32_t)bad.len : 2;
-        uint32_t room = i < 4 ? cases[i].room : i == 4 ? 200 : 7;
-        uint64_t h = out_buf(x, q, len);
-        uint64_t out = room ? in_buf(x, room) : 0;
+    const struct {
+        const uint8_t *req;
+        uint32_t len;
+        uint32_t room;  /* result bytes after the ack */
+    } cases[] = {
+        { r.b, (uint32_t)r.len, 56 + 24 - 1 }, /* result buffer one byte short */
+        { r.b, (uint32_t)r.len, 0 },           /* ack only */
+        { r.b, (uint32_t)r.len - 1, 200 },     /* truncated request */
+        { r.b, 2, 200 },                       /* no entry */
+        { bad.b, (uint32_t)bad.len, 200 },     /* queue not in use */
+        { query.b, 2, 7 },                     /* QUERY, result one byte short */
+        { query.b, 2, 0 },                     /* QUERY, ack only */
+    };
+    const unsigned n = sizeof(cases) / sizeof(cases[0]);
+    for (unsigned i = 0; i < n; i++) {
+        uint32_t room = cases[i].room;
+        uint64_t h = out_buf(x, cases[i].req, cases[i].len);
         uint64_t ack = in_buf(x, 1);
-        struct fd_buf b[3] = { { h, len, false }, { out, room, true }, { ack, 1, true } };
-        if (room)
-            fd_vq_add(&x->q, b, 3);
-        else
-            fd_vq_add(&x->q, (struct fd_buf[]){ b[0], b[2] }, 2);
+        uint64_t out = room ? in_buf(x, room) : 0;
+        struct fd_buf b[3] = { { h, cases[i].len, false }, { ack, 1, true }, { out, room, true } };
+        fd_vq_add(&x->q, b, room ? 3 : 2);
         doorbell(x);
         expect_used(x, 1);
         assert_int_equal(byte_at(x, ack), VN_CTRL_ERR);
         if (room)
             assert_guest_untouched(x, out, room);
     }
-    assert_int_equal(x->dev->st.ctrl_err, 6);
+    assert_int_equal(x->dev->st.ctrl_err, n);
     assert_int_equal(x->dev->st.ctrl_ok, 0);
+    /* Ack and result in one writable buffer: ERR in its first byte. */
+    uint64_t h = out_buf(x, r.b, (uint32_t)r.len), one = in_buf(x, 1 + 10);
+    fd_vq_add(&x->q, (struct fd_buf[]){ { h, (uint32_t)r.len, false }, { one, 11, true } }, 2);
+    doorbell(x);
+    expect_used(x, 1);
+    assert_int_equal(byte_at(x, one), VN_CTRL_ERR);
+    assert_guest_untouched(x, one + 1, 10);
     /* Other classes: ack-only, and with a larger writable buffer whose
      * last byte takes the ack and the rest stays untouched. */
     x->dev->features |= F(VN_F_CTRL_RX);
     uint8_t promisc[3] = { VN_CTRL_RX, VN_CTRL_RX_PROMISC, 0 };
-    uint64_t h = out_buf(x, promisc, 3), ack = in_buf(x, 1);
+    h = out_buf(x, promisc, 3);
+    uint64_t ack = in_buf(x, 1);
     fd_vq_add(&x->q, (struct fd_buf[]){ { h, 3, false }, { ack, 1, true } }, 2);
     doorbell(x);
     expect_used(x, 1);

@@ -189,14 +189,20 @@ uint8_t vn_ctrl_handle(struct vn_dev *dev, const uint8_t *req, uint32_t len)
     return vn_ctrl_handle_reply(dev, req, len, NULL, 0, &reply_len);
 }
 
-/* Copy the command-specific-result to the start of the device-writable
- * buffers iov[0..n) (it ends before the ack byte: len < their total). */
-static void put_reply(const struct iovec *iov, unsigned n, const uint8_t *reply, uint32_t len)
+/* Copy data[0..len) into the device-writable buffers iov[0..n) from byte
+ * `at` of their concatenation (at + len fits in their total). */
+static void put_writable(const struct iovec *iov, unsigned n, uint32_t at, const uint8_t *data,
+                         uint32_t len)
 {
     for (unsigned i = 0; i < n && len > 0; i++) {
-        size_t k = iov[i].iov_len < len ? iov[i].iov_len : len;
-        memcpy(iov[i].iov_base, reply, k);
-        reply += k;
+        if (at >= iov[i].iov_len) {
+            at -= (uint32_t)iov[i].iov_len;
+            continue;
+        }
+        size_t k = iov[i].iov_len - at < len ? iov[i].iov_len - at : len;
+        memcpy((uint8_t *)iov[i].iov_base + at, data, k);
+        at = 0;
+        data += k;
         len -= (uint32_t)k;
     }
 }
@@ -237,10 +243,11 @@ void vn_ctrl_process(struct vn_dev *dev)
         }
         uint8_t ack = VN_CTRL_ERR;
         uint8_t cls = 0, cmd = 0;
-        /* Writable bytes before the ack, for a command-specific-result;
+        /* Writable bytes besides the ack, for a command-specific-result;
          * none (the usual ack-only buffer) needs no allocation. */
         uint32_t reply_cap = c.in_len - 1 < CTRL_MAX_REPLY ? c.in_len - 1 : CTRL_MAX_REPLY;
         uint32_t reply_len = 0;
+        bool with_result = false;
         uint8_t *reply = reply_cap > 0 ? malloc(reply_cap) : NULL;
         if (reply == NULL)
             reply_cap = 0;
@@ -254,6 +261,7 @@ void vn_ctrl_process(struct vn_dev *dev)
             cls = off > 0 ? req[0] : 0;
             cmd = off > 1 ? req[1] : 0;
             ack = vn_ctrl_handle_reply(dev, req, off, reply, reply_cap, &reply_len);
+            with_result = vn_ctrl_has_result(cls);
             if (ack != VN_CTRL_OK)
                 vn_log(dev, LOG_WARNING, "control queue: command class %u cmd %u (%u bytes) refused",
                        cls, cmd, off);
@@ -270,14 +278,20 @@ void vn_ctrl_process(struct vn_dev *dev)
         unsigned cs = cls < VN_CTRL_CLASS_SLOTS - 1 ? cls : VN_CTRL_CLASS_SLOTS - 1;
         unsigned cm = cmd < VN_CTRL_CMD_SLOTS - 1 ? cmd : VN_CTRL_CMD_SLOTS - 1;
         VN_STAT_INC(dev->st.ctrl_cmds[cs][cm][ack == VN_CTRL_OK ? 0 : 1]);
-        /* The result (if any) starts the device-writable part, the ack is
-         * its last byte; the used length counts the bytes written. */
         if (ack != VN_CTRL_OK || reply_len > reply_cap)
             reply_len = 0;
-        put_reply(&iov[c.nout], c.niov - c.nout, reply, reply_len);
+        if (with_result) {
+            /* struct virtio_net_ctrl (5.1.6.5): ack, then the
+             * command-specific-result (Linux: status, then its buffer). */
+            put_writable(&iov[c.nout], c.niov - c.nout, 0, &ack, 1);
+            put_writable(&iov[c.nout], c.niov - c.nout, 1, reply, reply_len);
+        } else {
+            /* The ack is the last device-writable byte. */
+            const struct iovec *last = &iov[c.niov - 1];
+            ((uint8_t *)last->iov_base)[last->iov_len - 1] = ack;
+        }
         free(reply);
-        const struct iovec *last = &iov[c.niov - 1];
-        ((uint8_t *)last->iov_base)[last->iov_len - 1] = ack;
+        /* The used length counts the bytes written. */
         vn_vq_push(vq, c.head, 1 + reply_len);
         if (dev->hooks.event != NULL)
             dev->hooks.event(dev->hooks.py, VN_EVENT_CTRL);

@@ -6,6 +6,7 @@
 #ifndef VN_CTRL_STATS_H
 #define VN_CTRL_STATS_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "net_hdr.h"
@@ -16,9 +17,19 @@ struct vn_dev;
  * receiveq basic and transmitq basic. CSUM, GSO and SPEED are not. */
 #define VN_STATS_SUPPORTED (VN_STATS_TYPE_CVQ | VN_STATS_TYPE_RX_BASIC | VN_STATS_TYPE_TX_BASIC)
 
+/* Commands of this class have a command-specific-result. The device-writable
+ * part is then laid out as struct virtio_net_ctrl says (5.1.6.5): the ack
+ * byte first, the result after it (Linux 6.12 virtnet_send_command_reply():
+ * the status buffer, then the caller's). Other classes have no result and
+ * keep the ack in the last device-writable byte. */
+static inline bool vn_ctrl_has_result(uint8_t cls)
+{
+    return cls == VN_CTRL_STATS;
+}
+
 /* Handles VIRTIO_NET_CTRL_STATS command `cmd` whose command-specific-data is
  * data[0..len). The command-specific-result goes into reply[0..reply_cap)
- * (the device-writable bytes before the ack). Returns VN_CTRL_OK with
+ * (the device-writable bytes after the ack). Returns VN_CTRL_OK with
  * *reply_len bytes written, or VN_CTRL_ERR with *reply_len = 0 and nothing
  * written: DEVICE_STATS not negotiated, unknown command, wrong data length,
  * an unknown, unsupported or misplaced statistic type, a virtqueue index out
@@ -30,7 +41,7 @@ uint8_t vn_ctrl_stats(struct vn_dev *dev, uint8_t cmd, const uint8_t *data, uint
 
 /* vn_ctrl_handle() (ctrl.c) for commands with a command-specific-result:
  * req[0..len) is the whole device-readable part (class, command, data) and
- * reply[0..reply_cap) the device-writable bytes before the ack. On
+ * reply[0..reply_cap) the device-writable bytes besides the ack. On
  * VN_CTRL_OK *reply_len bytes of result were written (0 for every class
  * but STATS); on VN_CTRL_ERR none. vn_ctrl_handle() is this with no room. */
 uint8_t vn_ctrl_handle_reply(struct vn_dev *dev, const uint8_t *req, uint32_t len, uint8_t *reply,
