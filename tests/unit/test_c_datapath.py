@@ -102,6 +102,7 @@ def test_expected_cases_are_found() -> None:
         "test_steering",
         "test_ctrl_mq",
         "test_worker_mq",
+        "test_ctrl_stats",
     }
     assert all(n > 0 for n in counts.values()), counts
 
