@@ -57,6 +57,7 @@ OFFERED_FEATURES = feature_mask(
     NetFeature.RING_INDIRECT_DESC,
     NetFeature.RING_EVENT_IDX,
     NetFeature.SPEED_DUPLEX,
+    NetFeature.DEVICE_STATS,
 )
 # Offered with more than one queue pair.
 MULTIQUEUE_FEATURES = feature_mask(NetFeature.MQ, NetFeature.RSS, NetFeature.HASH_REPORT)

@@ -40,6 +40,7 @@ class NetFeature(IntEnum):
     ACCESS_PLATFORM = 33
     RING_PACKED = 34
     IN_ORDER = 35
+    DEVICE_STATS = 50
     HASH_REPORT = 57
     RSS = 60
     SPEED_DUPLEX = 63
