@@ -308,10 +308,12 @@ class VirtioNetDevice:
         self, index: int, size: int, desc: int, driver: int, device: int, vector: int
     ) -> None:
         negotiated = self.transport.driver_features
+        # Without MQ and RSS the driver sees one pair and the control queue at 2.
+        multi = negotiated & feature_mask(NetFeature.MQ, NetFeature.RSS)
         cidx = index
-        if not negotiated >> NetFeature.MQ & 1 and index == 2:
+        if not multi and index == 2:
             cidx = 2 * self.max_qps  # the control queue
-        elif not negotiated >> NetFeature.MQ & 1 and index > 2:
+        elif not multi and index > 2:
             return
         if lib.vn_dev_config_queue(self._dev, cidx, size, desc, driver, device, vector) < 0:
             log.warning("device %s: queue %d configuration refused", self.name, index)

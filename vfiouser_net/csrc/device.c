@@ -182,7 +182,7 @@ int vn_dev_start(struct vn_dev *dev, uint64_t features)
     /* The driver has one pair until it asks for more (VQ_PAIRS_SET or
      * RSS_CONFIG); without MQ it only knows the first pair. */
     dev->active_qps = 1;
-    unsigned pairs = VN_HAS(features, VN_F_MQ) ? dev->max_qps : 1;
+    unsigned pairs = vn_dev_driver_pairs(dev, features);
     for (unsigned i = 0; i < pairs; i++) {
         struct vn_qp *qp = &dev->qp[i];
         struct vn_vq *vqs[2] = { &qp->rx, &qp->tx };
@@ -482,13 +482,13 @@ void vn_dev_doorbell(struct vn_dev *dev, unsigned qidx)
         return;
     }
     /* The driver numbers the control queue after the pairs it can use. */
-    unsigned ctrl_idx = VN_HAS(dev->features, VN_F_MQ) ? 2 * dev->max_qps : 2;
+    unsigned ctrl_idx = 2 * vn_dev_driver_pairs(dev, dev->features);
     if (qidx == ctrl_idx && VN_HAS(dev->features, VN_F_CTRL_VQ)) {
         VN_STAT_INC(dev->ctrl_stats.doorbells);
         vn_ctrl_process(dev);
         return;
     }
-    unsigned pairs = VN_HAS(dev->features, VN_F_MQ) ? dev->max_qps : 1;
+    unsigned pairs = vn_dev_driver_pairs(dev, dev->features);
     if (qidx >= 2 * pairs || !dev->qp[qidx / 2].thread_started) {
         VN_STAT_INC(dev->st.doorbells_invalid);
         return;

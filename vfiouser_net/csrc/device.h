@@ -175,6 +175,13 @@ struct vn_dev {
     struct vn_dev_stats st;
 };
 
+/* Queue pairs the driver can see: all of them with MQ or RSS (virtio 1.x
+ * 5.1.2: the control queue is then 2 * max_virtqueue_pairs), else one. */
+static inline unsigned vn_dev_driver_pairs(const struct vn_dev *dev, uint64_t features)
+{
+    return (((features >> 22) & 1u) || ((features >> 60) & 1u)) ? dev->max_qps : 1;
+}
+
 /* Notify area inside BAR0: one 4-byte doorbell per queue. */
 #define VN_NOTIFY_MULTIPLIER 4
 
