@@ -64,7 +64,7 @@ static void put_le64(uint8_t *p, uint64_t v)
  * 2 without; the doorbell uses the same rule). */
 static enum vq_kind vq_kind(const struct vn_dev *dev, uint16_t vq)
 {
-    unsigned ctrl_idx = VN_HAS(dev->features, VN_F_MQ) ? 2 * dev->max_qps : 2;
+    unsigned ctrl_idx = 2 * vn_dev_driver_pairs(dev, dev->features);
     if (vq == ctrl_idx && VN_HAS(dev->features, VN_F_CTRL_VQ))
         return VQ_CTRL;
     /* Pairs in use: those the driver enabled (1 until it asks for more, and
