@@ -571,6 +571,16 @@ static void test_get_bad_vq_index(void **state)
         req_add(&r, no_mq[i].vq, no_mq[i].types);
         EXPECT_ERR(dev, r.b, r.len, 512);
     }
+    /* RSS without MQ: the driver sees every pair (virtio 5.1.2), the control
+     * queue is vq 4 again and pair 1 counts once RSS_CONFIG enabled it. */
+    dev->features = (STATS_FEATURES & ~F(VN_F_MQ)) | F(VN_F_RSS);
+    req_init(&r, VN_CTRL_STATS_GET);
+    req_add(&r, 3, VN_STATS_TYPE_TX_BASIC);
+    req_add(&r, 4, VN_STATS_TYPE_CVQ);
+    assert_int_equal(handle(dev, r.b, r.len, TX_LEN + CVQ_LEN), VN_CTRL_OK);
+    req_init(&r, VN_CTRL_STATS_GET);
+    req_add(&r, 2, VN_STATS_TYPE_CVQ);
+    EXPECT_ERR(dev, r.b, r.len, 512);
     /* No control queue negotiated (not a valid driver, but no index names it). */
     dev->features = F(VN_F_DEVICE_STATS);
     req_init(&r, VN_CTRL_STATS_GET);

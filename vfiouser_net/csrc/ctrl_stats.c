@@ -60,20 +60,16 @@ static void put_le64(uint8_t *p, uint64_t v)
 }
 
 /* What vq_index names: the driver numbers its queues rx0, tx0, rx1, ...
- * and the control queue after every pair it may use (2 * max pairs with MQ,
- * 2 without; the doorbell uses the same rule). */
+ * and the control queue after every pair it can see (2 * max pairs with MQ
+ * or RSS, 2 without; the doorbell uses the same rule). */
 static enum vq_kind vq_kind(const struct vn_dev *dev, uint16_t vq)
 {
-    unsigned ctrl_idx = 2 * vn_dev_driver_pairs(dev, dev->features);
-    if (vq == ctrl_idx && VN_HAS(dev->features, VN_F_CTRL_VQ))
+    unsigned visible = vn_dev_driver_pairs(dev, dev->features);
+    if (vq == 2 * visible && VN_HAS(dev->features, VN_F_CTRL_VQ))
         return VQ_CTRL;
-    /* Pairs in use: those the driver enabled (1 until it asks for more, and
-     * always 1 without MQ). */
-    unsigned pairs = dev->active_qps;
-    if (!VN_HAS(dev->features, VN_F_MQ) && pairs > 1)
-        pairs = 1;
-    if (pairs > dev->max_qps)
-        pairs = dev->max_qps;
+    /* Pairs in use: those the driver enabled (1 until it asks for more),
+     * never more than it can see. */
+    unsigned pairs = dev->active_qps < visible ? dev->active_qps : visible;
     if (vq >= 2 * pairs)
         return VQ_NONE;
     return vq % 2 == 0 ? VQ_RX : VQ_TX;
