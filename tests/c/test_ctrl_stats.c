@@ -894,7 +894,7 @@ static void test_process_split_result(void **state)
 
 /* Refused commands: ERR in the first writable byte, used length 1, the
  * result buffer untouched; an ack-only writable part still works for every
- * class, and the other classes keep the ack in the last writable byte. */
+ * class; every class puts the ack in the first writable byte. */
 static void test_process_refused(void **state)
 {
     struct cfx *x = *state;
@@ -944,7 +944,7 @@ static void test_process_refused(void **state)
     assert_int_equal(byte_at(x, one), VN_CTRL_ERR);
     assert_guest_untouched(x, one + 1, 10);
     /* Other classes: ack-only, and with a larger writable buffer whose
-     * last byte takes the ack and the rest stays untouched. */
+     * first byte takes the ack and the rest stays untouched. */
     x->dev->features |= F(VN_F_CTRL_RX);
     uint8_t promisc[3] = { VN_CTRL_RX, VN_CTRL_RX_PROMISC, 0 };
     h = out_buf(x, promisc, 3);
@@ -957,8 +957,8 @@ static void test_process_refused(void **state)
     fd_vq_add(&x->q, (struct fd_buf[]){ { h, 3, false }, { wide, 9, true } }, 2);
     doorbell(x);
     expect_used(x, 1);
-    assert_int_equal(byte_at(x, wide + 8), VN_CTRL_OK);
-    assert_guest_untouched(x, wide, 8);
+    assert_int_equal(byte_at(x, wide), VN_CTRL_OK);
+    assert_guest_untouched(x, wide + 1, 8);
     assert_false(vn_dev_get_needs_reset(x->dev));
 }
 

@@ -280,16 +280,12 @@ void vn_ctrl_process(struct vn_dev *dev)
         VN_STAT_INC(dev->st.ctrl_cmds[cs][cm][ack == VN_CTRL_OK ? 0 : 1]);
         if (ack != VN_CTRL_OK || reply_len > reply_cap)
             reply_len = 0;
-        if (with_result) {
-            /* struct virtio_net_ctrl (5.1.6.5): ack, then the
-             * command-specific-result (Linux: status, then its buffer). */
-            put_writable(&iov[c.nout], c.niov - c.nout, 0, &ack, 1);
+        /* struct virtio_net_ctrl (5.1.6.5): the ack is the first
+         * device-writable byte, the command-specific-result follows it
+         * (Linux: its status byte, then its reply buffer). */
+        put_writable(&iov[c.nout], c.niov - c.nout, 0, &ack, 1);
+        if (with_result)
             put_writable(&iov[c.nout], c.niov - c.nout, 1, reply, reply_len);
-        } else {
-            /* The ack is the last device-writable byte. */
-            const struct iovec *last = &iov[c.niov - 1];
-            ((uint8_t *)last->iov_base)[last->iov_len - 1] = ack;
-        }
         free(reply);
         /* The used length counts the bytes written. */
         vn_vq_push(vq, c.head, 1 + reply_len);
