@@ -83,6 +83,7 @@ struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu)
     dev->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     dev->cmd_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     dev->hdr_len = VN_NET_HDR_LEN;
+    dev->drain_grace_ns = VN_STEER_DRAIN_GRACE_NS;
     atomic_store(&dev->requested_policy, -1);
     dev->steer.policy = VN_POLICY_AUTO;
     vn_steering_reset(&dev->steer);
@@ -340,6 +341,7 @@ void vn_dev_steering_commit(struct vn_dev *dev, unsigned active_qps)
         clock_gettime(CLOCK_MONOTONIC, &ts);
         dev->drain_deadline_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec +
                                  VN_STEER_DRAIN_MAX_NS;
+        atomic_store(&dev->drained_since_ns, 0);
         atomic_store(&dev->drain_pending, true);
     }
     atomic_fetch_add(&dev->epoch, 1);
@@ -360,8 +362,17 @@ bool vn_dev_steering_hold(struct vn_dev *dev)
     bool caught_up = true;
     for (unsigned i = 0; i < dev->active_qps && caught_up; i++)
         caught_up = vn_vq_driver_caught_up(&dev->qp[i].rx);
-    if (!caught_up && now < dev->drain_deadline_ns)
-        return true;
+    if (now < dev->drain_deadline_ns) {
+        if (!caught_up) {
+            atomic_store(&dev->drained_since_ns, 0);
+            return true;
+        }
+        uint64_t since = 0;
+        if (atomic_compare_exchange_strong(&dev->drained_since_ns, &since, now))
+            since = now;
+        if (now < since + dev->drain_grace_ns)
+            return true;
+    }
     if (atomic_exchange(&dev->drain_pending, false) && !caught_up)
         __atomic_fetch_add(&dev->st.steering_drain_timeouts, 1, __ATOMIC_RELAXED);
     return false;

@@ -156,6 +156,8 @@ struct vn_dev {
      * the old frames have reached the guest's sockets before any new one. */
     _Atomic bool drain_pending;
     uint64_t drain_deadline_ns;
+    _Atomic uint64_t drained_since_ns; /* first seen caught up (0: not yet) */
+    uint64_t drain_grace_ns;           /* VN_STEER_DRAIN_GRACE_NS */
     _Atomic int requested_policy; /* from the operator, applied by the context thread */
     int cmd_fd;                   /* wakes the context thread for it */
     uint8_t *steer_cap;           /* steering state in PCI config space (vendor cap) */

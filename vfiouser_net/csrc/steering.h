@@ -23,6 +23,9 @@
 #define VN_FLOW_EXPIRY_MS 3000
 /* Longest a switch holds new frames back for the guest to drain its rings. */
 #define VN_STEER_DRAIN_MAX_NS (200ull * 1000 * 1000)
+/* Linux writes used_event just before it hands its last batch to the stack
+ * (virtqueue_napi_complete): give that batch time to reach the sockets. */
+#define VN_STEER_DRAIN_GRACE_NS (5ull * 1000 * 1000)
 
 enum vn_policy {
     VN_POLICY_AUTO = 0,

@@ -227,7 +227,13 @@ bool vn_vq_driver_caught_up(const struct vn_vq *vq)
         return true;
     uint16_t published = vn_le16_load_acquire(used_idx_ptr(vq));
     uint16_t seen = vn_le16_load_relaxed(used_event_ptr(vq));
-    /* used_event is where the driver wants its next interrupt: it has
-     * consumed everything before it. */
-    return (uint16_t)(published - seen) == 0 || (uint16_t)(seen - published) < 0x8000;
+    if (seen == published)
+        return true;
+    /* Linux writes 0 while it polls with interrupts off (a placeholder,
+     * not a position): that says nothing about what it consumed. */
+    if (seen == 0)
+        return false;
+    /* Otherwise used_event is where the driver wants its next interrupt:
+     * it has consumed everything before it. */
+    return (uint16_t)(seen - published) < 0x8000;
 }
