@@ -1,35 +1,38 @@
-"""Command line: `vfiouser-net serve ...`."""
+"""Command line: `vfiouser-net serve ...`, `vfiouser-net ctl ...`,
+`vfiouser-net --print-capabilities`."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
+import os
 import signal
 import sys
-import threading
 from types import FrameType
 
+from vfiouser_net.config import ConfigError, DaemonConfig, default_mac
+from vfiouser_net.config import load as load_config
+from vfiouser_net.daemon import LOG_LEVELS, Daemon, DaemonError
 from vfiouser_net.device import (
+    MULTIQUEUE_FEATURES,
+    OFFERED_FEATURES,
     STEERING_POLICIES,
     DeviceError,
     DeviceOptions,
-    VirtioNetDevice,
     parse_mac,
 )
 from vfiouser_net.metrics import DEFAULT_METRICS_PORT, parse_metrics_addr, serve_metrics
+from vfiouser_net.native import lib
 from vfiouser_net.tap import TapError
+from vfiouser_net.virtio_spec import feature_names
 
 log = logging.getLogger("vfiouser_net")
 
-LINK_POLL_SECONDS = 0.2
+# systemd socket activation (sd_listen_fds(3)): the first passed fd.
+SD_LISTEN_FDS_START = 3
 
-
-def default_mac(socket_path: str) -> bytes:
-    """A stable locally administered MAC derived from the socket path."""
-    digest = hashlib.sha256(socket_path.encode()).digest()
-    return bytes([0x02, digest[0], digest[1], digest[2], digest[3], digest[4]])
+__all__ = ["default_mac", "main"]
 
 
 def _positive_int(text: str) -> int:
@@ -42,6 +45,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fd(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file descriptor number") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file descriptor number")
+    return value
+
+
+def capabilities() -> dict[str, object]:
+    """What this build can do, for management tools (like vhost-user backends' JSON)."""
+    return {
+        "type": "net",
+        "transport": "vfio-user",
+        "device": {"vendor": "0x1af4", "device": "0x1041"},
+        "features": feature_names(OFFERED_FEATURES),
+        "multiqueue_features": feature_names(MULTIQUEUE_FEATURES),
+        "max_queue_pairs": int(lib.VN_MAX_QUEUE_PAIRS),
+        "max_queue_size": int(lib.VN_VQ_MAX_SIZE),
+        "steering": list(STEERING_POLICIES),
+        "socket_activation": True,
+        "metrics": True,
+        "admin_channel": True,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfiouser-net", description="A virtio-net PCI device served over vfio-user."
@@ -49,13 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default="info",
-        choices=["debug", "info", "warning", "error"],
+        choices=list(LOG_LEVELS),
         help="logging threshold (default: info)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve one device on a UNIX socket")
-    serve.add_argument("--socket-path", required=True, help="vfio-user UNIX socket to listen on")
-    serve.add_argument("--tap", required=True, help="host TAP interface (attached or created)")
+    parser.add_argument(
+        "--print-capabilities",
+        action="store_true",
+        help="print what this build supports as JSON and exit",
+    )
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser(
+        "serve",
+        help="serve devices: one from the flags, or many from --config",
+        description="Serve one device (--socket-path or --fd, --tap, ...) or the devices of a "
+        "TOML file (--config). With systemd socket activation (LISTEN_FDS) and no "
+        "--socket-path, the activated socket is used.",
+    )
+    serve.add_argument("--config", help="TOML file with [daemon] and [[device]] entries")
+    serve.add_argument("--socket-path", help="vfio-user UNIX socket to listen on")
+    serve.add_argument("--fd", type=_fd, help="an already listening vfio-user socket to use")
+    serve.add_argument("--tap", help="host TAP interface (attached or created)")
+    serve.add_argument("--name", default="", help="device name (default: the socket's name)")
     serve.add_argument("--mac", help="guest MAC address (default: derived from the socket path)")
     serve.add_argument("--mtu", type=_positive_int, default=1500, help="MTU offered (default 1500)")
     serve.add_argument(
@@ -79,88 +123,156 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--metrics-addr",
-        default=f"127.0.0.1:{DEFAULT_METRICS_PORT}",
+        default=None,
         help=f"serve Prometheus metrics on HOST:PORT (default 127.0.0.1:{DEFAULT_METRICS_PORT}; "
         "port 0 picks a free one, 'none' disables)",
     )
+    serve.add_argument("--admin-socket", help="admin channel UNIX socket (msgpack)")
+    serve.add_argument("--admin-group", help="group allowed on the admin socket (mode 0660)")
     serve.add_argument(
         "--speed",
         type=_positive_int,
         default=10000,
         help="link speed in Mbit/s reported (default 10000)",
     )
+    sub.add_parser(
+        "ctl", help="control a running daemon (see: vfiouser-net ctl --help)", add_help=False
+    )
     return parser
 
 
-def serve(args: argparse.Namespace) -> int:
-    mac = parse_mac(args.mac) if args.mac else default_mac(args.socket_path)
-    opts = DeviceOptions(
-        socket_path=args.socket_path,
-        tap=args.tap,
-        mac=mac,
-        mtu=args.mtu,
-        queue_size=args.queue_size,
-        queue_pairs=args.queue_pairs,
-        steering=args.steering,
-        speed_mbps=args.speed,
-    )
-    if args.metrics_addr != "none":
+def _activated_fd() -> int | None:
+    """The socket systemd passed us, if any (LISTEN_PID/LISTEN_FDS)."""
+    try:
+        pid = int(os.environ.get("LISTEN_PID", "0"))
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return None
+    if pid != os.getpid() or count < 1:
+        return None
+    if count > 1:
+        log.warning("socket activation passed %d sockets; serving the first", count)
+    return SD_LISTEN_FDS_START
+
+
+def daemon_config(args: argparse.Namespace) -> DaemonConfig:
+    """The configuration from --config, or one device from the flags."""
+    if args.config:
+        if args.socket_path or args.fd is not None or args.tap:
+            raise ConfigError("--config and the single-device flags cannot be combined")
+        cfg = load_config(args.config)
+    else:
+        fd = args.fd if args.fd is not None else None
+        if fd is None and not args.socket_path:
+            fd = _activated_fd()
+        if fd is None and not args.socket_path:
+            raise ConfigError("serve needs --socket-path, --fd, socket activation or --config")
+        if not args.tap:
+            raise ConfigError("serve needs --tap (or --config)")
+        socket_path = args.socket_path or ""
+        mac_seed = socket_path or args.name or args.tap
+        mac = parse_mac(args.mac) if args.mac else default_mac(mac_seed)
+        cfg = DaemonConfig(
+            devices=[
+                DeviceOptions(
+                    socket_path=socket_path,
+                    tap=args.tap,
+                    mac=mac,
+                    mtu=args.mtu,
+                    queue_size=args.queue_size,
+                    queue_pairs=args.queue_pairs,
+                    steering=args.steering,
+                    speed_mbps=args.speed,
+                    name=args.name,
+                    listen_fd=fd,
+                )
+            ]
+        )
+    if args.metrics_addr is not None:
+        cfg.metrics_addr = args.metrics_addr
+    if args.admin_socket:
+        cfg.admin_socket = args.admin_socket
+    if args.admin_group:
+        cfg.admin_group = args.admin_group
+    if cfg.metrics_addr != "none":
         try:
-            parse_metrics_addr(args.metrics_addr)
+            parse_metrics_addr(cfg.metrics_addr)
         except ValueError as exc:
-            raise DeviceError(str(exc)) from exc
-    stop = threading.Event()
+            raise ConfigError(str(exc)) from exc
+    for opts in cfg.devices:
+        opts.validate()
+    return cfg
+
+
+def serve(args: argparse.Namespace) -> int:
+    cfg = daemon_config(args)
+    daemon = Daemon(log_level=logging.getLogger().getEffectiveLevel())
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
+        daemon.stop()
+
+    def on_usr1(signum: int, frame: FrameType | None) -> None:
+        # Cycles every device's steering policy (the admin channel sets one).
+        for dev in daemon.devices():
+            nxt = STEERING_POLICIES[(STEERING_POLICIES.index(dev.opts.steering) + 1) % 4]
+            log.info("SIGUSR1: steering policy %s -> %s", dev.opts.steering, nxt)
+            dev.set_steering(nxt)
+
+    def on_usr2(signum: int, frame: FrameType | None) -> None:
+        for dev in daemon.devices():
+            log.info("device %s: counters %s", dev.name, json.dumps(dev.snapshot()))
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    device = VirtioNetDevice(opts, log_level=logging.getLogger().getEffectiveLevel())
-
-    def on_usr1(signum: int, frame: FrameType | None) -> None:
-        # Until the admin channel exists, the operator's way to switch policy.
-        nxt = STEERING_POLICIES[(STEERING_POLICIES.index(device.opts.steering) + 1) % 4]
-        log.info("SIGUSR1: steering policy %s -> %s", device.opts.steering, nxt)
-        device.set_steering(nxt)
-
-    def on_usr2(signum: int, frame: FrameType | None) -> None:
-        # Until metrics and the admin channel exist: counters into the log.
-        log.info("device %s: counters %s", device.name, json.dumps(device.snapshot()))
-
     signal.signal(signal.SIGUSR1, on_usr1)
     signal.signal(signal.SIGUSR2, on_usr2)
-    if args.metrics_addr != "none":
-        try:
-            serve_metrics(args.metrics_addr, lambda: [device])
-        except OSError as exc:
-            # The device matters more than its metrics: serve it anyway.
-            log.error("metrics: cannot listen on %s: %s", args.metrics_addr, exc)
+    admin = None
     try:
-        device.start()
-        while not stop.wait(LINK_POLL_SECONDS):
-            device.poll_link()
+        for opts in cfg.devices:
+            daemon.add_device(opts)
+        if cfg.metrics_addr != "none":
+            try:
+                serve_metrics(cfg.metrics_addr, daemon.devices)
+            except OSError as exc:
+                # The devices matter more than their metrics: serve them anyway.
+                log.error("metrics: cannot listen on %s: %s", cfg.metrics_addr, exc)
+        if cfg.admin_socket:
+            from vfiouser_net.admin.server import start_admin_server
+
+            admin = start_admin_server(cfg.admin_socket, daemon, group=cfg.admin_group)
+        daemon.run()
     finally:
-        device.stop()
+        if admin is not None:
+            admin.close()
+        daemon.shutdown()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "ctl":
+        from vfiouser_net.ctl import main as ctl_main
+
+        return ctl_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
+        level=LOG_LEVELS[args.log_level],
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.print_capabilities:
+        print(json.dumps(capabilities(), indent=2))
+        return 0
+    if args.command != "serve":
+        parser.print_usage(sys.stderr)
+        print("vfiouser-net: error: a command is required (serve, ctl)", file=sys.stderr)
+        return 2
     try:
-        if args.command == "serve":
-            return serve(args)
-    except (DeviceError, TapError) as exc:
+        return serve(args)
+    except (DeviceError, TapError, ConfigError, DaemonError) as exc:
         print(f"vfiouser-net: error: {exc}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {args.command}")
-    return 2
 
 
 if __name__ == "__main__":

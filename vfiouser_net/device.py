@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import stat
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,8 +84,13 @@ class DeviceOptions:
     speed_mbps: int = 10000
     steering: str = "auto"
     name: str = field(default="")
+    # A listening socket handed to us (--fd, systemd socket activation)
+    # instead of a path to bind.
+    listen_fd: int | None = None
 
     def validate(self) -> None:
+        if not self.socket_path and self.listen_fd is None:
+            raise DeviceError("a device needs a socket path or a listening socket (--fd)")
         if len(self.mac) != 6 or self.mac[0] & 1:
             raise DeviceError("the MAC address must be a unicast address of 6 bytes")
         if not 68 <= self.mtu <= 65535:
@@ -138,7 +144,7 @@ class VirtioNetDevice:
     def __init__(self, opts: DeviceOptions, log_level: int = logging.INFO) -> None:
         opts.validate()
         self.opts = opts
-        self.name = opts.name or os.path.basename(opts.socket_path)
+        self.name = opts.name or os.path.basename(opts.socket_path) or f"fd{opts.listen_fd}"
         self.max_qps = opts.queue_pairs
         self.num_queues = 2 * self.max_qps + 1
         self.num_vectors = self.num_queues + 1
@@ -189,8 +195,15 @@ class VirtioNetDevice:
     # -- vfio-user context --------------------------------------------------
 
     def _create_context(self, log_level: int) -> Any:
-        path = self.opts.socket_path
-        _claim_socket_path(path)
+        fd = self.opts.listen_fd
+        if fd is None:
+            path = self.opts.socket_path
+            _claim_socket_path(path)
+        else:
+            # libvfio-user (this revision) only binds paths: let it bind a
+            # throw-away one, then put the socket we were given in its place.
+            tmpdir = tempfile.mkdtemp(prefix="vfiouser-net-")
+            path = os.path.join(tmpdir, "unused.sock")
         ctx = lib.vfu_create_ctx(
             lib.VFU_TRANS_SOCK,
             path.encode(),
@@ -200,6 +213,14 @@ class VirtioNetDevice:
         )
         if ctx == ffi.NULL:
             raise DeviceError(f"cannot listen on {path}: {os.strerror(ffi.errno)}")
+        if fd is not None:
+            listen_fd = lib.vfu_get_poll_fd(ctx)
+            os.dup2(fd, listen_fd)
+            os.set_blocking(listen_fd, False)
+            if fd != listen_fd:
+                os.close(fd)
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))
         try:
             self._setup_pci(ctx, log_level)
         except Exception:
@@ -292,8 +313,9 @@ class VirtioNetDevice:
         lib.vfu_destroy_ctx(self._vfu)
         lib.vn_dev_free(self._dev)
         self.tap.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.opts.socket_path)
+        if self.opts.listen_fd is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.opts.socket_path)
         log.info("device %s: stopped", self.name)
 
     def __enter__(self) -> VirtioNetDevice:
@@ -484,6 +506,36 @@ class VirtioNetDevice:
             "uni_overflow": bool(f.uni_overflow),
             "multi_overflow": bool(f.multi_overflow),
         }
+
+    def ring_state(self) -> list[dict[str, Any]]:
+        """Per virtqueue, as the device sees it (indices, in flight, flags)."""
+        out = []
+        st = ffi.new("struct vn_ring_state *")
+        for qidx in range(self.num_queues):
+            if lib.vn_dev_get_ring_state(self._dev, qidx, st) < 0:
+                continue
+            kind = "ctrl" if qidx == self.num_queues - 1 else ("rx" if qidx % 2 == 0 else "tx")
+            out.append(
+                {
+                    "index": qidx,
+                    "kind": kind,
+                    "pair": qidx // 2 if kind != "ctrl" else None,
+                    "configured": bool(st.configured),
+                    "ready": bool(st.ready),
+                    "broken": bool(st.broken),
+                    "event_idx": bool(st.event_idx),
+                    "size": int(st.size),
+                    "msix_vector": int(st.msix_vector),
+                    "avail_idx": int(st.avail_seen),
+                    "last_avail_idx": int(st.last_avail),
+                    "used_idx": int(st.used_idx),
+                    "in_flight": (int(st.avail_seen) - int(st.used_idx)) & 0xFFFF,
+                    "desc": hex(int(st.desc_gpa)),
+                    "driver": hex(int(st.avail_gpa)),
+                    "device": hex(int(st.used_gpa)),
+                }
+            )
+        return out
 
     def irq_count(self, vector: int) -> int:
         return int(lib.vn_dev_get_irq_count(self._dev, vector))

@@ -590,3 +590,26 @@ uint64_t vn_dev_get_irq_count(struct vn_dev *dev, uint16_t vector)
         return 0;
     return __atomic_load_n(&dev->irq_sent[vector], __ATOMIC_RELAXED);
 }
+
+int vn_dev_get_ring_state(struct vn_dev *dev, unsigned qidx, struct vn_ring_state *out)
+{
+    memset(out, 0, sizeof(*out));
+    const struct vn_vq *vq = queue_by_index(dev, qidx);
+    if (vq == NULL)
+        return -EINVAL;
+    /* Plain reads of fields other threads write: a snapshot for humans,
+     * each field read once, possibly mid-update. */
+    out->configured = __atomic_load_n(&vq->size, __ATOMIC_RELAXED) != 0;
+    out->ready = __atomic_load_n(&vq->desc, __ATOMIC_RELAXED) != NULL;
+    out->broken = __atomic_load_n(&vq->broken, __ATOMIC_RELAXED);
+    out->event_idx = vq->event_idx;
+    out->size = vq->size;
+    out->msix_vector = vq->msix_vector;
+    out->last_avail = __atomic_load_n(&vq->last_avail, __ATOMIC_RELAXED);
+    out->used_idx = __atomic_load_n(&vq->used_idx, __ATOMIC_RELAXED);
+    out->avail_seen = (uint16_t)VN_STAT_LOAD(vq->st->avail_seen);
+    out->desc_gpa = vq->desc_gpa;
+    out->avail_gpa = vq->avail_gpa;
+    out->used_gpa = vq->used_gpa;
+    return 0;
+}

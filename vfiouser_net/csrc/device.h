@@ -262,6 +262,22 @@ void vn_dev_get_ctrl_stats(struct vn_dev *dev, struct vn_dir_stats *out);
 void vn_dev_get_dev_stats(struct vn_dev *dev, struct vn_dev_stats *out);
 uint64_t vn_dev_get_irq_count(struct vn_dev *dev, uint16_t vector);
 
+/* Device-side ring state of queue qidx (rx0, tx0, ..., control) for
+ * operators: no guest memory is read (it may be unmapped meanwhile). */
+struct vn_ring_state {
+    bool configured;
+    bool ready;
+    bool broken;
+    bool event_idx;
+    uint16_t size;
+    uint16_t msix_vector;
+    uint16_t last_avail;
+    uint16_t used_idx;
+    uint16_t avail_seen;     /* the driver's avail index when last read */
+    uint64_t desc_gpa, avail_gpa, used_gpa;
+};
+int vn_dev_get_ring_state(struct vn_dev *dev, unsigned qidx, struct vn_ring_state *out);
+
 /* Log through the control plane (context thread, or rate limited). */
 void vn_log(struct vn_dev *dev, int level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

@@ -127,6 +127,19 @@ void vn_dev_request_policy(struct vn_dev *dev, int policy);
 void vn_dev_set_steer_cap(struct vn_dev *dev, uint8_t *cap);
 void vn_dev_get_steering(struct vn_dev *dev, struct vn_steer_info *out);
 const char *vn_policy_name(int policy);
+struct vn_ring_state {
+    bool configured;
+    bool ready;
+    bool broken;
+    bool event_idx;
+    uint16_t size;
+    uint16_t msix_vector;
+    uint16_t last_avail;
+    uint16_t used_idx;
+    uint16_t avail_seen;
+    uint64_t desc_gpa, avail_gpa, used_gpa;
+};
+int vn_dev_get_ring_state(struct vn_dev *dev, unsigned qidx, struct vn_ring_state *out);
 const char *vn_drop_reason_name(int reason);
 const char *vn_error_reason_name(int reason);
 

@@ -18,6 +18,7 @@ vfu_ctx_t *vfu_create_ctx(vfu_trans_t trans, const char *path, int flags, void *
                           vfu_dev_type_t dev_type);
 int vfu_realize_ctx(vfu_ctx_t *vfu_ctx);
 void vfu_destroy_ctx(vfu_ctx_t *vfu_ctx);
+int vfu_get_poll_fd(vfu_ctx_t *vfu_ctx);
 int vfu_pci_init(vfu_ctx_t *vfu_ctx, vfu_pci_type_t pci_type, int hdr_type, int revision);
 void vfu_pci_set_id(vfu_ctx_t *vfu_ctx, uint16_t vid, uint16_t did, uint16_t ssvid, uint16_t ssid);
 void vfu_pci_set_class(vfu_ctx_t *vfu_ctx, uint8_t base, uint8_t sub, uint8_t pi);

@@ -1,0 +1,134 @@
+"""The daemon's configuration file (TOML): daemon settings and devices.
+
+    [daemon]
+    admin_socket = "/run/vfiouser-net/admin.sock"   # optional
+    admin_group = "kvm"                              # optional: group allowed to connect
+    metrics_addr = "127.0.0.1:9742"                  # or "none"
+    log_level = "info"
+
+    [[device]]
+    name = "vm1"                                     # optional: default from the socket name
+    socket = "/run/vfiouser-net/vm1.sock"
+    tap = "tap-vm1"
+    mac = "52:54:00:00:00:01"                        # optional
+    mtu = 1500                                       # optional
+    queue_pairs = 4                                  # optional
+    queue_size = 256                                 # optional
+    steering = "auto"                                # optional
+    speed = 10000                                    # optional, Mbit/s
+
+Every error names the file, the entry and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vfiouser_net.device import DeviceError, DeviceOptions, parse_mac
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DaemonConfig:
+    admin_socket: str | None = None
+    admin_group: str | None = None
+    metrics_addr: str = "127.0.0.1:9742"
+    log_level: str = "info"
+    devices: list[DeviceOptions] = field(default_factory=list)
+
+
+def default_mac(socket_path: str) -> bytes:
+    """A stable locally administered MAC derived from the socket path."""
+    digest = hashlib.sha256(socket_path.encode()).digest()
+    return bytes([0x02, digest[0], digest[1], digest[2], digest[3], digest[4]])
+
+
+_DAEMON_KEYS: dict[str, type] = {
+    "admin_socket": str,
+    "admin_group": str,
+    "metrics_addr": str,
+    "log_level": str,
+}
+_DEVICE_KEYS: dict[str, type] = {
+    "name": str,
+    "socket": str,
+    "tap": str,
+    "mac": str,
+    "mtu": int,
+    "queue_pairs": int,
+    "queue_size": int,
+    "steering": str,
+    "speed": int,
+}
+
+
+def _check_keys(where: str, table: dict[str, Any], allowed: dict[str, type]) -> None:
+    for key, value in table.items():
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(allowed)})")
+        want = allowed[key]
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: {key} must be a {want.__name__}, not {value!r}")
+
+
+def device_options(where: str, entry: dict[str, Any]) -> DeviceOptions:
+    _check_keys(where, entry, _DEVICE_KEYS)
+    for key in ("socket", "tap"):
+        if key not in entry:
+            raise ConfigError(f"{where}: {key} is required")
+    try:
+        mac = parse_mac(entry["mac"]) if "mac" in entry else default_mac(entry["socket"])
+        opts = DeviceOptions(
+            socket_path=entry["socket"],
+            tap=entry["tap"],
+            mac=mac,
+            mtu=entry.get("mtu", 1500),
+            queue_pairs=entry.get("queue_pairs", 1),
+            queue_size=entry.get("queue_size", 256),
+            steering=entry.get("steering", "auto"),
+            speed_mbps=entry.get("speed", 10000),
+            name=entry.get("name", ""),
+        )
+        opts.validate()
+    except DeviceError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return opts
+
+
+def load(path: str | Path) -> DaemonConfig:
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    unknown = set(raw) - {"daemon", "device"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
+    daemon = raw.get("daemon", {})
+    if not isinstance(daemon, dict):
+        raise ConfigError(f"{path}: [daemon] must be a table")
+    _check_keys(f"{path}: [daemon]", daemon, _DAEMON_KEYS)
+    cfg = DaemonConfig(**daemon)
+    devices = raw.get("device", [])
+    if not isinstance(devices, list):
+        raise ConfigError(f"{path}: devices are [[device]] tables")
+    names: set[str] = set()
+    for i, entry in enumerate(devices):
+        where = f"{path}: device #{i + 1}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be a table")
+        opts = device_options(where, entry)
+        name = opts.name or opts.socket_path.rsplit("/", 1)[-1]
+        if name in names:
+            raise ConfigError(f"{where}: duplicate device name {name!r}")
+        names.add(name)
+        cfg.devices.append(opts)
+    return cfg

@@ -1,0 +1,104 @@
+"""One daemon, many devices: the set of devices served, added and removed at
+run time, each independent of the others.
+
+A fault in one device (its QEMU killed, a hostile guest, its TAP removed)
+stays in that device: each has its own context thread and workers, and the
+daemon's own loop only polls links, catching whatever one device raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from vfiouser_net.device import DeviceError, DeviceOptions, VirtioNetDevice
+
+log = logging.getLogger(__name__)
+
+LINK_POLL_SECONDS = 0.2
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class DaemonError(RuntimeError):
+    pass
+
+
+class Daemon:
+    def __init__(self, log_level: int = logging.INFO) -> None:
+        self.log_level = log_level
+        self.stop_event = threading.Event()
+        self._lock = threading.RLock()
+        self._devices: dict[str, VirtioNetDevice] = {}
+
+    def devices(self) -> list[VirtioNetDevice]:
+        with self._lock:
+            return list(self._devices.values())
+
+    def get(self, name: str) -> VirtioNetDevice:
+        with self._lock:
+            dev = self._devices.get(name)
+        if dev is None:
+            raise DaemonError(f"no device named {name!r}")
+        return dev
+
+    def add_device(self, opts: DeviceOptions) -> VirtioNetDevice:
+        """Create and start a device; its name and socket must be new."""
+        with self._lock:
+            name = opts.name or opts.socket_path.rsplit("/", 1)[-1] or f"fd{opts.listen_fd}"
+            if name in self._devices:
+                raise DaemonError(f"a device named {name!r} already exists")
+            for other in self._devices.values():
+                if opts.socket_path and other.opts.socket_path == opts.socket_path:
+                    raise DaemonError(
+                        f"socket {opts.socket_path} is already served by {other.name}"
+                    )
+                if other.opts.tap == opts.tap:
+                    raise DaemonError(f"TAP {opts.tap} is already used by {other.name}")
+            opts.name = name
+            dev = VirtioNetDevice(opts, log_level=self.log_level)
+            try:
+                dev.start()
+            except Exception:
+                dev.stop()
+                raise
+            self._devices[name] = dev
+            return dev
+
+    def remove_device(self, name: str) -> None:
+        with self._lock:
+            dev = self._devices.pop(name, None)
+        if dev is None:
+            raise DaemonError(f"no device named {name!r}")
+        dev.stop()
+
+    def set_log_level(self, level: str) -> None:
+        if level not in LOG_LEVELS:
+            raise DaemonError(f"unknown log level {level!r} (one of {', '.join(LOG_LEVELS)})")
+        logging.getLogger().setLevel(LOG_LEVELS[level])
+        self.log_level = LOG_LEVELS[level]
+        log.info("log level %s", level)
+
+    def run(self) -> None:
+        """Until stop(): follow every device's link (the TAP's IFF_UP)."""
+        while not self.stop_event.wait(LINK_POLL_SECONDS):
+            for dev in self.devices():
+                try:
+                    dev.poll_link()
+                except Exception:
+                    log.exception("device %s: link poll failed", dev.name)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def shutdown(self) -> None:
+        """Stop every device (workers, guest memory, sockets)."""
+        for dev in self.devices():
+            try:
+                self.remove_device(dev.name)
+            except (DaemonError, DeviceError):
+                log.exception("device %s: stop failed", dev.name)
