@@ -51,6 +51,7 @@ ffibuilder.set_source(
     #include <stdbool.h>
     #include <linux/pci_regs.h>
     #include "libvfio-user.h"
+    #include "capture.h"
     #include "device.h"
     #include "layout.h"
     #include "server.h"

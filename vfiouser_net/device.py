@@ -537,6 +537,14 @@ class VirtioNetDevice:
             )
         return out
 
+    def capture(
+        self, path: str, *, queue: int = -1, count: int = 100, seconds: float = 10.0
+    ) -> dict[str, Any]:
+        """Capture frames of this device (or one queue pair) to a pcap file."""
+        from vfiouser_net.capture import capture_to_pcap
+
+        return capture_to_pcap(self._dev, path, queue=queue, count=count, seconds=seconds)
+
     def irq_count(self, vector: int) -> int:
         return int(lib.vn_dev_get_irq_count(self._dev, vector))
 

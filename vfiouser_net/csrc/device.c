@@ -82,6 +82,10 @@ struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu)
     atomic_store(&dev->link_up, true);
     dev->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     dev->cmd_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (vn_capture_init(&dev->capture) < 0) {
+        dev->capture.send_fd = dev->capture.recv_fd = -1;
+        atomic_store(&dev->capture.queue, -2);
+    }
     dev->hdr_len = VN_NET_HDR_LEN;
     dev->drain_grace_ns = VN_STEER_DRAIN_GRACE_NS;
     atomic_store(&dev->requested_policy, -1);
@@ -123,6 +127,7 @@ void vn_dev_free(struct vn_dev *dev)
     }
     close(dev->stop_fd);
     close(dev->cmd_fd);
+    vn_capture_fini(&dev->capture);
     pthread_rwlock_destroy(&dev->irq_lock);
     free(dev);
 }

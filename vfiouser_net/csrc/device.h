@@ -19,6 +19,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "capture.h"
 #include "guest_mem.h"
 #include "rx_filter.h"
 #include "stats.h"
@@ -174,6 +175,7 @@ struct vn_dev {
     uint64_t irq_sent[VN_MAX_VECTORS];
 
     int stop_fd;
+    struct vn_capture capture;
     struct vn_dev_stats st;
 };
 

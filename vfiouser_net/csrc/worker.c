@@ -152,6 +152,9 @@ static bool process_tx(struct vn_qp *qp)
             if (n < 0) {
                 VN_STAT_INC(st->drops[VN_DROP_TAP_ERROR]);
             } else {
+                if (vn_capture_wanted(&dev->capture, qp->index))
+                    vn_capture_frame(&dev->capture, qp->index, 1, qp->tx_iov, c.niov, hdr,
+                                     c.out_len - hdr);
                 VN_STAT_INC(st->packets);
                 VN_STAT_ADD(st->bytes, c.out_len - hdr);
                 VN_STAT_INC(st->size_hist[vn_size_bucket(c.out_len - hdr)]);
@@ -316,6 +319,8 @@ static unsigned rx_publish(struct vn_qp *qp, uint64_t n, uint32_t hash, uint8_t 
         qp->rx_prefetched_bytes -= qp->rx_buf[qp->rx_first + i].len;
     qp->rx_first += used;
     qp->rx_count -= used;
+    if (vn_capture_wanted(&dev->capture, qp->index))
+        vn_capture_frame(&dev->capture, qp->index, 0, iov, niov, dev->hdr_len, n - dev->hdr_len);
     VN_STAT_INC(qp->st.rx.packets);
     VN_STAT_ADD(qp->st.rx.bytes, n - dev->hdr_len);
     VN_STAT_INC(qp->st.rx.size_hist[vn_size_bucket(n - dev->hdr_len)]);

@@ -156,6 +156,19 @@ void vn_flow_parse(const uint8_t *frame, size_t len, struct vn_flow_tuple *t);
 uint32_t vn_rss_hash(const struct vn_flow_tuple *t, uint32_t types, const uint8_t *key,
                      size_t key_len, uint8_t *report);
 
+struct vn_capture_hdr {
+    uint32_t queue_pair;
+    uint32_t direction;
+    uint64_t timestamp_ns;
+    uint32_t orig_len;
+    uint32_t reserved;
+};
+#define VN_CAPTURE_SNAPLEN ...
+int vn_capture_start(struct vn_dev *dev, int queue, int64_t count);
+void vn_capture_stop(struct vn_dev *dev);
+int vn_capture_recv_fd(struct vn_dev *dev);
+void vn_capture_counts(struct vn_dev *dev, uint64_t *captured, uint64_t *missed);
+
 int vn_tap_open(const char *name, bool multi_queue, char *ifname_out);
 int vn_tap_set_flow_steering(int fd);
 
