@@ -14,7 +14,8 @@ requests) runs inside the namespace too:
   the only target of job ``vfiouser-net``, the repository's rules file), its
   storage in a temporary directory, on 127.0.0.1:<free port>, and queries its
   HTTP API. It is stopped (SIGTERM, then SIGKILL) on the way out of the
-  context manager, also when the body raises.
+  context manager, also when the body raises, and killed with the test
+  process if that dies first (:func:`popen_in_netns`).
 
 Prerequisites: :func:`prometheus_tools` skips the test when prometheus or
 promtool is missing, and fails it under CI=true.
