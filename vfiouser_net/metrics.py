@@ -99,7 +99,11 @@ class _Families:
             return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
 
         self.packets = counter("queue_packets", "Frames moved by a queue.", q)
-        self.bytes = counter("queue_bytes", "Bytes moved by a queue (frame bytes, no header).", q)
+        self.bytes = counter(
+            "queue_bytes",
+            "Bytes moved by a queue (whole Ethernet frames, without the virtio-net header).",
+            q,
+        )
         self.drops = counter("queue_drops", "Frames dropped, by reason.", [*q, "reason"])
         self.errors = counter("queue_errors", "Guest errors found, by reason.", [*q, "reason"])
         self.kicks = counter("queue_kicks", "Doorbells (kicks) received from the guest.", q)

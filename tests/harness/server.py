@@ -123,6 +123,9 @@ class Server:
         self.stop()
         if exc[0] is not None:
             log.error("server log (%s):\n%s", self.log_path, self.log()[-4000:])
+        else:
+            # Kept only when something failed.
+            self.log_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
