@@ -23,6 +23,7 @@ msgpack, so the client side never loads the datapath.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import struct
@@ -672,13 +673,20 @@ class AdminClient:
     def request(self, message: Mapping[str, Any]) -> Any:
         """Send one raw message (any map) and return the decoded reply."""
         self.connect()
-        assert self._sock is not None
+        sock = self._sock
+        assert sock is not None
         try:
-            self._sock.sendall(encode_frame(dict(message)))
-            body = recv_frame(self._sock, MAX_FRAME, self.timeout, self.timeout)
+            # The daemon may have replied (busy) and closed before reading the
+            # request: its reply is still waiting in our buffer.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(encode_frame(dict(message)))
+            body = recv_frame(sock, MAX_FRAME, self.timeout, self.timeout)
         except TimeoutError as exc:
             self.close()
             raise Unreachable(f"no reply from {self.path} within {self.timeout} s") from exc
+        except TruncatedFrame as exc:
+            self.close()
+            raise Unreachable(f"{self.path}: the connection broke during a reply") from exc
         except ProtocolError:
             self.close()
             raise
