@@ -1176,18 +1176,11 @@ def _wait_idx(q: Any, old: int, timeout: float) -> bool:
     return True
 
 
-SHRINK_BUG = (
-    "device bug: after VQ_PAIRS_SET shrinks the pairs, vn_dev_steering_hold only waits for "
-    "the new active rx queues to be consumed, not for frames already placed on the "
-    "disabled ones, so a flow moved off queue 2 overtakes its own older frame"
-)
-
-
 @pytest.mark.parametrize(
     "switch",
     [
         "rss_table",
-        pytest.param("vq_pairs_shrink", marks=pytest.mark.xfail(strict=True, reason=SHRINK_BUG)),
+        "vq_pairs_shrink",
     ],
 )
 def test_switch_holds_new_frames_until_old_consumed(

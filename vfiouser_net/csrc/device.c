@@ -338,6 +338,9 @@ void vn_dev_steering_commit(struct vn_dev *dev, unsigned active_qps)
             vn_inbox_drain(dev, qp, VN_DROP_QUEUE_DISABLED);
         old += (int)qp->inbox.count;
     }
+    /* Wait for every ring that may hold old frames: pairs just disabled
+     * too, or a flow moved off them could overtake its own frames. */
+    dev->drain_qps = dev->active_qps > active_qps ? dev->active_qps : active_qps;
     dev->active_qps = active_qps;
     dev->learn_tx = vn_steering_effective(&dev->steer) == VN_POLICY_RX_FOLLOWS_TX;
     atomic_store(&dev->old_inflight, old);
@@ -365,7 +368,7 @@ bool vn_dev_steering_hold(struct vn_dev *dev)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     uint64_t now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
     bool caught_up = true;
-    for (unsigned i = 0; i < dev->active_qps && caught_up; i++)
+    for (unsigned i = 0; i < dev->drain_qps && i < dev->max_qps && caught_up; i++)
         caught_up = vn_vq_driver_caught_up(&dev->qp[i].rx);
     if (now < dev->drain_deadline_ns) {
         if (!caught_up) {

@@ -159,6 +159,7 @@ struct vn_dev {
     uint64_t drain_deadline_ns;
     _Atomic uint64_t drained_since_ns; /* first seen caught up (0: not yet) */
     uint64_t drain_grace_ns;           /* VN_STEER_DRAIN_GRACE_NS */
+    unsigned drain_qps;                /* rx rings to wait for: the old and new pairs */
     _Atomic int requested_policy; /* from the operator, applied by the context thread */
     int cmd_fd;                   /* wakes the context thread for it */
     uint8_t *steer_cap;           /* steering state in PCI config space (vendor cap) */
