@@ -13,6 +13,7 @@ import errno
 import grp
 import logging
 import os
+import resource
 import shutil
 import socket
 import stat
@@ -814,6 +815,25 @@ def test_stale_socket_replaced_live_refused_file_refused(sockdir: str, daemon: F
     with pytest.raises(AdminServerError, match="not a socket"):
         start_admin_server(path, daemon)
     assert os.path.isfile(path)
+
+
+def test_descriptors_past_fd_setsize(sockdir: str, daemon: FakeDaemon) -> None:
+    """A daemon with many devices holds many descriptors: no select() limits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1400:
+        if hard != resource.RLIM_INFINITY and hard < 1400:
+            pytest.skip("RLIMIT_NOFILE too low")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1400, hard))
+    fillers = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        with start_admin_server(os.path.join(sockdir, "a.sock"), daemon) as srv:
+            assert srv._listener.fileno() > 1024
+            still_serving(srv)
+            still_serving(srv)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_close_stops_everything(sockdir: str, daemon: FakeDaemon) -> None:

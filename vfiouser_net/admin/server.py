@@ -167,13 +167,19 @@ class AdminServer:
             return len(self._conns)
 
     def _accept_loop(self) -> None:
-        listener = self._listener.fileno()
+        # poll, not select: a daemon with many devices has descriptors past FD_SETSIZE.
+        poller = select.poll()
+        poller.register(self._listener.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         while True:
             try:
-                ready, _, _ = select.select([listener, self._wake_r], [], [])
-            except OSError:
+                events = poller.poll()
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                log.error("admin socket: poll failed, no longer accepting: %s", exc)
                 return
-            if self._wake_r in ready or self._closing:
+            if self._closing or any(fd == self._wake_r for fd, _ in events):
                 return
             try:
                 conn, _ = self._listener.accept()
@@ -192,8 +198,9 @@ class AdminServer:
                 conn.close()
 
     def _wait_closing(self, seconds: float) -> bool:
-        ready, _, _ = select.select([self._wake_r], [], [], seconds)
-        return bool(ready) or self._closing
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        return bool(poller.poll(seconds * 1000)) or self._closing
 
     def _admit(self, conn: socket.socket) -> None:
         pid, uid, gid = _UCRED.unpack(
