@@ -13,6 +13,7 @@ import logging
 import mmap
 import os
 import struct
+import sys
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -143,19 +144,28 @@ class GuestMemory:
         return int(_U16.unpack_from(self.buf, self._off(addr, 2))[0])
 
     def write_u16(self, addr: int, value: int) -> None:
-        _U16.pack_into(self.buf, self._off(addr, 2), value)
+        # One 16-bit store: struct.pack_into zero-fills first, and the device
+        # reading ring indices concurrently must never see that 0.
+        self._store(addr, 2, "H", value)
 
     def read_u32(self, addr: int) -> int:
         return int(_U32.unpack_from(self.buf, self._off(addr, 4))[0])
 
     def write_u32(self, addr: int, value: int) -> None:
-        _U32.pack_into(self.buf, self._off(addr, 4), value)
+        self._store(addr, 4, "I", value)
 
     def read_u64(self, addr: int) -> int:
         return int(_U64.unpack_from(self.buf, self._off(addr, 8))[0])
 
     def write_u64(self, addr: int, value: int) -> None:
-        _U64.pack_into(self.buf, self._off(addr, 8), value)
+        self._store(addr, 8, "Q", value)
+
+    def _store(self, addr: int, size: int, code: str, value: int) -> None:
+        off = self._off(addr, size)
+        if off % size == 0 and sys.byteorder == "little":
+            memoryview(self.buf)[off : off + size].cast(code)[0] = value
+        else:
+            self.buf[off : off + size] = value.to_bytes(size, "little")
 
     def pack_into(self, fmt: str | struct.Struct, addr: int, *values: object) -> None:
         s = fmt if isinstance(fmt, struct.Struct) else struct.Struct(fmt)

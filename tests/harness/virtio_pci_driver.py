@@ -1106,13 +1106,14 @@ class VirtioNetDriver:
 
     @property
     def max_pairs(self) -> int:
-        if self.has(VIRTIO_NET_F_MQ):
+        # virtio 5.1.2: N = max_virtqueue_pairs when MQ or RSS is negotiated.
+        if self.has(VIRTIO_NET_F_MQ) or self.has(VIRTIO_NET_F_RSS):
             return self.read_config().max_virtqueue_pairs
         return 1
 
     @property
     def ctrl_index(self) -> int:
-        return 2 * self.max_pairs if self.has(VIRTIO_NET_F_MQ) else 2
+        return 2 * self.max_pairs
 
     def bring_up(
         self, pairs: int = 1, rx_buffers: int | None = None, *, set_pairs: bool = True

@@ -271,8 +271,11 @@ class DeviceEnv:
         while True:
             found = [m.group(1) for ln in self.log().splitlines() if (m := rx.search(ln))]
             if len(found) > before:
-                counters: dict[str, Any] = json.loads(found[-1])
-                return counters
+                try:
+                    counters: dict[str, Any] = json.loads(found[-1])
+                    return counters
+                except json.JSONDecodeError:
+                    pass  # the line is still being written
             if time.monotonic() > deadline:
                 raise AssertionError(f"no counters logged on SIGUSR2:\n{self.log()[-2000:]}")
             time.sleep(0.02)
