@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,13 @@ _busy_lock = threading.Lock()
 
 
 def capture_to_pcap(
-    dev_handle: Any, path: str | Path, *, queue: int = -1, count: int = 100, seconds: float = 10.0
+    dev_handle: Any,
+    path: str | Path,
+    *,
+    queue: int = -1,
+    count: int = 100,
+    seconds: float = 10.0,
+    stopped: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
     """Capture up to `count` frames or for `seconds`, whichever ends first.
 
@@ -53,7 +60,13 @@ def capture_to_pcap(
             raise CaptureError(f"no queue pair {queue}")
         written = 0
         deadline = time.monotonic() + seconds
-        with open(path, "wb") as out:
+        # The daemon may run as root and the path comes from an operator's
+        # request: never follow a link or overwrite an existing file.
+        try:
+            fd_out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+        except OSError as exc:
+            raise CaptureError(f"cannot create {path}: {exc.strerror}") from exc
+        with os.fdopen(fd_out, "wb") as out:
             out.write(
                 struct.pack(
                     "<IHHiIII",
@@ -67,7 +80,7 @@ def capture_to_pcap(
                 )
             )
             try:
-                while written < count:
+                while written < count and not stopped():
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break

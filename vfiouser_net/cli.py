@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
 from vfiouser_net.config import ConfigError, DaemonConfig, default_mac
 from vfiouser_net.config import load as load_config
@@ -204,6 +205,29 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
     return cfg
 
 
+# A capture asked for by count alone still ends; one asked by time alone
+# takes whatever arrives.
+CAPTURE_MAX_SECONDS = 600.0
+CAPTURE_MAX_FRAMES = 10_000_000
+
+
+def _capture_hook(dev: Any, req: Any) -> dict[str, Any]:
+    from vfiouser_net.admin.commands import CommandError
+    from vfiouser_net.admin.protocol import UNSUPPORTED
+    from vfiouser_net.capture import CaptureError
+
+    try:
+        result: dict[str, Any] = dev.capture(
+            req.file,
+            queue=-1 if req.queue is None else req.queue,
+            count=req.count or CAPTURE_MAX_FRAMES,
+            seconds=min(req.seconds or CAPTURE_MAX_SECONDS, CAPTURE_MAX_SECONDS),
+        )
+    except (CaptureError, OSError) as exc:
+        raise CommandError(UNSUPPORTED, f"capture failed: {exc}") from exc
+    return result
+
+
 def serve(args: argparse.Namespace) -> int:
     cfg = daemon_config(args)
     daemon = Daemon(log_level=logging.getLogger().getEffectiveLevel())
@@ -240,7 +264,9 @@ def serve(args: argparse.Namespace) -> int:
         if cfg.admin_socket:
             from vfiouser_net.admin.server import start_admin_server
 
-            admin = start_admin_server(cfg.admin_socket, daemon, group=cfg.admin_group)
+            admin = start_admin_server(
+                cfg.admin_socket, daemon, group=cfg.admin_group, capture=_capture_hook
+            )
         daemon.run()
     finally:
         if admin is not None:
@@ -273,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     except (DeviceError, TapError, ConfigError, DaemonError) as exc:
         print(f"vfiouser-net: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from vfiouser_net.admin.server import AdminServerError
+
+        if isinstance(exc, AdminServerError):
+            print(f"vfiouser-net: error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import socket
 import stat
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +153,11 @@ class VirtioNetDevice:
         self.resets: dict[str, int] = {}
         self.operator_link_up = True
         self._closed = False
+        # Operator calls (admin threads, metrics scrapes, signals) may run
+        # while another thread stops the device: they hold a use while they
+        # touch the C device, and stop() frees it only when none is left.
+        self._uses = 0
+        self._uses_cond = threading.Condition()
         self._thread: threading.Thread | None = None
         multiqueue = self.max_qps > 1
         self.offered = OFFERED_FEATURES | (MULTIQUEUE_FEATURES if multiqueue else 0)
@@ -296,10 +302,32 @@ class VirtioNetDevice:
         if rc < 0:
             log.error("device %s: serving failed: %s", self.name, os.strerror(-rc))
 
+    @contextlib.contextmanager
+    def _in_use(self) -> Iterator[None]:
+        with self._uses_cond:
+            if self._closed:
+                raise DeviceError(f"device {self.name} is stopped")
+            self._uses += 1
+        try:
+            yield
+        finally:
+            with self._uses_cond:
+                self._uses -= 1
+                self._uses_cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def stop(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._uses_cond:
+            if self._closed:
+                return
+            self._closed = True
+            # A running capture notices _closed and ends within its poll.
+            lib.vn_capture_stop(self._dev)
+            while self._uses:
+                self._uses_cond.wait()
         lib.vn_server_stop(self._dev)
         if self._thread is not None:
             self._thread.join()
@@ -307,7 +335,7 @@ class VirtioNetDevice:
         # Destroying it unmaps guest memory without a quiesce, so the
         # workers must be stopped first.
         lib.vn_dev_reset(self._dev)
-        log.info("device %s: final counters %s", self.name, json.dumps(self.snapshot()))
+        log.info("device %s: final counters %s", self.name, json.dumps(self._snapshot()))
         # The capability lives in the context's config space, freed next.
         lib.vn_dev_set_steer_cap(self._dev, ffi.NULL)
         lib.vfu_destroy_ctx(self._vfu)
@@ -361,10 +389,15 @@ class VirtioNetDevice:
             raise DeviceError(
                 f"unknown steering policy {policy!r} (one of {', '.join(STEERING_POLICIES)})"
             )
-        self.opts.steering = policy
-        lib.vn_dev_request_policy(self._dev, STEERING_POLICIES.index(policy))
+        with self._in_use():
+            self.opts.steering = policy
+            lib.vn_dev_request_policy(self._dev, STEERING_POLICIES.index(policy))
 
     def steering(self) -> dict[str, Any]:
+        with self._in_use():
+            return self._steering()
+
+    def _steering(self) -> dict[str, Any]:
         info = ffi.new("struct vn_steer_info *")
         lib.vn_dev_get_steering(self._dev, info)
         return {
@@ -445,6 +478,10 @@ class VirtioNetDevice:
 
     def poll_link(self) -> None:
         """Follow the operator's switch and the TAP's IFF_UP."""
+        with self._in_use():
+            self._poll_link()
+
+    def _poll_link(self) -> None:
         up = self.operator_link_up and self.tap.is_up()
         if up == self.config.link_up:
             return
@@ -509,6 +546,10 @@ class VirtioNetDevice:
 
     def ring_state(self) -> list[dict[str, Any]]:
         """Per virtqueue, as the device sees it (indices, in flight, flags)."""
+        with self._in_use():
+            return self._ring_state()
+
+    def _ring_state(self) -> list[dict[str, Any]]:
         out = []
         st = ffi.new("struct vn_ring_state *")
         for qidx in range(self.num_queues):
@@ -543,12 +584,24 @@ class VirtioNetDevice:
         """Capture frames of this device (or one queue pair) to a pcap file."""
         from vfiouser_net.capture import capture_to_pcap
 
-        return capture_to_pcap(self._dev, path, queue=queue, count=count, seconds=seconds)
+        with self._in_use():
+            return capture_to_pcap(
+                self._dev,
+                path,
+                queue=queue,
+                count=count,
+                seconds=seconds,
+                stopped=lambda: self._closed,
+            )
 
     def irq_count(self, vector: int) -> int:
         return int(lib.vn_dev_get_irq_count(self._dev, vector))
 
     def snapshot(self) -> dict[str, Any]:
+        with self._in_use():
+            return self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any]:
         t = self.transport
         return {
             "name": self.name,
@@ -560,7 +613,7 @@ class VirtioNetDevice:
             "link_up": self.config.link_up,
             "mtu": self.opts.mtu,
             "queue_pairs": self.max_qps,
-            "steering": self.steering(),
+            "steering": self._steering(),
             "rx_filter": self.rx_filter(),
             "queues": [self.queue_stats(i) for i in range(self.max_qps)],
             "ctrl": self.ctrl_stats(),
