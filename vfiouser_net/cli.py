@@ -241,11 +241,17 @@ def serve(args: argparse.Namespace) -> int:
         for dev in daemon.devices():
             nxt = STEERING_POLICIES[(STEERING_POLICIES.index(dev.opts.steering) + 1) % 4]
             log.info("SIGUSR1: steering policy %s -> %s", dev.opts.steering, nxt)
-            dev.set_steering(nxt)
+            try:
+                dev.set_steering(nxt)
+            except DeviceError as exc:  # stopped meanwhile
+                log.warning("SIGUSR1: %s", exc)
 
     def on_usr2(signum: int, frame: FrameType | None) -> None:
         for dev in daemon.devices():
-            log.info("device %s: counters %s", dev.name, json.dumps(dev.snapshot()))
+            try:
+                log.info("device %s: counters %s", dev.name, json.dumps(dev.snapshot()))
+            except DeviceError as exc:
+                log.warning("SIGUSR2: %s", exc)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

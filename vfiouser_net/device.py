@@ -18,6 +18,7 @@ import socket
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -392,6 +393,11 @@ class VirtioNetDevice:
         with self._in_use():
             self.opts.steering = policy
             lib.vn_dev_request_policy(self._dev, STEERING_POLICIES.index(policy))
+            # The context thread applies it between messages: normally at
+            # once; wait for it so callers read back what they set.
+            deadline = time.monotonic() + 2.0
+            while self._steering()["policy"] != policy and time.monotonic() < deadline:
+                time.sleep(0.005)
 
     def steering(self) -> dict[str, Any]:
         with self._in_use():
