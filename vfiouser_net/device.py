@@ -14,8 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
-import stat
 import tempfile
 import threading
 import time
@@ -27,6 +25,7 @@ from vfiouser_net import pci_config
 from vfiouser_net.native import ffi, lib
 from vfiouser_net.net_config import NET_CONFIG_SIZE, NetConfig
 from vfiouser_net.tap import Tap
+from vfiouser_net.unix_socket import SocketPathError, claim_socket_path
 from vfiouser_net.virtio_pci import NO_VECTOR, VirtioPciTransport
 from vfiouser_net.virtio_spec import (
     PCI_CLASS_NETWORK_ETHERNET,
@@ -126,20 +125,10 @@ def format_mac(mac: bytes) -> str:
 
 
 def _claim_socket_path(path: str) -> None:
-    """Remove a stale socket left by a dead server; refuse a live one."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise DeviceError(f"{path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            os.unlink(path)
-            return
-    raise DeviceError(f"{path} is already served by another process")
+        claim_socket_path(path)
+    except SocketPathError as exc:
+        raise DeviceError(str(exc)) from exc
 
 
 class VirtioNetDevice:

@@ -26,13 +26,13 @@ import os
 import pwd
 import select
 import socket
-import stat
 import struct
 import threading
 from typing import Any
 
 from vfiouser_net.admin import protocol as p
 from vfiouser_net.admin.commands import CaptureHook, CommandError, Commands, DaemonLike, Peer
+from vfiouser_net.unix_socket import SocketPathError, claim_socket_path
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +56,10 @@ def _resolve_group(group: str) -> int:
 
 
 def _claim_socket_path(path: str) -> None:
-    """Remove a stale socket left by a dead server; refuse a live one or another file."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise AdminServerError(f"admin socket: {path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-            log.info("admin socket: removed stale socket %s", path)
-            return
-    raise AdminServerError(f"admin socket: {path} is already served by another process")
+        claim_socket_path(path)
+    except SocketPathError as exc:
+        raise AdminServerError(f"admin socket: {exc}") from exc
 
 
 def _proc_groups(pid: int) -> set[int]:
