@@ -56,16 +56,17 @@ def capture_to_pcap(
         _drain(fd)
         before = ffi.new("uint64_t[2]")
         lib.vn_capture_counts(dev_handle, before, before + 1)
-        if lib.vn_capture_start(dev_handle, queue, count) < 0:
-            raise CaptureError(f"no queue pair {queue}")
-        written = 0
-        deadline = time.monotonic() + seconds
         # The daemon may run as root and the path comes from an operator's
         # request: never follow a link or overwrite an existing file.
         try:
             fd_out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
         except OSError as exc:
             raise CaptureError(f"cannot create {path}: {exc.strerror}") from exc
+        written = 0
+        deadline = time.monotonic() + seconds
+        # poll, not select: a daemon with many devices has fds past FD_SETSIZE.
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
         with os.fdopen(fd_out, "wb") as out:
             out.write(
                 struct.pack(
@@ -79,13 +80,14 @@ def capture_to_pcap(
                     LINKTYPE_ETHERNET,
                 )
             )
+            if lib.vn_capture_start(dev_handle, queue, count) < 0:
+                raise CaptureError(f"no queue pair {queue}")
             try:
                 while written < count and not stopped():
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
-                    ready, _, _ = select.select([fd], [], [], min(left, 0.2))
-                    if not ready:
+                    if not poller.poll(int(min(left, 0.2) * 1000)):
                         continue
                     data = _recv(fd)
                     if len(data) < _HDR.size:
@@ -121,5 +123,7 @@ def _recv(fd: int) -> bytes:
 
 def _drain(fd: int) -> None:
     """Forget frames left from an earlier capture."""
-    while select.select([fd], [], [], 0)[0]:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while poller.poll(0):
         _recv(fd)

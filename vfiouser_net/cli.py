@@ -213,7 +213,7 @@ CAPTURE_MAX_FRAMES = 10_000_000
 
 def _capture_hook(dev: Any, req: Any) -> dict[str, Any]:
     from vfiouser_net.admin.commands import CommandError
-    from vfiouser_net.admin.protocol import UNSUPPORTED
+    from vfiouser_net.admin.protocol import FAILED
     from vfiouser_net.capture import CaptureError
 
     try:
@@ -224,7 +224,7 @@ def _capture_hook(dev: Any, req: Any) -> dict[str, Any]:
             seconds=min(req.seconds or CAPTURE_MAX_SECONDS, CAPTURE_MAX_SECONDS),
         )
     except (CaptureError, OSError) as exc:
-        raise CommandError(UNSUPPORTED, f"capture failed: {exc}") from exc
+        raise CommandError(FAILED, f"capture failed: {exc}") from exc
     return result
 
 

@@ -437,6 +437,10 @@ def _unreachable_hint(exc: Unreachable) -> str:
     return ""
 
 
+# The daemon ends a capture bounded by count alone after this long.
+CAPTURE_MAX_SECONDS = 600.0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ctl command; argv excludes the program name and "ctl"."""
     parser, subparsers = _build()
@@ -457,8 +461,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.timeout <= 0:
         _error("--timeout must be positive")
         return EXIT_USAGE
+    timeout = ns.timeout
+    if spec.name == "capture":
+        # The reply comes when the capture ends: by its duration, or by the
+        # daemon's limit for a capture bounded by count alone.
+        timeout = max(timeout, float(args.get("seconds") or CAPTURE_MAX_SECONDS) + 10.0)
     try:
-        with AdminClient(ns.admin_socket, ns.timeout) as client:
+        with AdminClient(ns.admin_socket, timeout) as client:
             result = client.call(spec.name, args)
     except Unreachable as exc:
         _error(exc.message + _unreachable_hint(exc))

@@ -325,6 +325,7 @@ class VirtioNetDevice:
         # Destroying it unmaps guest memory without a quiesce, so the
         # workers must be stopped first.
         lib.vn_dev_reset(self._dev)
+        self.connected = False
         log.info("device %s: final counters %s", self.name, json.dumps(self._snapshot()))
         # The capability lives in the context's config space, freed next.
         lib.vn_dev_set_steer_cap(self._dev, ffi.NULL)

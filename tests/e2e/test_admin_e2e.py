@@ -19,7 +19,7 @@ up, steering auto):
   guest's ICMP echo requests and the host's replies, ``--queue`` keeping
   only that pair's frames; existing files, links and relative paths are
   refused (and a refused capture must not leave the datapath capturing:
-  xfail, a known bug);
+  fixed bug);
 - ``add``/``remove`` at run time: a second device on a second TAP, a second
   guest pinging through it, removed (that QEMU is killed) and added again
   for a third guest; guest 1 answers a host ping every 0.2 s throughout;
@@ -937,13 +937,6 @@ def capture_backlog(stack: AdminStack) -> int:
     return total
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: capture_to_pcap() calls vn_capture_start() before creating the file and "
-    "outside the try/finally that stops it: a refused file leaves the datapath capturing "
-    "(for a --seconds request, up to 10M frames)",
-)
 def test_refused_capture_leaves_no_capture_running(stack: AdminStack, tmp_path: Path) -> None:
     existing = tmp_path / "existing.pcap"
     existing.write_bytes(b"precious")

@@ -337,7 +337,7 @@ def _capture(cmds: Commands, args: dict[str, Any], peer: Peer) -> Any:
     if cmds.capture_hook is None:
         raise CommandError(
             p.UNSUPPORTED,
-            "capture is not available in this version: the datapath has no capture hook yet",
+            "capture is not available in this daemon",
         )
     return cmds.capture_hook(dev, request)
 

@@ -563,7 +563,8 @@ COMMANDS: dict[str, CommandSpec] = {
                 ),
             ),
             mutates=True,
-            notes="not available yet: the datapath has no capture hook (error 'unsupported')",
+            notes="frames both ways, to a new file (never overwritten or followed through a "
+            "link); a capture bounded by count alone ends after 600 s",
             one_of=("count", "seconds"),
         ),
     )

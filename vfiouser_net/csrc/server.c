@@ -108,8 +108,7 @@ static int quiesce(vfu_ctx_t *ctx)
 static int reset(vfu_ctx_t *ctx, vfu_reset_type_t type)
 {
     struct vn_dev *dev = dev_of(ctx);
-    vn_log(dev, LOG_INFO, "reset (%s)",
-           type == VFU_RESET_DEVICE ? "device" : type == VFU_RESET_LOST_CONN ? "client lost" : "FLR");
+    /* The control plane logs and counts it (with its origin). */
     if (dev->hooks.reset != NULL)
         dev->hooks.reset(dev->hooks.py, (int)type);
     else
