@@ -225,6 +225,8 @@ def test_service_hardening(path: Path) -> None:
         "User": SERVICE_USER,
         "DevicePolicy": "closed",
         "UMask": "0007",
+        # Captures (ctl capture --file) need a writable place that outlives the service.
+        "StateDirectory": SERVICE_USER,
     }
     for key, want in expected.items():
         assert unit.value(s, key) == want, f"{path.name}: {key}={unit.value(s, key)}"
@@ -241,6 +243,8 @@ def test_service_hardening(path: Path) -> None:
     # every socket unit's socket in it) when the service stops.
     assert not {k for k in unit.keys(s) if k.startswith("RuntimeDirectory")}
     assert unit.values(s, "ReadWritePaths") == [RUN_DIR]
+    # The admin channel reads a connecting ctl's /proc/PID/status for its groups.
+    assert unit.value(s, "ProtectProc") in (None, "default")
     assert unit.value(s, "Restart") == "on-failure"
     pre = exec_argv(unit, "ExecStartPre", "vm1" if "@" in path.name else "", {})
     assert [argv[-2:] for argv in pre] == [["--create", TMPFILES.name]]
