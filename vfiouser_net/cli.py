@@ -230,6 +230,9 @@ def _capture_hook(dev: Any, req: Any) -> dict[str, Any]:
 
 def serve(args: argparse.Namespace) -> int:
     cfg = daemon_config(args)
+    if args.config and args.log_level == "info":
+        # The file's level applies unless --log-level says otherwise.
+        logging.getLogger().setLevel(LOG_LEVELS[cfg.log_level])
     daemon = Daemon(log_level=logging.getLogger().getEffectiveLevel())
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

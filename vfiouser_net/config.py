@@ -117,6 +117,11 @@ def load(path: str | Path) -> DaemonConfig:
         raise ConfigError(f"{path}: [daemon] must be a table")
     _check_keys(f"{path}: [daemon]", daemon, _DAEMON_KEYS)
     cfg = DaemonConfig(**daemon)
+    if cfg.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(
+            f"{path}: [daemon] log_level must be debug, info, warning or error, "
+            f"not {cfg.log_level!r}"
+        )
     devices = raw.get("device", [])
     if not isinstance(devices, list):
         raise ConfigError(f"{path}: devices are [[device]] tables")

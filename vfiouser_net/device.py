@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -124,6 +125,31 @@ def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
+def _check_listening_socket(fd: int) -> None:
+    """--fd / socket activation must hand us a listening UNIX stream socket."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError as exc:
+        raise DeviceError(f"file descriptor {fd}: {exc.strerror}") from exc
+    with sock:
+        try:
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError as exc:
+            raise DeviceError(f"file descriptor {fd} is not a socket") from exc
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+            raise DeviceError(
+                f"file descriptor {fd} is not a listening UNIX stream socket "
+                "(a socket unit needs Accept=no and ListenStream=PATH)"
+            )
+
+
+def _socket_name(fd: int) -> str:
+    """The path a handed-over socket is bound to (for logs, ctl, metrics)."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        name = sock.getsockname()
+    return name if isinstance(name, str) else ""
+
+
 def _claim_socket_path(path: str) -> None:
     try:
         claim_socket_path(path)
@@ -149,6 +175,10 @@ class VirtioNetDevice:
         self._uses = 0
         self._uses_cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        if opts.listen_fd is not None:
+            _check_listening_socket(opts.listen_fd)
+            if not opts.socket_path:
+                opts.socket_path = _socket_name(opts.listen_fd)
         multiqueue = self.max_qps > 1
         self.offered = OFFERED_FEATURES | (MULTIQUEUE_FEATURES if multiqueue else 0)
         self.tap = Tap(opts.tap, self.max_qps, opts.mtu)

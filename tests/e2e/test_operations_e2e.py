@@ -31,7 +31,7 @@ Python, else root with nothing but the unit's capabilities (logged).
   device 1 then answers a new vfio-user client.
 - ``--print-capabilities``; bad configuration files and bad flags: exit 2, a
   one-line error naming the file, entry and key, nothing created. Known
-  bugs are xfail (strict).
+  bugs found were fixed.
 
 Everything (daemons, guests, namespaces, TAPs, sockets) is removed at the end,
 also on failure. With CI=true a missing prerequisite fails instead of skipping.
@@ -940,11 +940,6 @@ def test_activation_for_another_process(bad_ns: NetNS, tmp_path: Path) -> None:
     assert_clean_error(code, output, "serve needs --socket-path")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: --fd with a socket that is not listening makes the daemon spin logging "
-    "'accepting a client failed' (about 45,000 lines/s) instead of refusing it",
-)
 def test_fd_not_listening(bad_ns: NetNS, tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unbound:
         fd = unbound.fileno()
@@ -983,11 +978,6 @@ def test_fd_not_listening(bad_ns: NetNS, tmp_path: Path) -> None:
         assert code == 2, tail
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: --fd with a closed descriptor ends in a traceback (OSError from dup2, exit 1) "
-    "after the TAP was opened",
-)
 def test_fd_closed(bad_ns: NetNS, tmp_path: Path) -> None:
     code, output = run_refused(
         bad_ns, ["serve", "--fd", "987", "--tap", "vnbad0", "--metrics-addr", "none"], tmp_path
@@ -995,9 +985,6 @@ def test_fd_closed(bad_ns: NetNS, tmp_path: Path) -> None:
     assert_clean_error(code, output, "987")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug: [daemon] log_level is neither validated nor applied by serve --config"
-)
 def test_config_log_level(bad_ns: NetNS, tmp_path: Path) -> None:
     config = tmp_path / "loud.toml"
     config.write_text(

@@ -197,7 +197,10 @@ int vn_dev_start(struct vn_dev *dev, uint64_t features)
             vqs[k]->event_idx = event_idx;
             vqs[k]->indirect = indirect;
             if (vqs[k]->size != 0 && !vn_vq_map(vqs[k])) {
-                vn_log(dev, LOG_ERR, "queue %u: ring addresses outside guest memory", 2 * i + k);
+                vn_log(dev, LOG_ERR,
+                       "queue %u: ring addresses outside guest memory (is guest RAM a shared "
+                       "memory backend, e.g. memory-backend-memfd,share=on?)",
+                       2 * i + k);
                 ret = -1;
             }
         }

@@ -76,8 +76,9 @@ static void dma_register(vfu_ctx_t *ctx, vfu_dma_info_t *info)
     uint64_t gpa = (uint64_t)(uintptr_t)info->iova.iov_base;
     VN_STAT_INC(dev->st.dma_maps);
     if (info->vaddr == NULL) {
-        vn_log(dev, LOG_WARNING,
-               "DMA region 0x%llx+0x%zx is not mappable (guest RAM must be shared memory)",
+        /* QEMU maps ROM/BIOS areas without a file; only RAM matters, and
+         * rings or buffers outside mapped memory are reported when used. */
+        vn_log(dev, LOG_DEBUG, "DMA region 0x%llx+0x%zx has no file: not mappable",
                (unsigned long long)gpa, info->iova.iov_len);
         return;
     }
@@ -161,6 +162,7 @@ int vn_server_run(struct vn_dev *dev)
 {
     vfu_ctx_t *ctx = dev->vfu;
     bool attached = false;
+    unsigned accept_errors = 0;
     for (;;) {
         struct pollfd pfd[3] = {
             { .fd = vfu_get_poll_fd(ctx), .events = POLLIN },
@@ -186,9 +188,14 @@ int vn_server_run(struct vn_dev *dev)
             if (vfu_attach_ctx(ctx) < 0) {
                 if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
                     continue;
-                vn_log(dev, LOG_ERR, "accepting a client failed: %s", strerror(errno));
+                /* Not a transient condition (a broken listening socket):
+                 * say so once a second at most, and do not spin. */
+                if (accept_errors++ % 10 == 0)
+                    vn_log(dev, LOG_ERR, "accepting a client failed: %s", strerror(errno));
+                poll(NULL, 0, 100);
                 continue;
             }
+            accept_errors = 0;
             attached = true;
             if (dev->hooks.event != NULL)
                 dev->hooks.event(dev->hooks.py, VN_EVENT_CONNECTED);
