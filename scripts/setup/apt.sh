@@ -24,6 +24,7 @@ PKGS=(
     cpio xz-utils zstd gzip file binutils
     clang
     prometheus
+    systemd shellcheck libvirt-clients libxml2-utils
 )
 # Runtime of the default clang (sanitizers, libFuzzer): clang 14 on Debian 12,
 # clang 19 on Debian 13.

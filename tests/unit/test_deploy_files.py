@@ -413,9 +413,8 @@ def test_libvirt_domain() -> None:
 
 def test_libvirt_domain_schema() -> None:
     """libvirt's own RelaxNG schema (libvirt-clients + libxml2-utils), when installed."""
-    validate = shutil.which("virt-xml-validate")
-    if validate is None or shutil.which("xmllint") is None:
-        pytest.skip("virt-xml-validate/xmllint not installed (libvirt-clients, libxml2-utils)")
+    validate = _tool("virt-xml-validate", "libvirt-clients")
+    _tool("xmllint", "libxml2-utils")
     proc = subprocess.run(
         [validate, str(LIBVIRT_DOMAIN), "domain"],
         capture_output=True,
@@ -482,9 +481,7 @@ def test_qemu_example_settings(tmp_path: Path) -> None:
 
 
 def test_qemu_example_shellcheck() -> None:
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed")
+    shellcheck = _tool("shellcheck", "shellcheck")
     proc = subprocess.run(
         [shellcheck, "-s", "sh", str(QEMU_EXAMPLE)],
         capture_output=True,
