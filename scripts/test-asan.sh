@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The datapath built with ASan and UBSan under the protocol and end-to-end
+# tests (the C unit tests already run sanitized in scripts/test.sh). Builds a
+# sanitized copy of the package in a scratch directory, puts it first on
+# PYTHONPATH and preloads the ASan runtime into every process the tests start
+# (daemons included). Extra arguments go to pytest (default: tests/protocol
+# and tests/e2e). Not yet part of .ci/run.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+bash "$HERE/setup.sh"
+VN_CACHE=${VN_CACHE:-/var/cache/vfiouser-net}
+VENV=$VN_CACHE/venv
+WORK=$(mktemp -d /tmp/vn-asan.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+cp -r "$REPO/vfiouser_net" "$WORK/"
+rm -f "$WORK"/vfiouser_net/_native*.so
+rm -rf "$WORK"/vfiouser_net/csrc/build "$WORK"/vfiouser_net/csrc/build-san
+(cd "$WORK" && VN_SANITIZE=1 LIBVFIO_USER_PREFIX=$VN_CACHE/libvfio-user/prefix \
+    "$VENV/bin/python" -c 'from vfiouser_net._ffi_build import ffibuilder; ffibuilder.compile(tmpdir=".")' >/dev/null)
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
+cd "$REPO"
+status=0
+PYTHONPATH=$WORK LD_PRELOAD=$(gcc -print-file-name=libasan.so) \
+    ASAN_OPTIONS=detect_leaks=0:log_path=$LOGS/asan \
+    UBSAN_OPTIONS=print_stacktrace=1:log_path=$LOGS/ubsan \
+    "$VENV/bin/pytest" -q -p no:cacheprovider "${@:-tests/protocol tests/e2e}" || status=$?
+# QEMU (coroutines) makes ASan print warnings only; any real report fails.
+if grep -lE "ERROR: AddressSanitizer|runtime error" "$LOGS"/* 2>/dev/null; then
+    cat "$LOGS"/*
+    exit 1
+fi
+exit "$status"
