@@ -22,10 +22,12 @@ LOGS=$WORK/logs
 mkdir -p "$LOGS"
 cd "$REPO"
 status=0
+targets=("$@")
+[[ ${#targets[@]} -gt 0 ]] || targets=(tests/protocol tests/e2e)
 PYTHONPATH=$WORK LD_PRELOAD=$(gcc -print-file-name=libasan.so) \
     ASAN_OPTIONS=detect_leaks=0:log_path=$LOGS/asan \
     UBSAN_OPTIONS=print_stacktrace=1:log_path=$LOGS/ubsan \
-    "$VENV/bin/pytest" -q -p no:cacheprovider "${@:-tests/protocol tests/e2e}" || status=$?
+    "$VENV/bin/pytest" -q -p no:cacheprovider "${targets[@]}" || status=$?
 # QEMU (coroutines) makes ASan print warnings only; any real report fails.
 if grep -lE "ERROR: AddressSanitizer|runtime error" "$LOGS"/* 2>/dev/null; then
     cat "$LOGS"/*
