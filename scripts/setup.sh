@@ -6,7 +6,8 @@
 #   3. scripts/setup/qemu.sh          QEMU 11.1 (vfio-user-pci) -> $VN_CACHE/bin/qemu-system-x86_64
 #   4. scripts/setup/guest-image.sh   guest kernel + initramfs -> $VN_CACHE/guest/
 #   5. a Python venv at $VN_CACHE/venv with the tools, and the project
-#      installed editable (built against the libvfio-user above).
+#      installed editable (built against the libvfio-user above) with its
+#      `bench` extra (matplotlib, for the benchmark's plot).
 #
 # Why: fresh machines and CI must be able to rebuild the whole environment
 # from the package registries alone; everything expensive lives in
@@ -57,7 +58,7 @@ setup_venv() {
         echo "$REPO"
     )
     if [[ -x $venv/bin/python && -f $stamp && $(cat "$stamp") == "$want" ]] &&
-        "$venv/bin/python" -c 'import cffi, msgpack, prometheus_client, pytest' 2>/dev/null; then
+        "$venv/bin/python" -c 'import cffi, msgpack, prometheus_client, pytest, matplotlib' 2>/dev/null; then
         vn_log "cached: $venv"
         echo "$venv (cached)"
         return 0
@@ -75,8 +76,8 @@ setup_venv() {
         vn_log "pip install -e $REPO (LIBVFIO_USER_PREFIX=$VN_CACHE/libvfio-user/prefix)"
         LIBVFIO_USER_PREFIX=$VN_CACHE/libvfio-user/prefix \
             PKG_CONFIG_PATH=$VN_CACHE/libvfio-user/prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH} \
-            "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO" >&2
-        what="tools + project (editable)"
+            "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[bench]" >&2
+        what="tools + project (editable, bench extra)"
     else
         vn_log "no $REPO/pyproject.toml: project not installed"
     fi
