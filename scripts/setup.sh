@@ -15,6 +15,10 @@
 # step checks its own output and skips itself when it is valid, so a re-run
 # with a warm cache takes a few seconds.
 set -euo pipefail
+# Steps run in command substitutions (step below): without this a failing
+# command there (a pip install that cannot build the project) went unnoticed
+# and its stamp was written.
+shopt -s inherit_errexit
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 # shellcheck source-path=SCRIPTDIR source=setup/lib.sh
