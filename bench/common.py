@@ -1,0 +1,102 @@
+"""Small helpers shared by the benchmark parts: machine description, markdown
+tables, percentiles, and SIGTERM turned into a clean exit (so the parts'
+context managers remove their namespaces, QEMUs and daemons)."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import FrameType
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.harness.guest import GuestPaths  # noqa: E402
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def qemu_version() -> str:
+    qemu = GuestPaths.from_cache().qemu
+    try:
+        out = subprocess.run(
+            [str(qemu), "-version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except OSError:
+        return f"unknown (no QEMU at {qemu})"
+    first = out.splitlines()[0] if out else "unknown"
+    return first.removeprefix("QEMU emulator version ").strip()
+
+
+def guest_kernel() -> str:
+    f = GuestPaths.from_cache().kernel.parent / "KERNEL_VERSION"
+    return f.read_text().strip() if f.is_file() else "unknown"
+
+
+def machine() -> dict[str, str | int]:
+    mem_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count() or 0,
+        "memory_gib": round(mem_kib / 2**20),
+        "kernel": f"{platform.system()} {platform.release()}",
+        "qemu": qemu_version(),
+        "guest_kernel": guest_kernel(),
+    }
+
+
+def machine_line(m: dict[str, str | int]) -> str:
+    return (
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['kernel']}; "
+        f"QEMU {m['qemu']}; guest Linux {m['guest_kernel']} under TCG"
+    )
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of a non-empty sequence."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM/SIGHUP raise SystemExit: context managers tear everything down."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGHUP, _on_sigterm)
