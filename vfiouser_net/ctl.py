@@ -301,6 +301,7 @@ _DIR_COLUMNS = (
     ("DOORBELLS", "doorbells"),
     ("IRQS", "interrupts"),
     ("IRQS_SUPPRESSED", "interrupts_suppressed"),
+    ("IRQS_COALESCED", "interrupts_coalesced"),
     ("RING_FULL", "ring_full"),
     ("STEERED_OUT", "steered_out"),
 )

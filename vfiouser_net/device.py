@@ -61,6 +61,8 @@ OFFERED_FEATURES = feature_mask(
     NetFeature.RING_EVENT_IDX,
     NetFeature.SPEED_DUPLEX,
     NetFeature.DEVICE_STATS,
+    NetFeature.NOTF_COAL,
+    NetFeature.VQ_NOTF_COAL,
 )
 # Offered with more than one queue pair.
 MULTIQUEUE_FEATURES = feature_mask(NetFeature.MQ, NetFeature.RSS, NetFeature.HASH_REPORT)
@@ -654,6 +656,7 @@ def _dir_stats(d: Any) -> dict[str, Any]:
         "doorbells": int(d.doorbells),
         "interrupts": int(d.interrupts),
         "interrupts_suppressed": int(d.interrupts_suppressed),
+        "interrupts_coalesced": int(d.interrupts_coalesced),
         "ring_full": int(d.ring_full),
         "batches": int(d.batches),
         "bounced": int(d.bounced),

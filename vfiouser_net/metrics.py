@@ -111,6 +111,12 @@ class _Families:
         self.suppressed = counter(
             "queue_notifications_suppressed", "Interrupts the guest asked us not to send.", q
         )
+        self.coalesced = counter(
+            "queue_notifications_coalesced",
+            "Interrupts held back by the guest's coalescing settings (ethtool -C) and sent later"
+            " as one.",
+            q,
+        )
         self.ring_full = counter(
             "queue_ring_full", "Times a frame waited because the guest's ring was empty.", q
         )
@@ -170,6 +176,7 @@ class _Families:
                 self.kicks.add_metric(lab, s["doorbells"])
                 self.interrupts.add_metric(lab, s["interrupts"])
                 self.suppressed.add_metric(lab, s["interrupts_suppressed"])
+                self.coalesced.add_metric(lab, s["interrupts_coalesced"])
                 self.ring_full.add_metric(lab, s["ring_full"])
                 if direction == "rx":
                     self.steered.add_metric(lab, s["steered_out"])

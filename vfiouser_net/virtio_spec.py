@@ -41,6 +41,8 @@ class NetFeature(IntEnum):
     RING_PACKED = 34
     IN_ORDER = 35
     DEVICE_STATS = 50
+    VQ_NOTF_COAL = 52
+    NOTF_COAL = 53
     HASH_REPORT = 57
     RSS = 60
     SPEED_DUPLEX = 63

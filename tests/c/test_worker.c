@@ -383,6 +383,59 @@ static void test_tx(void **state)
     assert_int_equal(s.tx.doorbells, 1);
 }
 
+/* One frame on the tx queue; waits until the device has used it. */
+static void send_one_tx(struct wfx *w)
+{
+    uint8_t pkt[256], got[256];
+    size_t len = make_frame(pkt, OTHER, 60, 1);
+    uint64_t b = fd_alloc(&w->g, 0, len, 2);
+    fd_write(&w->g, b, pkt, len);
+    uint16_t old = w->txq.avail_idx;
+    fd_vq_add(&w->txq, &(struct fd_buf){ b, (uint32_t)len, false }, 1);
+    if (fd_vq_kick_needed(&w->txq, false, old))
+        vn_dev_doorbell(w->dev, 1);
+    assert_int_equal(host_recv(w, got, sizeof(got)), (ssize_t)len);
+    wait_used(&w->txq, 1);
+    uint32_t id, l;
+    assert_true(fd_vq_get_used(&w->txq, &id, &l));
+}
+
+/* NOTF_COAL as the worker applies it: interrupts held back until
+ * max_packets packets or max_usecs passed, and released at once when the
+ * parameters change so that the conditions are met. */
+static void test_tx_coalescing(void **state)
+{
+    struct wfx *w = *state;
+    start(w, 0); /* no EVENT_IDX: without coalescing, one interrupt per packet */
+    send_one_tx(w);
+    WAIT_FOR(fd_irq_count(TX_VECTOR) == 1);
+
+    vn_dev_set_coal(w->dev, 1, (struct vn_coal_params){ 4, 10 * 1000 * 1000 });
+    for (int i = 0; i < 3; i++) {
+        send_one_tx(w);
+        assert_int_equal(fd_irq_count(TX_VECTOR), 1);
+    }
+    send_one_tx(w); /* the 4th */
+    WAIT_FOR(fd_irq_count(TX_VECTOR) == 2);
+    assert_int_equal(stats(w).tx.interrupts_coalesced, 3);
+
+    /* Time first: 200 ms after the packet. */
+    vn_dev_set_coal(w->dev, 1, (struct vn_coal_params){ 1000, 200 * 1000 });
+    uint64_t t0 = now_ms();
+    send_one_tx(w);
+    WAIT_FOR(fd_irq_count(TX_VECTOR) == 3);
+    assert_true(now_ms() - t0 >= 200);
+
+    /* Held, then coalescing switched off: sent at once. */
+    vn_dev_set_coal(w->dev, 1, (struct vn_coal_params){ 1000, 10 * 1000 * 1000 });
+    send_one_tx(w);
+    assert_int_equal(fd_irq_count(TX_VECTOR), 3);
+    vn_dev_set_coal(w->dev, 1, (struct vn_coal_params){ 0, 0 });
+    WAIT_FOR(fd_irq_count(TX_VECTOR) == 4);
+    assert_int_equal(stats(w).tx.packets, 7);
+    assert_int_equal(stats(w).tx.interrupts, 4);
+}
+
 /* Malformed and undersized tx chains are dropped, counted and returned. */
 static void test_tx_bad_chains(void **state)
 {
@@ -444,6 +497,7 @@ int main(void)
         T(test_tx),
         T(test_tx_bad_chains),
         T(test_tx_corrupt_ring),
+        T(test_tx_coalescing),
     };
     return cmocka_run_group_tests_name("worker", tests, NULL, NULL);
 }

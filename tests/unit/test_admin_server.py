@@ -46,6 +46,7 @@ def dir_stats(packets: int = 0, drops: dict[str, int] | None = None) -> dict[str
         "doorbells": packets // 2,
         "interrupts": packets // 4,
         "interrupts_suppressed": 1,
+        "interrupts_coalesced": 1,
         "ring_full": 0,
         "batches": packets // 8,
         "bounced": 0,

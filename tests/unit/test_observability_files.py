@@ -101,6 +101,7 @@ class _StubDevice:
                 "doorbells": 1,
                 "interrupts": 1,
                 "interrupts_suppressed": 1,
+                "interrupts_coalesced": 1,
                 "ring_full": 0,
                 "batches": 5,
                 "bounced": 0,

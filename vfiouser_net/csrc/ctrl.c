@@ -8,6 +8,7 @@
 #include <string.h>
 #include <syslog.h>
 
+#include "ctrl_coal.h"
 #include "ctrl_stats.h"
 #include "device.h"
 #include "le.h"
@@ -178,6 +179,8 @@ uint8_t vn_ctrl_handle_reply(struct vn_dev *dev, const uint8_t *req, uint32_t le
         return ctrl_mq(dev, cmd, data, dlen);
     case VN_CTRL_STATS:
         return vn_ctrl_stats(dev, cmd, data, dlen, reply, reply_cap, reply_len);
+    case VN_CTRL_NOTF_COAL:
+        return vn_ctrl_coal(dev, cmd, data, dlen, reply, reply_cap, reply_len);
     default:
         return VN_CTRL_ERR;
     }

@@ -20,11 +20,11 @@ struct vn_dev;
 /* Commands of this class have a command-specific-result. The device-writable
  * part is then laid out as struct virtio_net_ctrl says (5.1.6.5): the ack
  * byte first, the result after it (Linux 6.12 virtnet_send_command_reply():
- * the status buffer, then the caller's). Other classes have no result and
+ * the status buffer, then the caller's). NOTF_COAL's VQ_GET has one too. Other classes have no result and
  * keep the ack in the last device-writable byte. */
 static inline bool vn_ctrl_has_result(uint8_t cls)
 {
-    return cls == VN_CTRL_STATS;
+    return cls == VN_CTRL_STATS || cls == 6 /* VN_CTRL_NOTF_COAL: VQ_GET */;
 }
 
 /* Handles VIRTIO_NET_CTRL_STATS command `cmd` whose command-specific-data is

@@ -253,6 +253,11 @@ void vn_dev_reset(struct vn_dev *dev)
         qp->rx.msix_vector = qp->tx.msix_vector = VN_VQ_NO_VECTOR;
         qp->rx_first = qp->rx_count = qp->rx_iov_end = 0;
         qp->rx_prefetched_bytes = 0;
+        /* Coalescing parameters start at 0 after a reset (5.1.6.5.9). */
+        struct vn_coal_params none = { 0, 0 };
+        vn_coal_set(&qp->rx_coal, none);
+        vn_coal_set(&qp->tx_coal, none);
+        qp->rx_coal.pending = qp->tx_coal.pending = 0;
         vn_inbox_drain(dev, qp, VN_DROP_RESET);
         if (qp->tap_fd >= 0) {
             vn_tap_set_guest_offloads(qp->tap_fd, 0);
@@ -268,6 +273,7 @@ void vn_dev_reset(struct vn_dev *dev)
     dev->active_qps = 0;
     dev->hdr_len = VN_NET_HDR_LEN;
     dev->flush_tx_on_pause = false;
+    dev->coal_rx_all = dev->coal_tx_all = (struct vn_coal_params){ 0, 0 };
     atomic_store(&dev->old_inflight, 0);
     atomic_store(&dev->drain_pending, false);
     vn_steering_reset(&dev->steer);
@@ -495,6 +501,26 @@ void vn_dev_fatal(struct vn_dev *dev, const char *why)
     VN_STAT_INC(dev->st.needs_reset);
     vn_log(dev, LOG_ERR, "device needs reset: %s", why);
     vn_irq_raise(dev, atomic_load(&dev->config_vector));
+}
+
+void vn_dev_set_coal(struct vn_dev *dev, unsigned qidx, struct vn_coal_params p)
+{
+    if (qidx >= 2 * dev->max_qps)
+        return;
+    struct vn_qp *qp = &dev->qp[qidx / 2];
+    vn_coal_set(qidx % 2 == 0 ? &qp->rx_coal : &qp->tx_coal, p);
+    /* An interrupt held back under the old parameters may be due now. */
+    if (qp->thread_started)
+        eventfd_write(qp->kick_fd, 1);
+}
+
+struct vn_coal_params vn_dev_get_coal(struct vn_dev *dev, unsigned qidx)
+{
+    struct vn_coal_params none = { 0, 0 };
+    if (qidx >= 2 * dev->max_qps)
+        return none;
+    struct vn_qp *qp = &dev->qp[qidx / 2];
+    return vn_coal_get(qidx % 2 == 0 ? &qp->rx_coal : &qp->tx_coal);
 }
 
 void vn_dev_doorbell(struct vn_dev *dev, unsigned qidx)

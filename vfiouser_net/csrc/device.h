@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "capture.h"
+#include "coalesce.h"
 #include "guest_mem.h"
 #include "rx_filter.h"
 #include "stats.h"
@@ -79,6 +80,7 @@ struct vn_qp {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     struct vn_qp_stats st;
+    struct vn_coal rx_coal, tx_coal;
 
     /* Worker-private. */
     struct iovec tx_iov[VN_TX_IOV_MAX];
@@ -164,6 +166,8 @@ struct vn_dev {
     int cmd_fd;                   /* wakes the context thread for it */
     uint8_t *steer_cap;           /* steering state in PCI config space (vendor cap) */
     struct vn_rx_filter filter;
+    /* What NOTF_COAL RX_SET/TX_SET last set for every queue (context thread). */
+    struct vn_coal_params coal_rx_all, coal_tx_all;
     uint8_t default_mac[6];      /* what a reset returns to */
     _Atomic bool link_up;
     _Atomic bool announce;
@@ -251,6 +255,11 @@ void vn_inbox_drain(struct vn_dev *dev, struct vn_qp *qp, int drop_reason);
 
 /* Mark the device broken (DEVICE_NEEDS_RESET) and raise the config interrupt. */
 void vn_dev_fatal(struct vn_dev *dev, const char *why);
+
+/* Interrupt coalescing of queue qidx (rx0, tx0, ...; context thread).
+ * Setting wakes the worker so that the new conditions are checked at once. */
+void vn_dev_set_coal(struct vn_dev *dev, unsigned qidx, struct vn_coal_params p);
+struct vn_coal_params vn_dev_get_coal(struct vn_dev *dev, unsigned qidx);
 
 /* Doorbell for queue qidx (context thread). */
 void vn_dev_doorbell(struct vn_dev *dev, unsigned qidx);

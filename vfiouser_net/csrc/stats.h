@@ -50,6 +50,7 @@ struct vn_dir_stats {
     uint64_t doorbells;      /* written by the context thread only */
     uint64_t interrupts;
     uint64_t interrupts_suppressed;
+    uint64_t interrupts_coalesced; /* held back by NOTF_COAL, sent later as one */
     uint64_t ring_full;      /* rx: packet waiting and no guest buffer */
     uint64_t batches;
     uint64_t bounced;        /* rx frames copied through the bounce buffer */

@@ -47,9 +47,10 @@ static void guest_error(struct vn_qp *qp, const char *dir, int reason)
            vn_error_reason_name(reason));
 }
 
-static void notify_guest(struct vn_qp *qp, struct vn_vq *vq, struct vn_dir_stats *st)
+/* Interrupt for what was used since the last one, unless the driver
+ * suppresses it (EVENT_IDX or flags). */
+static void signal_used(struct vn_qp *qp, struct vn_vq *vq, struct vn_dir_stats *st)
 {
-    vn_vq_publish(vq);
     if (vn_vq_should_notify(vq)) {
         if (vq->msix_vector != VN_VQ_NO_VECTOR) {
             vn_irq_raise(qp->dev, vq->msix_vector);
@@ -58,6 +59,33 @@ static void notify_guest(struct vn_qp *qp, struct vn_vq *vq, struct vn_dir_stats
     } else {
         VN_STAT_INC(st->interrupts_suppressed);
     }
+}
+
+/* `n` packets were used: publish them, and signal now or when the driver's
+ * coalescing parameters say. */
+static void notify_guest(struct vn_qp *qp, struct vn_vq *vq, struct vn_coal *coal,
+                         struct vn_dir_stats *st, unsigned n)
+{
+    vn_vq_publish(vq);
+    if (vn_coal_account(coal, n, now_ns()))
+        signal_used(qp, vq, st);
+    else
+        VN_STAT_INC(st->interrupts_coalesced);
+}
+
+/* Send interrupts held back by coalescing that are due by now; returns the
+ * nanoseconds until the next one is (UINT64_MAX: none held). */
+static uint64_t coal_flush_due(struct vn_qp *qp)
+{
+    if (qp->rx_coal.pending == 0 && qp->tx_coal.pending == 0)
+        return UINT64_MAX;
+    uint64_t now = now_ns();
+    if (vn_coal_due(&qp->rx_coal, now))
+        signal_used(qp, &qp->rx, &qp->st.rx);
+    if (vn_coal_due(&qp->tx_coal, now))
+        signal_used(qp, &qp->tx, &qp->st.tx);
+    uint64_t a = vn_coal_wait_ns(&qp->rx_coal, now), b = vn_coal_wait_ns(&qp->tx_coal, now);
+    return a < b ? a : b;
 }
 
 static void queue_broken(struct vn_qp *qp, const char *dir, int reason)
@@ -165,7 +193,7 @@ static bool process_tx(struct vn_qp *qp)
     if (done > 0) {
         VN_STAT_INC(st->batches);
         VN_STAT_INC(st->batch_hist[vn_batch_bucket(done)]);
-        notify_guest(qp, vq, st);
+        notify_guest(qp, vq, &qp->tx_coal, st, done);
     }
     return done > 0;
 }
@@ -576,7 +604,7 @@ static bool process_rx(struct vn_qp *qp, bool *starved)
     if (pushed > 0) {
         VN_STAT_INC(st->batches);
         VN_STAT_INC(st->batch_hist[vn_batch_bucket(packets)]);
-        notify_guest(qp, vq, st);
+        notify_guest(qp, vq, &qp->rx_coal, st, packets > 0 ? packets : 1);
     }
     return packets > 0 || progress;
 }
@@ -631,6 +659,7 @@ void *vn_qp_worker(void *arg)
             work |= process_tx(qp);
         if (rx_ok)
             work |= process_rx(qp, &rx_starved);
+        uint64_t coal_wait_ns = coal_flush_due(qp);
         if (work)
             continue;
 
@@ -658,7 +687,11 @@ void *vn_qp_worker(void *arg)
             { .fd = qp->kick_fd, .events = POLLIN },
             { .fd = qp->tap_fd, .events = read_tap ? POLLIN : 0 },
         };
-        int r = poll(pfd, 2, hold && atomic_load(&dev->old_inflight) == 0 ? 1 : -1);
+        uint64_t wait_ns = hold && atomic_load(&dev->old_inflight) == 0 ? 1000000u : UINT64_MAX;
+        if (coal_wait_ns < wait_ns)
+            wait_ns = coal_wait_ns;
+        struct timespec ts = { (time_t)(wait_ns / 1000000000u), (long)(wait_ns % 1000000000u) };
+        int r = ppoll(pfd, 2, wait_ns == UINT64_MAX ? NULL : &ts, NULL);
         if (r < 0 && errno != EINTR) {
             vn_log(dev, LOG_ERR, "queue pair %u: poll failed: %s", qp->index, strerror(errno));
             break;

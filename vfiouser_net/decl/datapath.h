@@ -42,6 +42,7 @@ struct vn_dir_stats {
     uint64_t doorbells;
     uint64_t interrupts;
     uint64_t interrupts_suppressed;
+    uint64_t interrupts_coalesced;
     uint64_t ring_full;
     uint64_t batches;
     uint64_t bounced;
