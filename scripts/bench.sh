@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Set everything up (idempotent) and run the guest TCP benchmark: this device
-# against QEMU's built-in virtio-net-pci, in one run. Extra args go to
-# bench/guest_tcp.py (e.g. --seconds 8 --json results.json).
+# The benchmark suite in one command: set everything up (idempotent, cached),
+# then run bench/run.py: device level (datapath against the TAP ceiling),
+# guest level (iperf3 TCP and ICMP echo latency, this device against QEMU's
+# virtio-net-pci) and cost (daemon CPU per packet, memory with 1 and 16
+# pairs). Prints a table per part and the targets; writes
+# bench/results/results.json and results.png. Extra args go to bench/run.py,
+# e.g. --quick, --only guest,cost, --pairs 1,4, --out DIR (see --help).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 bash "$HERE/setup.sh"
-exec "${VN_CACHE:-/var/cache/vfiouser-net}/venv/bin/python" "$HERE/../bench/guest_tcp.py" "$@"
+exec "${VN_CACHE:-/var/cache/vfiouser-net}/venv/bin/python" "$HERE/../bench/run.py" "$@"
