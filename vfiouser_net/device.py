@@ -534,7 +534,13 @@ class VirtioNetDevice:
     def queue_stats(self, qp: int) -> dict[str, dict[str, Any]]:
         st = ffi.new("struct vn_qp_stats *")
         lib.vn_dev_get_qp_stats(self._dev, qp, st)
-        return {"rx": _dir_stats(st.rx), "tx": _dir_stats(st.tx)}
+        out = {"rx": _dir_stats(st.rx), "tx": _dir_stats(st.tx)}
+        for i, direction in enumerate(("rx", "tx")):
+            # What the guest's ethtool -C asked for (NOTF_COAL); 0: off.
+            coal = lib.vn_dev_get_coal(self._dev, 2 * qp + i)
+            out[direction]["coalesce_max_packets"] = int(coal.max_packets)
+            out[direction]["coalesce_max_usecs"] = int(coal.max_usecs)
+        return out
 
     def ctrl_stats(self) -> dict[str, Any]:
         st = ffi.new("struct vn_dir_stats *")

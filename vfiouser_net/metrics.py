@@ -117,6 +117,17 @@ class _Families:
             " as one.",
             q,
         )
+        self.coal_packets = gauge(
+            "queue_coalesce_max_packets",
+            "Interrupt coalescing set by the guest (ethtool -C): packets per interrupt, 0 off.",
+            q,
+        )
+        self.coal_usecs = gauge(
+            "queue_coalesce_max_usecs",
+            "Interrupt coalescing set by the guest (ethtool -C): longest hold in microseconds,"
+            " 0 off.",
+            q,
+        )
         self.ring_full = counter(
             "queue_ring_full", "Times a frame waited because the guest's ring was empty.", q
         )
@@ -177,6 +188,8 @@ class _Families:
                 self.interrupts.add_metric(lab, s["interrupts"])
                 self.suppressed.add_metric(lab, s["interrupts_suppressed"])
                 self.coalesced.add_metric(lab, s["interrupts_coalesced"])
+                self.coal_packets.add_metric(lab, s.get("coalesce_max_packets", 0))
+                self.coal_usecs.add_metric(lab, s.get("coalesce_max_usecs", 0))
                 self.ring_full.add_metric(lab, s["ring_full"])
                 if direction == "rx":
                     self.steered.add_metric(lab, s["steered_out"])
