@@ -92,6 +92,12 @@ def fmt(x: float | None, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
+def times(x: float | None) -> str:
+    """A ratio as "1.23x" ("n/a" when there is none)."""
+    text = fmt(x)
+    return text if text == "n/a" else f"{text}x"
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 

@@ -42,6 +42,7 @@ from common import (
     md_table,
     percentile,
     ratio,
+    times,
 )
 
 from tests.harness.guest import Guest
@@ -220,7 +221,7 @@ def tables(result: dict[str, Any]) -> list[str]:
                 r["streams"],
                 fmt(r["ours_gbps"]),
                 fmt(r["qemu_gbps"]),
-                f"{fmt(r['ratio'])}x",
+                f"{times(r['ratio'])}",
             ]
             for r in result["tcp"]
         ),

@@ -9,6 +9,7 @@ failed) leaves its panel with a note.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
 OURS_COLOR, QEMU_COLOR, CEILING_COLOR = "#1f77b4", "#ff7f0e", "#7f7f7f"
+
+
+def _v(x: float | None, scale: float = 1.0) -> float:
+    """A value to draw: None (a figure the run could not produce) is NaN."""
+    return math.nan if x is None else float(x) / scale
 
 
 def _note(ax: Axes, title: str, text: str) -> None:
@@ -49,7 +55,12 @@ def _bars(
     for i, (name, values, color) in enumerate(series):
         pos = [x - 0.4 + width * (i + 0.5) for x in xs]
         bars = ax.bar(pos, values, width, label=name, color=color)
-        ax.bar_label(bars, labels=[annotate.format(v) for v in values], fontsize=7, padding=1)
+        ax.bar_label(
+            bars,
+            labels=[annotate.format(v) if math.isfinite(v) else "n/a" for v in values],
+            fontsize=7,
+            padding=1,
+        )
     ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -68,8 +79,8 @@ def _device(ax: Axes, part: Any) -> None:
         ax,
         labels,
         [
-            ("vfiouser-net", [r["device"]["pps"] / 1e6 for r in rows], OURS_COLOR),
-            ("ceiling (TAP loop)", [r["ceiling"]["pps"] / 1e6 for r in rows], CEILING_COLOR),
+            ("vfiouser-net", [_v(r["device"]["pps"], 1e6) for r in rows], OURS_COLOR),
+            ("ceiling (TAP loop)", [_v(r["ceiling"]["pps"], 1e6) for r in rows], CEILING_COLOR),
         ],
         ylabel="Mpps",
         title=title,
@@ -87,8 +98,8 @@ def _guest_tcp(ax: Axes, part: Any) -> None:
         ax,
         labels,
         [
-            ("vfiouser-net", [r["ours_gbps"] for r in rows], OURS_COLOR),
-            ("QEMU virtio-net-pci", [r["qemu_gbps"] for r in rows], QEMU_COLOR),
+            ("vfiouser-net", [_v(r["ours_gbps"]) for r in rows], OURS_COLOR),
+            ("QEMU virtio-net-pci", [_v(r["qemu_gbps"]) for r in rows], QEMU_COLOR),
         ],
         ylabel="Gbit/s",
         title=title,
@@ -106,8 +117,8 @@ def _latency(ax: Axes, part: Any) -> None:
     for r in part["latency"]:
         for pct in ("p50", "p99"):
             labels.append(f"{pct}, {r['pairs']} pair(s)")
-            ours.append(r["ours"][f"{pct}_ms"])
-            qemu.append(r["qemu"][f"{pct}_ms"])
+            ours.append(_v(r["ours"][f"{pct}_ms"]))
+            qemu.append(_v(r["qemu"][f"{pct}_ms"]))
     _bars(
         ax,
         labels,
@@ -127,7 +138,7 @@ def _cost_cpu(ax: Axes, part: Any) -> None:
     for r in part["rows"]:
         for run in r["runs"]:
             labels.append(f"{run['direction']} x{run['streams']}\n{r['pairs']} pair(s)")
-            values.append(run["cpu_ns_per_packet"] / 1000)
+            values.append(_v(run["cpu_ns_per_packet"], 1000))
     _bars(
         ax,
         labels,

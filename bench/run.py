@@ -41,7 +41,15 @@ sys.path.insert(0, str(BENCH))
 
 import cost  # noqa: E402
 import guest_level  # noqa: E402
-from common import REPO, exit_cleanly_on_sigterm, fmt, machine, machine_line, md_table  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    exit_cleanly_on_sigterm,
+    fmt,
+    machine,
+    machine_line,
+    md_table,
+    times,
+)
 
 log = logging.getLogger("bench")
 
@@ -86,6 +94,10 @@ def _usable(part: Any) -> bool:
     return isinstance(part, dict) and "error" not in part
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
 def _missing(name: str, part: Any) -> dict[str, Any]:
     return _target(name, "not run" if part is None else "part failed", None, None)
 
@@ -97,6 +109,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     for d in ("tx", "rx"):
         name = f"device level {d} >= {DEVICE_MIN_RATIO}x TAP ceiling (every case)"
         rows = [r for r in dev["rows"] if r["direction"] == d] if _usable(dev) else []
+        rows = [r for r in rows if _is_number(r["ratio"])]
         if not rows:
             out.append(_missing(name, dev))
             continue
@@ -104,7 +117,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(
             _target(
                 name,
-                f"min {fmt(worst['ratio'])}x ({worst['frame_bytes']} B, {worst['pairs']} pair(s))",
+                f"min {times(worst['ratio'])} ({worst['frame_bytes']} B, {worst['pairs']} pair(s))",
                 float(worst["ratio"]),
                 float(worst["ratio"]) >= DEVICE_MIN_RATIO,
             )
@@ -113,11 +126,11 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     scaling = {
         k: float(v)
         for k, v in (dev.get("scaling") or {} if _usable(dev) else {}).items()
-        if isinstance(v, int | float)
+        if _is_number(v)
     }
     if scaling:
         low = min(scaling.values())
-        shown = ", ".join(f"{k} {fmt(v)}x" for k, v in scaling.items())
+        shown = ", ".join(f"{k} {times(v)}" for k, v in scaling.items())
         out.append(_target(name, shown, low, low >= SCALING_MIN))
     else:
         out.append(_missing(name, dev))
@@ -126,7 +139,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         ("interrupts_per_packet", INTERRUPTS_MAX, "interrupts"),
     ):
         name = f"<= {limit} {label} per packet at saturation (device level, every case)"
-        rows = dev["rows"] if _usable(dev) else []
+        rows = [r for r in dev["rows"] if _is_number(r["device"][key])] if _usable(dev) else []
         if not rows:
             out.append(_missing(name, dev))
             continue
@@ -142,16 +155,16 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(_missing(name, guest))
             continue
         worst = min(rows, key=lambda r: float(r["ratio"]))
-        shown = ", ".join(f"x{r['streams']}/{r['pairs']}p {fmt(r['ratio'])}x" for r in rows)
+        shown = ", ".join(f"x{r['streams']}/{r['pairs']}p {times(r['ratio'])}" for r in rows)
         v = float(worst["ratio"])
-        out.append(_target(name, f"min {fmt(v)}x ({shown})", v, v >= GUEST_TCP_MIN_RATIO))
+        out.append(_target(name, f"min {times(v)} ({shown})", v, v >= GUEST_TCP_MIN_RATIO))
     name = f"latency p50 <= {LATENCY_P50_MAX_RATIO}x QEMU virtio-net-pci (ICMP echo)"
     rows = guest["latency"] if _usable(guest) else []
     if rows:
         worst = max(rows, key=lambda r: float(r["p50_ratio"]))
         v = float(worst["p50_ratio"])
         shown = (
-            f"{fmt(v)}x ({fmt(worst['ours']['p50_ms'], 3)} vs "
+            f"{times(v)} ({fmt(worst['ours']['p50_ms'], 3)} vs "
             f"{fmt(worst['qemu']['p50_ms'], 3)} ms, {worst['pairs']} pair(s))"
         )
         out.append(_target(name, shown, v, v <= LATENCY_P50_MAX_RATIO))
@@ -172,6 +185,10 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
 # --- tables ----------------------------------------------------------------------------
 
 
+def _mega(x: float | None) -> float | None:
+    return None if x is None else x / 1e6
+
+
 def device_tables(part: dict[str, Any]) -> list[str]:
     lines = [
         f"### Device level: datapath against the TAP ceiling ({part.get('seconds', '?')} s "
@@ -186,9 +203,9 @@ def device_tables(part: dict[str, Any]) -> list[str]:
                 r["direction"],
                 r["frame_bytes"],
                 r["pairs"],
-                fmt(d["pps"] / 1e6, 3),
-                fmt(c["pps"] / 1e6, 3),
-                f"{fmt(r['ratio'])}x",
+                fmt(_mega(d["pps"]), 3),
+                fmt(_mega(c["pps"]), 3),
+                f"{times(r['ratio'])}",
                 fmt(d["gbps"]),
                 fmt(c["gbps"]),
                 fmt(d["doorbells_per_packet"], 3),
@@ -212,10 +229,7 @@ def device_tables(part: dict[str, Any]) -> list[str]:
     )
     scaling = part.get("scaling") or {}
     if scaling:
-        shown = ", ".join(
-            f"{k} {fmt(v)}x" if isinstance(v, int | float) else f"{k} n/a"
-            for k, v in scaling.items()
-        )
+        shown = ", ".join(f"{k} {times(v)}" for k, v in scaling.items())
         lines += ["", f"2 pairs / 1 pair packet rate: {shown}"]
     return lines
 
@@ -278,7 +292,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pings", type=int, help="ICMP echoes per device (default 500; quick 100)")
     p.add_argument("--cpus", type=int, default=2, help="guest vCPUs (both devices)")
     p.add_argument(
-        "--device-seconds", type=float, help="device level time per case (default 3; quick 1)"
+        "--device-seconds",
+        type=float,
+        help="device level time per case (default: bench/device_level.py's, shorter with --quick)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log the harness too")
     args = p.parse_args(argv)
@@ -290,7 +306,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     q = args.quick
     args.seconds = args.seconds or (2 if q else 8)
     args.pings = args.pings or (100 if q else 500)
-    args.device_seconds = args.device_seconds or (1.0 if q else 3.0)
     pairs = args.pairs or "1"
     try:
         args.pair_list = [int(x) for x in pairs.split(",")]
@@ -332,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run_device() -> dict[str, Any]:
         assert device_level is not None
+        if args.device_seconds is None:  # the module's own default (and its quick mode)
+            return dict(device_level.run(quick=args.quick))
         return dict(device_level.run(seconds=args.device_seconds, quick=args.quick))
 
     runners: dict[str, Callable[[], dict[str, Any]]] = {
