@@ -402,6 +402,9 @@ def device_run(
             proc = subprocess.run(
                 argv, pass_fds=fds, capture_output=True, text=True, timeout=timeout, check=False
             )
+        # Every doorbell the driver posted has been handled once this round
+        # trip returns: the counters below include them all.
+        client.sync()
         after = scrape(ns, url)
         if proc.stderr.strip():
             log.info("synth_driver: %s", proc.stderr.strip()[-2000:])
