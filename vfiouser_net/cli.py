@@ -16,7 +16,9 @@ from vfiouser_net.config import ConfigError, DaemonConfig, default_mac
 from vfiouser_net.config import load as load_config
 from vfiouser_net.daemon import LOG_LEVELS, Daemon, DaemonError
 from vfiouser_net.device import (
+    DEFAULT_BUSY_POLL_US,
     MULTIQUEUE_FEATURES,
+    NOTIFY_MODES,
     OFFERED_FEATURES,
     STEERING_POLICIES,
     DeviceError,
@@ -123,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
         "rx-follows-tx before); SIGUSR1 cycles through the policies at run time",
     )
     serve.add_argument(
+        "--notify-mode",
+        choices=NOTIFY_MODES,
+        default="message",
+        help="doorbells as vfio-user messages (default), or 'poll': a shared notify page the "
+        "workers poll, lower latency for a busy core per queue pair",
+    )
+    serve.add_argument(
+        "--busy-poll-us",
+        type=int,
+        default=DEFAULT_BUSY_POLL_US,
+        help="how long a busy worker keeps looking for work before it sleeps and asks for a "
+        f"doorbell, in microseconds (default {DEFAULT_BUSY_POLL_US}; 0 turns it off)",
+    )
+    serve.add_argument(
         "--metrics-addr",
         default=None,
         help=f"serve Prometheus metrics on HOST:PORT (default 127.0.0.1:{DEFAULT_METRICS_PORT}; "
@@ -183,6 +199,8 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
                     queue_size=args.queue_size,
                     queue_pairs=args.queue_pairs,
                     steering=args.steering,
+                    notify_mode=args.notify_mode,
+                    busy_poll_us=args.busy_poll_us,
                     speed_mbps=args.speed,
                     name=args.name,
                     listen_fd=fd,

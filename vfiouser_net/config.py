@@ -15,6 +15,8 @@
     queue_pairs = 4                                  # optional
     queue_size = 256                                 # optional
     steering = "auto"                                # optional
+    notify_mode = "message"                          # optional: or "poll" (a core per pair)
+    busy_poll_us = 50                                # optional: 0 turns it off
     speed = 10000                                    # optional, Mbit/s
 
 Every error names the file, the entry and the key.
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vfiouser_net.device import DeviceError, DeviceOptions, parse_mac
+from vfiouser_net.device import DEFAULT_BUSY_POLL_US, DeviceError, DeviceOptions, parse_mac
 
 
 class ConfigError(ValueError):
@@ -66,6 +68,8 @@ _DEVICE_KEYS: dict[str, type] = {
     "queue_size": int,
     "steering": str,
     "speed": int,
+    "notify_mode": str,
+    "busy_poll_us": int,
 }
 
 
@@ -93,6 +97,8 @@ def device_options(where: str, entry: dict[str, Any]) -> DeviceOptions:
             queue_pairs=entry.get("queue_pairs", 1),
             queue_size=entry.get("queue_size", 256),
             steering=entry.get("steering", "auto"),
+            notify_mode=entry.get("notify_mode", "message"),
+            busy_poll_us=entry.get("busy_poll_us", DEFAULT_BUSY_POLL_US),
             speed_mbps=entry.get("speed", 10000),
             name=entry.get("name", ""),
         )

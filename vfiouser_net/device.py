@@ -68,6 +68,9 @@ OFFERED_FEATURES = feature_mask(
 MULTIQUEUE_FEATURES = feature_mask(NetFeature.MQ, NetFeature.RSS, NetFeature.HASH_REPORT)
 
 STEERING_POLICIES = ("auto", "single", "rss", "rx-follows-tx")
+NOTIFY_MODES = ("message", "poll")
+DEFAULT_BUSY_POLL_US = 50
+MAX_BUSY_POLL_US = 10000
 
 _SYSLOG_TO_LOGGING = {0: 50, 1: 50, 2: 50, 3: 40, 4: 30, 5: 20, 6: 20, 7: 10}
 _RESET_TYPES = {0: "device", 1: "client lost", 2: "FLR"}
@@ -87,6 +90,11 @@ class DeviceOptions:
     queue_size: int = 256
     speed_mbps: int = 10000
     steering: str = "auto"
+    # Doorbells: "message" (vfio-user region writes, workers sleep between
+    # batches) or "poll" (a shared notify page the workers poll: a core each).
+    notify_mode: str = "message"
+    # Bounded busy-poll before a worker sleeps, in microseconds (0: off).
+    busy_poll_us: int = DEFAULT_BUSY_POLL_US
     name: str = field(default="")
     # A listening socket handed to us (--fd, systemd socket activation)
     # instead of a path to bind.
@@ -105,6 +113,12 @@ class DeviceOptions:
             raise DeviceError(
                 f"unknown steering policy {self.steering!r} (one of {', '.join(STEERING_POLICIES)})"
             )
+        if self.notify_mode not in NOTIFY_MODES:
+            raise DeviceError(
+                f"unknown notify mode {self.notify_mode!r} (one of {', '.join(NOTIFY_MODES)})"
+            )
+        if not 0 <= self.busy_poll_us <= MAX_BUSY_POLL_US:
+            raise DeviceError(f"busy-poll time must be 0..{MAX_BUSY_POLL_US} microseconds")
         qs = self.queue_size
         if not 2 <= qs <= lib.VN_VQ_MAX_SIZE or qs & (qs - 1):
             raise DeviceError(f"queue size must be a power of two in 2..{lib.VN_VQ_MAX_SIZE}")
@@ -298,6 +312,11 @@ class VirtioNetDevice:
         check(pos, "adding the steering capability")
         self.steering_cap_offset = int(pos)
         lib.vn_dev_set_steer_cap(self._dev, cfg + pos)
+        lib.vn_dev_set_busy_poll(self._dev, self.opts.busy_poll_us)
+        if self.opts.notify_mode == "poll":
+            rc = lib.vn_dev_enable_notify_polling(self._dev)
+            if rc < 0:
+                raise DeviceError(f"doorbell polling page: {os.strerror(-rc)}")
         syslog_level = {10: 7, 20: 6, 30: 4, 40: 3, 50: 2}.get(log_level, 6)
         rc = lib.vn_server_setup(self._dev, ctx, syslog_level)
         if rc < 0:

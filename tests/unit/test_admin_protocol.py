@@ -321,10 +321,13 @@ def test_add_takes_the_config_device_keys() -> None:
 
 
 def test_constants_match_the_daemon() -> None:
+    from vfiouser_net import device
     from vfiouser_net.daemon import LOG_LEVELS
-    from vfiouser_net.device import STEERING_POLICIES
 
-    assert p.STEERING_POLICIES == STEERING_POLICIES
+    assert p.STEERING_POLICIES == device.STEERING_POLICIES
+    assert p.NOTIFY_MODES == device.NOTIFY_MODES
+    assert p.DEFAULT_BUSY_POLL_US == device.DEFAULT_BUSY_POLL_US
+    assert p.MAX_BUSY_POLL_US == device.MAX_BUSY_POLL_US
     assert tuple(LOG_LEVELS) == p.LOG_LEVELS
 
 

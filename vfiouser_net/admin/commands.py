@@ -237,6 +237,8 @@ def _show(cmds: Commands, args: dict[str, Any], peer: Peer) -> Any:
             "mtu": snap["mtu"],
             "speed_mbps": dev.opts.speed_mbps,
             "queue_size": dev.opts.queue_size,
+            "notify_mode": dev.opts.notify_mode,
+            "busy_poll_us": dev.opts.busy_poll_us,
             "operator_link_up": bool(getattr(dev, "operator_link_up", True)),
             "steering": {
                 "policy": steer["policy"],

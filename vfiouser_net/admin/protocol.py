@@ -62,9 +62,13 @@ ERROR_CODES = (
     INTERNAL,
 )
 
-# Kept equal to device.STEERING_POLICIES and daemon.LOG_LEVELS (a unit test checks);
-# repeated here so that a client does not import the datapath.
+# Kept equal to device.STEERING_POLICIES, NOTIFY_MODES, the busy-poll bounds and
+# daemon.LOG_LEVELS (a unit test checks); repeated here so that a client does
+# not import the datapath.
 STEERING_POLICIES = ("auto", "single", "rss", "rx-follows-tx")
+NOTIFY_MODES = ("message", "poll")
+DEFAULT_BUSY_POLL_US = 50
+MAX_BUSY_POLL_US = 10000
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -421,6 +425,21 @@ _ADD_ARGS = (
         "receive steering policy (default auto)",
         choices=STEERING_POLICIES,
         metavar="POLICY",
+    ),
+    ArgSpec(
+        "notify_mode",
+        "str",
+        "doorbells by vfio-user message, or a polled shared page (default message)",
+        choices=NOTIFY_MODES,
+        metavar="MODE",
+    ),
+    ArgSpec(
+        "busy_poll_us",
+        "int",
+        f"busy-poll before a worker sleeps, microseconds (default {DEFAULT_BUSY_POLL_US})",
+        minimum=0,
+        maximum=MAX_BUSY_POLL_US,
+        metavar="US",
     ),
     ArgSpec(
         "speed",

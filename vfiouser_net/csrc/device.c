@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "layout.h"
 #include "le.h"
 #include "libvfio-user.h"
 #include "net_hdr.h"
@@ -81,6 +82,7 @@ struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu)
     atomic_store(&dev->config_vector, VN_VQ_NO_VECTOR);
     atomic_store(&dev->link_up, true);
     dev->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    dev->notify.fd = -1;
     dev->cmd_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (vn_capture_init(&dev->capture) < 0) {
         dev->capture.send_fd = dev->capture.recv_fd = -1;
@@ -127,6 +129,7 @@ void vn_dev_free(struct vn_dev *dev)
     }
     close(dev->stop_fd);
     close(dev->cmd_fd);
+    vn_notify_page_fini(&dev->notify);
     vn_capture_fini(&dev->capture);
     pthread_rwlock_destroy(&dev->irq_lock);
     free(dev);
@@ -274,6 +277,8 @@ void vn_dev_reset(struct vn_dev *dev)
     dev->hdr_len = VN_NET_HDR_LEN;
     dev->flush_tx_on_pause = false;
     dev->coal_rx_all = dev->coal_tx_all = (struct vn_coal_params){ 0, 0 };
+    vn_notify_page_clear(&dev->notify);
+    atomic_store(&dev->ctrl_kicked, false);
     atomic_store(&dev->old_inflight, 0);
     atomic_store(&dev->drain_pending, false);
     vn_steering_reset(&dev->steer);
@@ -501,6 +506,24 @@ void vn_dev_fatal(struct vn_dev *dev, const char *why)
     VN_STAT_INC(dev->st.needs_reset);
     vn_log(dev, LOG_ERR, "device needs reset: %s", why);
     vn_irq_raise(dev, atomic_load(&dev->config_vector));
+}
+
+int vn_dev_enable_notify_polling(struct vn_dev *dev)
+{
+    if (dev->notify.map != NULL)
+        return 0;
+    return vn_notify_page_init(&dev->notify, VN_BAR0_SIZE, VN_NOTIFY_OFF, VN_NOTIFY_LEN);
+}
+
+void vn_dev_set_busy_poll(struct vn_dev *dev, uint32_t usecs)
+{
+    dev->busy_poll_ns = (uint64_t)usecs * 1000u;
+}
+
+void vn_dev_ctrl_poll_kick(struct vn_dev *dev)
+{
+    if (atomic_exchange(&dev->ctrl_kicked, false))
+        vn_dev_doorbell(dev, 2 * vn_dev_driver_pairs(dev, dev->features));
 }
 
 void vn_dev_set_coal(struct vn_dev *dev, unsigned qidx, struct vn_coal_params p)

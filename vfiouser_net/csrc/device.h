@@ -22,6 +22,7 @@
 #include "capture.h"
 #include "coalesce.h"
 #include "guest_mem.h"
+#include "notify_page.h"
 #include "rx_filter.h"
 #include "stats.h"
 #include "steering.h"
@@ -83,6 +84,7 @@ struct vn_qp {
     struct vn_coal rx_coal, tx_coal;
 
     /* Worker-private. */
+    uint64_t last_sleep_ns;   /* how long the last wait for work lasted */
     struct iovec tx_iov[VN_TX_IOV_MAX];
     struct iovec rx_iov[VN_RX_IOV_MAX];
     struct vn_rx_buf rx_buf[VN_RX_BUF_MAX];
@@ -180,6 +182,11 @@ struct vn_dev {
     uint64_t irq_sent[VN_MAX_VECTORS];
 
     int stop_fd;
+    /* Doorbell polling mode when notify.map is set (notify_page.h). */
+    struct vn_notify_page notify;
+    _Atomic bool ctrl_kicked;    /* seen by pair 0's worker, for the context thread */
+    /* Bounded busy-poll before a worker sleeps (0: off). */
+    uint64_t busy_poll_ns;
     struct vn_capture capture;
     struct vn_dev_stats st;
 };
@@ -260,6 +267,18 @@ void vn_dev_fatal(struct vn_dev *dev, const char *why);
  * Setting wakes the worker so that the new conditions are checked at once. */
 void vn_dev_set_coal(struct vn_dev *dev, unsigned qidx, struct vn_coal_params p);
 struct vn_coal_params vn_dev_get_coal(struct vn_dev *dev, unsigned qidx);
+
+/* Doorbells through a polled shared page instead of vfio-user messages;
+ * before vn_server_setup(). Returns 0 or -errno. */
+int vn_dev_enable_notify_polling(struct vn_dev *dev);
+/* After running out of work, a worker whose previous wait was shorter than
+ * this keeps looking for up to this long before it asks for a doorbell and
+ * sleeps: under load that saves a doorbell and a wake-up per batch, when idle
+ * it costs nothing (0: off). */
+void vn_dev_set_busy_poll(struct vn_dev *dev, uint32_t usecs);
+/* Pair 0's worker saw the control queue kicked in polling mode (context
+ * thread, from its command eventfd). */
+void vn_dev_ctrl_poll_kick(struct vn_dev *dev);
 
 /* Doorbell for queue qidx (context thread). */
 void vn_dev_doorbell(struct vn_dev *dev, unsigned qidx);

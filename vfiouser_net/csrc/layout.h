@@ -1,6 +1,8 @@
 /* The device's BAR layout, chosen for QEMU's vfio-user client (see README,
- * "PCI layout"). No region is mmappable: QEMU then sends doorbell writes as
- * posted (fire-and-forget) region writes, which is what keeps kicks cheap. */
+ * "PCI layout"). By default no region is mmappable: QEMU then sends doorbell
+ * writes as posted (fire-and-forget) region writes, which keeps kicks cheap.
+ * In doorbell polling mode the notify area (one page) is mmappable and
+ * polled (notify_page.h); QEMU then waits for a reply to every other write. */
 #ifndef VN_LAYOUT_H
 #define VN_LAYOUT_H
 

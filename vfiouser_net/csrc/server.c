@@ -130,8 +130,14 @@ int vn_server_setup(struct vn_dev *dev, void *vfu_ctx, int log_level)
     dev->vfu = ctx;
     if (vfu_setup_log(ctx, vfu_log_cb, log_level) < 0)
         return -errno;
+    /* In polling mode only the notify area is mmappable (a sparse area):
+     * the rest stays trapped, so config accesses still reach bar0_access. */
+    struct iovec notify_area = { .iov_base = (void *)(uintptr_t)VN_NOTIFY_OFF,
+                                 .iov_len = VN_NOTIFY_LEN };
+    bool polled = dev->notify.map != NULL;
     if (vfu_setup_region(ctx, VFU_PCI_DEV_BAR0_REGION_IDX, VN_BAR0_SIZE, bar0_access,
-                         VFU_REGION_FLAG_RW | VFU_REGION_FLAG_MEM, NULL, 0, -1, 0) < 0)
+                         VFU_REGION_FLAG_RW | VFU_REGION_FLAG_MEM, polled ? &notify_area : NULL,
+                         polled ? 1 : 0, polled ? dev->notify.fd : -1, 0) < 0)
         return -errno;
     if (vfu_setup_region(ctx, VFU_PCI_DEV_BAR4_REGION_IDX, VN_MSIX_BAR_SIZE, msix_bar_access,
                          VFU_REGION_FLAG_RW | VFU_REGION_FLAG_MEM, NULL, 0, -1, 0) < 0)
@@ -182,6 +188,7 @@ int vn_server_run(struct vn_dev *dev)
         if (pfd[2].revents & POLLIN) {
             eventfd_t v;
             eventfd_read(dev->cmd_fd, &v);
+            vn_dev_ctrl_poll_kick(dev);
             continue;
         }
         if (!attached) {

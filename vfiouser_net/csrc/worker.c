@@ -642,6 +642,54 @@ static bool handle_requests(struct vn_qp *qp)
     return true;
 }
 
+/* Polling mode: the doorbells the driver wrote to the shared page are
+ * counted (the rings themselves are polled), and pair 0's worker hands the
+ * control queue's to the context thread. */
+static void poll_doorbells(struct vn_qp *qp)
+{
+    struct vn_dev *dev = qp->dev;
+    if (vn_notify_page_take(&dev->notify, 2 * qp->index))
+        VN_STAT_INC(qp->st.rx.doorbells);
+    if (vn_notify_page_take(&dev->notify, 2 * qp->index + 1))
+        VN_STAT_INC(qp->st.tx.doorbells);
+    if (qp->index == 0 && VN_HAS(dev->features, VN_F_CTRL_VQ) &&
+        vn_notify_page_take(&dev->notify, 2 * vn_dev_driver_pairs(dev, dev->features))) {
+        atomic_store(&dev->ctrl_kicked, true);
+        eventfd_write(dev->cmd_fd, 1);
+    }
+}
+
+static void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Bounded busy-poll: look for work for up to busy_poll_ns without asking
+ * for doorbells. True when something turned up (or a request came). */
+static bool busy_poll(struct vn_qp *qp, bool tx_ok, bool rx_vq_ok, bool rx_starved, bool read_tap)
+{
+    uint64_t end = now_ns() + qp->dev->busy_poll_ns;
+    struct pollfd pfd[2] = {
+        { .fd = qp->kick_fd, .events = POLLIN },
+        { .fd = qp->tap_fd, .events = read_tap ? POLLIN : 0 },
+    };
+    do {
+        if (atomic_load_explicit(&qp->req, memory_order_relaxed) != VN_QP_RUN)
+            return true;
+        if (tx_ok && vn_vq_avail_count(&qp->tx) > 0)
+            return true;
+        if (rx_vq_ok && rx_starved && vn_vq_avail_count(&qp->rx) > 0)
+            return true;
+        /* Frames steered to us (they kick us) or waiting in the TAP. */
+        if (poll(pfd, 2, 0) > 0)
+            return true;
+        cpu_relax();
+    } while (now_ns() < end);
+    return false;
+}
+
 void *vn_qp_worker(void *arg)
 {
     struct vn_qp *qp = arg;
@@ -663,6 +711,27 @@ void *vn_qp_worker(void *arg)
         if (work)
             continue;
 
+        if (dev->notify.map != NULL) {
+            /* Polling mode: doorbells stay off and nothing sleeps. */
+            if (tx_ok)
+                vn_vq_disable_notify(&qp->tx);
+            if (rx_vq_ok)
+                vn_vq_disable_notify(&qp->rx);
+            poll_doorbells(qp);
+            eventfd_t v;
+            eventfd_read(qp->kick_fd, &v);
+            rx_starved = false;
+            cpu_relax();
+            continue;
+        }
+        bool hold = vn_dev_steering_hold(dev);
+        bool read_tap = rx_ok && !rx_starved && !hold;
+        if (dev->busy_poll_ns != 0 && qp->last_sleep_ns < dev->busy_poll_ns &&
+            busy_poll(qp, tx_ok, rx_vq_ok, rx_starved, read_tap)) {
+            rx_starved = false;
+            continue;
+        }
+
         /* Idle: ask for doorbells, then re-check before sleeping so a buffer
          * made available in between is not missed. */
         bool again = false;
@@ -681,8 +750,8 @@ void *vn_qp_worker(void *arg)
         /* The TAP is only worth waking for while we may read it; while a
          * switch waits for the guest to drain its rings nothing signals us,
          * so look again every millisecond. */
-        bool hold = vn_dev_steering_hold(dev);
-        bool read_tap = rx_ok && !rx_starved && !hold;
+        hold = vn_dev_steering_hold(dev);
+        read_tap = rx_ok && !rx_starved && !hold;
         struct pollfd pfd[2] = {
             { .fd = qp->kick_fd, .events = POLLIN },
             { .fd = qp->tap_fd, .events = read_tap ? POLLIN : 0 },
@@ -691,7 +760,9 @@ void *vn_qp_worker(void *arg)
         if (coal_wait_ns < wait_ns)
             wait_ns = coal_wait_ns;
         struct timespec ts = { (time_t)(wait_ns / 1000000000u), (long)(wait_ns % 1000000000u) };
+        uint64_t slept = now_ns();
         int r = ppoll(pfd, 2, wait_ns == UINT64_MAX ? NULL : &ts, NULL);
+        qp->last_sleep_ns = now_ns() - slept;
         if (r < 0 && errno != EINTR) {
             vn_log(dev, LOG_ERR, "queue pair %u: poll failed: %s", qp->index, strerror(errno));
             break;

@@ -126,6 +126,8 @@ void vn_dev_get_dev_stats(struct vn_dev *dev, struct vn_dev_stats *out);
 uint64_t vn_dev_get_irq_count(struct vn_dev *dev, uint16_t vector);
 struct vn_coal_params { uint32_t max_packets; uint32_t max_usecs; };
 struct vn_coal_params vn_dev_get_coal(struct vn_dev *dev, unsigned qidx);
+int vn_dev_enable_notify_polling(struct vn_dev *dev);
+void vn_dev_set_busy_poll(struct vn_dev *dev, uint32_t usecs);
 void vn_dev_request_policy(struct vn_dev *dev, int policy);
 void vn_dev_set_steer_cap(struct vn_dev *dev, uint8_t *cap);
 void vn_dev_get_steering(struct vn_dev *dev, struct vn_steer_info *out);
