@@ -604,14 +604,16 @@ def _log_device(case: Case, r: dict[str, Any]) -> None:
     w, k = d["window"], case.direction
     log.info(
         "%s: device %.0f pps; driver window %d pkts, %d doorbells, %d interrupts, "
-        "%d idle waits; totals driver %d / device %d pkts; device kicks %d irqs %d "
-        "suppressed %d ring_full %d steered %d; device drops: %s; TAP drop %.1f %%%s",
+        "%d idle waits (%d with an interrupt owed); totals driver %d / device %d pkts; "
+        "device kicks %d irqs %d suppressed %d ring_full %d steered %d; "
+        "device drops: %s; TAP drop %.1f %%%s",
         case,
         d["pps"],
         w["packets"],
         w["doorbells"],
         w["interrupts"],
         w["idle_timeouts"],
+        d["total"]["missed_interrupts"],
         d["total"]["packets"],
         dev.get(f"{k}_packets", 0),
         dev.get(f"{k}_kicks", 0),
@@ -703,9 +705,21 @@ def run(
     check_prerequisites()
     progs = build_programs()
     chosen = list(ALL_CASES if cases is None else cases)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        log.warning(
+            "load average %.2f before the benchmark: other work shares the CPUs, "
+            "the figures are contended",
+            load,
+        )
     t0 = time.monotonic()
     raw = measure(chosen, seconds, warmup, progs)
-    log.info("%d cases in %.1f s", len(chosen), time.monotonic() - t0)
+    log.info(
+        "%d cases in %.1f s (load average %.2f)",
+        len(chosen),
+        time.monotonic() - t0,
+        os.getloadavg()[0],
+    )
     if raw_out is not None:
         raw_out.update(raw)
     ordered = {c: raw[c] for c in chosen}
@@ -779,6 +793,7 @@ def _details(raw: dict[Case, dict[str, Any]]) -> list[str]:
         "cross-steered %",
         "driver pkts",
         "device pkts",
+        "idle waits / owed irq",
     ]
     lines = [
         "Host side of each run (TAP drop: frames the TAP dropped because its reader was "
@@ -801,6 +816,8 @@ def _details(raw: dict[Case, dict[str, Any]]) -> list[str]:
             _f(100 * per(dev.get(f"{k}_steered", 0.0), pkts), 1) if k == "rx" else "-",
             str(r["device"]["driver"]["total"]["packets"]),
             f"{pkts:.0f}",
+            f"{r['device']['driver']['total']['idle_timeouts']} / "
+            f"{r['device']['driver']['total']['missed_interrupts']}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -53,7 +53,7 @@
 enum dir { DIR_TX, DIR_RX };
 
 struct counters {
-    uint64_t packets, bytes, doorbells, interrupts, irq_waits, idle_timeouts;
+    uint64_t packets, bytes, doorbells, interrupts, irq_waits, idle_timeouts, missed;
 };
 
 struct queue {
@@ -191,8 +191,11 @@ static void publish_and_kick(struct queue *q)
     q->kicked_idx = q->avail_idx;
 }
 
-/* Sleep on the interrupt eventfd until `deadline`; counts what it read. */
-static void wait_irq(struct queue *q, double deadline)
+/* Sleep on the interrupt eventfd until `deadline`; counts what it read.
+ * `event`/`old`: the used_event just armed and last_used at that moment. A
+ * wait that times out although the used index has passed `event` is an
+ * interrupt the device owed us (counted as missed). */
+static void wait_irq(struct queue *q, double deadline, uint16_t event, uint16_t old)
 {
     double left = deadline - now_s();
     int ms = left <= 0 ? 0 : (int)(left * 1000.0) + 1;
@@ -207,7 +210,10 @@ static void wait_irq(struct queue *q, double deadline)
         if (read(q->irq_fd, &v, sizeof(v)) == (ssize_t)sizeof(v))
             q->c.interrupts += v;
     } else if (r == 0 && idle) {
+        /* A whole idle period: not the race of an interrupt on its way. */
         q->c.idle_timeouts++;
+        if (vring_need_event(event, le16_load(used_idx_p(q)), old))
+            q->c.missed++;
     }
 }
 
@@ -313,7 +319,7 @@ static void *tx_thread(void *arg)
         atomic_thread_fence(memory_order_seq_cst);
         if ((uint16_t)(le16_load(used_idx_p(q)) - q->last_used) > bufs)
             continue;
-        wait_irq(q, next);
+        wait_irq(q, next, (uint16_t)(q->last_used + bufs), q->last_used);
         if (atomic_load(&fatal))
             break;
     }
@@ -328,7 +334,7 @@ static void *tx_thread(void *arg)
         if (le16_load(used_idx_p(q)) != q->last_used)
             continue;
         double soon = now_s() + 0.05;
-        wait_irq(q, soon < end ? soon : end);
+        wait_irq(q, soon < end ? soon : end, (uint16_t)(q->avail_idx - 1), q->last_used);
     }
     if (q->last_used != q->avail_idx && q->error[0] == '\0')
         snprintf(q->error, sizeof(q->error), "queue %u: %u frames still in flight after drain",
@@ -438,7 +444,7 @@ static void *rx_thread(void *arg)
         atomic_thread_fence(memory_order_seq_cst);
         if (le16_load(used_idx_p(q)) != q->last_used)
             continue;
-        wait_irq(q, next);
+        wait_irq(q, next, q->last_used, q->last_used);
     }
     /* Drain: no more refills; take what the device fills, until it has
      * nothing left or goes quiet. */
@@ -453,7 +459,7 @@ static void *rx_thread(void *arg)
         atomic_thread_fence(memory_order_seq_cst);
         if (le16_load(used_idx_p(q)) != q->last_used)
             continue;
-        wait_irq(q, t + 0.05);
+        wait_irq(q, t + 0.05, q->last_used, q->last_used);
     }
     collect_irq(q);
     return NULL;
@@ -545,18 +551,19 @@ static void parse_queue(const char *s)
 static void print_counters(const char *name, const struct counters *c, bool comma)
 {
     printf("\"%s\": {\"packets\": %llu, \"bytes\": %llu, \"doorbells\": %llu, "
-           "\"interrupts\": %llu, \"irq_waits\": %llu, \"idle_timeouts\": %llu}%s",
+           "\"interrupts\": %llu, \"irq_waits\": %llu, \"idle_timeouts\": %llu, "
+           "\"missed_interrupts\": %llu}%s",
            name, (unsigned long long)c->packets, (unsigned long long)c->bytes,
            (unsigned long long)c->doorbells, (unsigned long long)c->interrupts,
            (unsigned long long)c->irq_waits, (unsigned long long)c->idle_timeouts,
-           comma ? ", " : "");
+           (unsigned long long)c->missed, comma ? ", " : "");
 }
 
 static struct counters sub(struct counters a, struct counters b)
 {
     return (struct counters){ a.packets - b.packets, a.bytes - b.bytes, a.doorbells - b.doorbells,
                               a.interrupts - b.interrupts, a.irq_waits - b.irq_waits,
-                              a.idle_timeouts - b.idle_timeouts };
+                              a.idle_timeouts - b.idle_timeouts, a.missed - b.missed };
 }
 
 static void add(struct counters *a, struct counters b)
@@ -567,6 +574,7 @@ static void add(struct counters *a, struct counters b)
     a->interrupts += b.interrupts;
     a->irq_waits += b.irq_waits;
     a->idle_timeouts += b.idle_timeouts;
+    a->missed += b.missed;
 }
 
 int main(int argc, char **argv)
