@@ -60,6 +60,37 @@ def machine() -> dict[str, str | int]:
     }
 
 
+def source() -> dict[str, object]:
+    """What was measured: the commit and the files changed on top of it."""
+
+    def git(*args: str) -> str:
+        try:
+            proc = subprocess.run(
+                ["git", "-C", str(REPO), *args],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except OSError:
+            return ""
+        return proc.stdout.rstrip("\n") if proc.returncode == 0 else ""
+
+    changed = [
+        line[3:]
+        for line in git("status", "--porcelain", "--", "vfiouser_net", "bench").splitlines()
+    ]
+    commit = git("rev-parse", "--short=12", "HEAD").strip() or "unknown"
+    return {"commit": commit, "uncommitted": changed}
+
+
+def source_line(src: dict[str, object]) -> str:
+    changed = src.get("uncommitted") or []
+    assert isinstance(changed, list)
+    extra = f" + uncommitted changes in {len(changed)} file(s)" if changed else ""
+    return f"source: commit {src.get('commit', 'unknown')}{extra}"
+
+
 def machine_line(m: dict[str, str | int]) -> str:
     return (
         f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['kernel']}; "

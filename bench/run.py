@@ -48,6 +48,8 @@ from common import (  # noqa: E402
     machine,
     machine_line,
     md_table,
+    source,
+    source_line,
     times,
 )
 
@@ -247,7 +249,7 @@ def target_table(targets: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def report(results: dict[str, Any]) -> list[str]:
-    lines = [results["machine_line"], ""]
+    lines = [results["machine_line"], source_line(results.get("source") or {}), ""]
     renderers: dict[str, Callable[[dict[str, Any]], list[str]]] = {
         "device": device_tables,
         "guest": guest_level.tables,
@@ -333,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": m,
         "machine_line": machine_line(m),
+        "source": source(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "options": {
             "quick": args.quick,

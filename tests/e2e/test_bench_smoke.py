@@ -210,7 +210,7 @@ def test_bench_quick_guest_and_cost(tmp_path: Path) -> None:
     )
 
     results = json.loads((out_dir / "results.json").read_text())
-    for key in ("machine", "machine_line", "options", "guest", "cost", "targets", "duration_s"):
+    for key in ("machine", "source", "options", "guest", "cost", "targets", "duration_s"):
         assert key in results, f"{key} missing from results.json"
     assert "device" not in results
     for key in ("cpu", "cores", "kernel", "qemu"):
@@ -231,6 +231,6 @@ def test_bench_quick_guest_and_cost(tmp_path: Path) -> None:
     assert png.startswith(PNG_SIGNATURE), png[:16]
     assert len(png) > 10_000
 
-    for heading in ("machine:", "### Guest level", "### Cost", "### Targets"):
+    for heading in ("machine:", "source: commit", "### Guest level", "### Cost", "### Targets"):
         assert heading in stdout, f"{heading!r} not in the report:\n{stdout}"
     assert "### Device level" not in stdout
