@@ -526,57 +526,72 @@ def tap_counters(tap: Tap) -> Iterator[dict[str, int]]:
     out.update({k: after.get(k, 0) - before.get(k, 0) for k in keys})
 
 
+def _device_side(
+    case: Case,
+    ns: NetNS,
+    tap: Tap,
+    workdir: Path,
+    progs: dict[str, Path],
+    seconds: float,
+    warmup: float,
+) -> dict[str, Any]:
+    """A daemon of its own for one device run, stopped afterwards (it holds
+    the TAP's queues, which the ceiling run needs)."""
+    server = Server(
+        workdir / "dev.sock",
+        TAP_NAME,
+        netns=ns.name,
+        extra_args=[
+            "--queue-pairs",
+            str(case.pairs),
+            "--mac",
+            DEVICE_MAC,
+            "--queue-size",
+            str(QUEUE_SIZE),
+        ],
+    )
+    ok = False
+    try:
+        server.start()
+        with tap_counters(tap) as tap_dev:
+            result = device_run(case, server, ns, progs, seconds, warmup)
+        result["tap"] = tap_dev
+        ok = True
+    finally:
+        rc = server.stop()
+        if not ok or rc != 0:
+            log.error("daemon exited %s; log:\n%s", rc, server.log()[-4000:])
+        with contextlib.suppress(OSError):
+            server.log_path.unlink()
+    if rc != 0:
+        raise BenchError(f"the daemon exited {rc} on SIGTERM")
+    return result
+
+
 def measure(
     cases: Sequence[Case], seconds: float, warmup: float, progs: dict[str, Path]
 ) -> dict[Case, dict[str, Any]]:
-    """Device and ceiling runs for ``cases``; raw results by case."""
+    """Device and ceiling runs for ``cases``; raw results by case.
+
+    Each case's ceiling run follows its device run at once, so that both see
+    the machine in the same state (other load comes and goes)."""
     raw: dict[Case, dict[str, Any]] = {}
     for pairs in sorted({c.pairs for c in cases}):
-        group = [c for c in cases if c.pairs == pairs]
         workdir = Path(tempfile.mkdtemp(prefix="vnb-"))
         try:
             with netns(NETNS_PREFIX) as ns:
                 tap = _setup_netns(ns, pairs)
-                server = Server(
-                    workdir / "dev.sock",
-                    TAP_NAME,
-                    netns=ns.name,
-                    extra_args=[
-                        "--queue-pairs",
-                        str(pairs),
-                        "--mac",
-                        DEVICE_MAC,
-                        "--queue-size",
-                        str(QUEUE_SIZE),
-                    ],
-                )
-                ok = False
-                try:
-                    server.start()
-                    for case in group:
-                        log.info("device run: %s", case)
-                        with tap_counters(tap) as tap_dev:
-                            raw[case] = {
-                                "device": device_run(case, server, ns, progs, seconds, warmup)
-                            }
-                        raw[case]["device"]["tap"] = tap_dev
-                        _log_device(case, raw[case]["device"])
-                    ok = True
-                finally:
-                    rc = server.stop()
-                    if not ok or rc != 0:
-                        log.error("daemon exited %s; log:\n%s", rc, server.log()[-4000:])
-                    with contextlib.suppress(OSError):
-                        server.log_path.unlink()
-                if rc != 0:
-                    raise BenchError(f"the daemon exited {rc} on SIGTERM")
-                # The daemon is gone and with it its hold on the TAP's queues.
-                for case in group:
+                for case in (c for c in cases if c.pairs == pairs):
+                    log.info("device run: %s", case)
+                    dev = _device_side(case, ns, tap, workdir, progs, seconds, warmup)
+                    _log_device(case, dev)
+                    # The daemon is gone and with it its hold on the TAP's queues.
                     log.info("ceiling run: %s", case)
                     with tap_counters(tap) as tap_ceil:
-                        raw[case]["ceiling"] = ceiling_run(case, ns, progs, seconds, warmup)
-                    raw[case]["ceiling"]["tap"] = tap_ceil
-                    _log_ceiling(case, raw[case]["ceiling"])
+                        ceiling = ceiling_run(case, ns, progs, seconds, warmup)
+                    ceiling["tap"] = tap_ceil
+                    _log_ceiling(case, ceiling)
+                    raw[case] = {"device": dev, "ceiling": ceiling}
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     return raw
@@ -720,9 +735,9 @@ def run(
         time.monotonic() - t0,
         os.getloadavg()[0],
     )
-    if raw_out is not None:
-        raw_out.update(raw)
     ordered = {c: raw[c] for c in chosen}
+    if raw_out is not None:
+        raw_out.update(ordered)
     return summarize(ordered, seconds)
 
 
