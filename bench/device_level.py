@@ -402,18 +402,18 @@ def device_run(
             proc = subprocess.run(
                 argv, pass_fds=fds, capture_output=True, text=True, timeout=timeout, check=False
             )
-        # Every doorbell the driver posted has been handled once this round
-        # trip returns: the counters below include them all.
-        client.sync()
-        after = scrape(ns, url)
         if proc.stderr.strip():
             log.info("synth_driver: %s", proc.stderr.strip()[-2000:])
-        result = _parse_json_line(proc.stdout, "synth_driver")
         if proc.returncode != 0:
             raise BenchError(
                 f"synth_driver exited {proc.returncode}: {proc.stderr.strip()[-2000:]}\n"
                 f"{proc.stdout.strip()[-2000:]}"
             )
+        result = _parse_json_line(proc.stdout, "synth_driver")
+        # Every doorbell the driver posted has been handled once this round
+        # trip returns: the counters below include them all.
+        client.sync()
+        after = scrape(ns, url)
         errors = [q["error"] for q in result["per_queue"] if q["error"]]
         if errors:
             log.warning("%s: %s", case, "; ".join(errors))
@@ -471,7 +471,10 @@ def ceiling_run(
             )
         proc = ns.run(argv, timeout=warmup + seconds + 30, check=False)
     if proc.returncode != 0:
-        raise BenchError(f"host_path exited {proc.returncode}: {proc.stderr.strip()}")
+        raise BenchError(
+            f"host_path exited {proc.returncode}: {proc.stderr.strip()[-2000:]}\n"
+            f"{proc.stdout.strip()[-2000:]}"
+        )
     result = _parse_json_line(proc.stdout, "host_path")
     return {"host": result, "generator": gen_result}
 
