@@ -791,8 +791,15 @@ def markdown(result: dict[str, Any], raw: dict[Case, dict[str, Any]] | None = No
             _f(r["ratio"], 2),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "2-pair / 1-pair device packet rate:"]
-    lines += [f"- {k}: {_f(v)}" for k, v in result["scaling"].items()]
+    ceiling = {
+        (r["direction"], r["frame_bytes"], r["pairs"]): r["ceiling"]["pps"] for r in result["rows"]
+    }
+    lines += ["", "2-pair / 1-pair packet rate, device (host path alone):"]
+    for key, value in result["scaling"].items():
+        direction, size = key.split("_")
+        one = ceiling.get((direction, int(size), 1), math.nan)
+        two = ceiling.get((direction, int(size), 2), math.nan)
+        lines.append(f"- {key}: {_f(value)} ({_f(per(two, one))})")
     if raw:
         lines += ["", *_details(raw)]
     return "\n".join(lines)
