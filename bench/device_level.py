@@ -713,7 +713,8 @@ def run(
     ``quick``: about one second per run (CI smoke). ``cases`` restricts the
     runs (default: tx/rx x 64/1500 B x 1/2 pairs). ``raw_out``, if given,
     receives every run's raw results (driver, daemon counters, generator,
-    ceiling) by case.
+    ceiling) by case. A scaling figure whose two cases were not run is NaN;
+    so is a per-packet figure of a run that moved no packet.
     """
     if quick:
         seconds = min(seconds, QUICK_SECONDS)
