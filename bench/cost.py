@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -143,9 +144,16 @@ def _wait_pairs_active(ns: NetNS, url: str, pairs: int, timeout: float = 30.0) -
 
 
 def measure(
-    pairs: int, *, seconds: int, streams: int, cpus: int, idle_seconds: float
+    pairs: int,
+    *,
+    seconds: int,
+    streams: int,
+    cpus: int,
+    idle_seconds: float,
+    daemon_args: Sequence[str] = (),
 ) -> dict[str, Any]:
-    with guest_on_vfiouser_net(cpus=cpus, server_args=["--queue-pairs", str(pairs)]) as (
+    server_args = ["--queue-pairs", str(pairs), *daemon_args]
+    with guest_on_vfiouser_net(cpus=cpus, server_args=server_args) as (
         guest,
         ns,
         server,
@@ -219,26 +227,39 @@ def run(
     pairs: Sequence[int] = (1, 16),
     cpus: int = 2,
     idle_seconds: float = 3.0,
+    daemon_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     rows = [
         measure(
-            p, seconds=seconds, streams=1 if p == 1 else 4, cpus=cpus, idle_seconds=idle_seconds
+            p,
+            seconds=seconds,
+            streams=1 if p == 1 else 4,
+            cpus=cpus,
+            idle_seconds=idle_seconds,
+            daemon_args=daemon_args,
         )
         for p in pairs
     ]
     return {
         "seconds": seconds,
         "cpus": cpus,
+        "daemon_args": list(daemon_args),
         "clk_tck": CLK_TCK,
         "rss_target_mib": RSS_TARGET_MIB,
         "rows": rows,
     }
 
 
+def _daemon_note(result: dict[str, Any]) -> str:
+    extra = result.get("daemon_args") or []
+    return f"; daemon options: {shlex.join(extra)}" if extra else ""
+
+
 def tables(result: dict[str, Any]) -> list[str]:
     lines = [
         f"### Cost: daemon CPU per packet (iperf3 {result['seconds']} s; packets = frames "
-        "the device moved in both directions, a TSO frame counts once)",
+        "the device moved in both directions, a TSO frame counts once"
+        f"{_daemon_note(result)})",
         "",
     ]
     cpu_rows = []
@@ -319,12 +340,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=8, help="iperf3 time per direction")
     parser.add_argument("--cpus", type=int, default=2, help="guest vCPUs")
     parser.add_argument("--pairs", default="1,16", help="comma-separated queue pair counts")
+    parser.add_argument("--daemon-args", default="", help="extra vfiouser-net serve options")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     exit_cleanly_on_sigterm()
     result = run(
-        seconds=args.seconds, pairs=[int(p) for p in args.pairs.split(",")], cpus=args.cpus
+        seconds=args.seconds,
+        pairs=[int(p) for p in args.pairs.split(",")],
+        cpus=args.cpus,
+        daemon_args=shlex.split(args.daemon_args),
     )
     m = machine()
     print("\n" + machine_line(m) + "\n")

@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import re
+import shlex
 import statistics
 import sys
 from collections.abc import Sequence
@@ -144,13 +145,17 @@ def run(
     streams: Sequence[int] = STREAMS,
     pings: int = 500,
     cpus: int = 2,
+    daemon_args: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Both devices for each number of pairs; rows with ratios (ours / QEMU)."""
+    """Both devices for each number of pairs; rows with ratios (ours / QEMU).
+
+    ``daemon_args``: extra ``vfiouser-net serve`` options (e.g. ``--busy-poll-us 0``).
+    """
     tcp_rows: list[dict[str, Any]] = []
     latency_rows: list[dict[str, Any]] = []
     for p in pairs:
         ours = measure(
-            guest_on_vfiouser_net(cpus=cpus, server_args=["--queue-pairs", str(p)]),
+            guest_on_vfiouser_net(cpus=cpus, server_args=["--queue-pairs", str(p), *daemon_args]),
             seconds=seconds,
             streams=streams,
             pings=pings,
@@ -190,6 +195,7 @@ def run(
     return {
         "devices": DEVICES,
         "cpus": cpus,
+        "daemon_args": list(daemon_args),
         "seconds": seconds,
         "pairs": list(pairs),
         "streams": list(streams),
@@ -199,10 +205,15 @@ def run(
     }
 
 
+def _daemon_note(result: dict[str, Any]) -> str:
+    extra = result.get("daemon_args") or []
+    return f"; daemon options: {shlex.join(extra)}" if extra else ""
+
+
 def tables(result: dict[str, Any]) -> list[str]:
     lines = [
         f"### Guest level: iperf3 TCP, {result['seconds']} s per case, TCG guest with "
-        f"{result['cpus']} vCPUs (receiver's rate)",
+        f"{result['cpus']} vCPUs (receiver's rate){_daemon_note(result)}",
         "",
     ]
     lines += md_table(
@@ -256,6 +267,7 @@ def main() -> int:
     parser.add_argument("--cpus", type=int, default=2, help="guest vCPUs (both devices)")
     parser.add_argument("--pairs", default="1", help="comma-separated queue pair counts")
     parser.add_argument("--pings", type=int, default=500, help="ICMP echoes per device")
+    parser.add_argument("--daemon-args", default="", help="extra vfiouser-net serve options")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -265,6 +277,7 @@ def main() -> int:
         pairs=[int(p) for p in args.pairs.split(",")],
         pings=args.pings,
         cpus=args.cpus,
+        daemon_args=shlex.split(args.daemon_args),
     )
     m = machine()
     print("\n" + machine_line(m) + "\n")

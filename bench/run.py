@@ -28,6 +28,7 @@ import importlib
 import json
 import logging
 import math
+import shlex
 import sys
 import time
 import traceback
@@ -298,6 +299,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         help="device level time per case (default: bench/device_level.py's, shorter with --quick)",
     )
+    p.add_argument(
+        "--daemon-args",
+        default="",
+        help="extra 'vfiouser-net serve' options for the guest level and cost "
+        "(e.g. '--busy-poll-us 0')",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log the harness too")
     args = p.parse_args(argv)
     parts = [x.strip() for x in args.only.split(",") if x.strip()]
@@ -345,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pings": args.pings,
             "cpus": args.cpus,
             "device_seconds": args.device_seconds,
+            "daemon_args": args.daemon_args,
         },
     }
 
@@ -357,10 +365,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "device": run_device,
         "guest": lambda: guest_level.run(
-            seconds=args.seconds, pairs=args.pair_list, pings=args.pings, cpus=args.cpus
+            seconds=args.seconds,
+            pairs=args.pair_list,
+            pings=args.pings,
+            cpus=args.cpus,
+            daemon_args=shlex.split(args.daemon_args),
         ),
         "cost": lambda: cost.run(
-            seconds=args.seconds, cpus=args.cpus, idle_seconds=1.0 if args.quick else 3.0
+            seconds=args.seconds,
+            cpus=args.cpus,
+            idle_seconds=1.0 if args.quick else 3.0,
+            daemon_args=shlex.split(args.daemon_args),
         ),
     }
     t0 = time.monotonic()
