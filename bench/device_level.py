@@ -508,12 +508,20 @@ def check_prerequisites() -> None:
         raise BenchError(f"vfiouser_net not importable by {sys.executable}: {e}") from e
 
 
-def _setup_netns(ns: NetNS, pairs: int) -> Tap:
+def _setup_netns(ns: NetNS) -> None:
     # Nothing of the namespace's own on the TAP: no IPv6 (router
-    # solicitations, MLD), no address.
+    # solicitations, MLD).
     for conf in ("all", "default"):
         ns.run(["sysctl", "-qw", f"net.ipv6.conf.{conf}.disable_ipv6=1"], check=False)
-    return ns.add_tap(TAP_NAME, multi_queue=pairs > 1, address=None)
+
+
+@contextlib.contextmanager
+def fresh_tap(ns: NetNS, pairs: int) -> Iterator[Tap]:
+    """A new TAP for each run, deleted afterwards. What one user leaves on a
+    TAP outlives it: the daemon attaches a queue-steering eBPF program, which
+    would otherwise choose the queues of the ceiling run after it."""
+    with ns.tap(TAP_NAME, multi_queue=pairs > 1, address=None) as tap:
+        yield tap
 
 
 @contextlib.contextmanager
@@ -532,14 +540,13 @@ def tap_counters(tap: Tap) -> Iterator[dict[str, int]]:
 def _device_side(
     case: Case,
     ns: NetNS,
-    tap: Tap,
     workdir: Path,
     progs: dict[str, Path],
     seconds: float,
     warmup: float,
 ) -> dict[str, Any]:
-    """A daemon of its own for one device run, stopped afterwards (it holds
-    the TAP's queues, which the ceiling run needs)."""
+    """A daemon (and a TAP) of its own for one device run, stopped afterwards
+    (it holds the TAP's queues)."""
     server = Server(
         workdir / "dev.sock",
         TAP_NAME,
@@ -554,18 +561,19 @@ def _device_side(
         ],
     )
     ok = False
-    try:
-        server.start()
-        with tap_counters(tap) as tap_dev:
-            result = device_run(case, server, ns, progs, seconds, warmup)
-        result["tap"] = tap_dev
-        ok = True
-    finally:
-        rc = server.stop()
-        if not ok or rc != 0:
-            log.error("daemon exited %s; log:\n%s", rc, server.log()[-4000:])
-        with contextlib.suppress(OSError):
-            server.log_path.unlink()
+    with fresh_tap(ns, case.pairs) as tap:
+        try:
+            server.start()
+            with tap_counters(tap) as tap_dev:
+                result = device_run(case, server, ns, progs, seconds, warmup)
+            result["tap"] = tap_dev
+            ok = True
+        finally:
+            rc = server.stop()  # before its TAP goes
+            if not ok or rc != 0:
+                log.error("daemon exited %s; log:\n%s", rc, server.log()[-4000:])
+            with contextlib.suppress(OSError):
+                server.log_path.unlink()
     if rc != 0:
         raise BenchError(f"the daemon exited {rc} on SIGTERM")
     return result
@@ -583,14 +591,13 @@ def measure(
         workdir = Path(tempfile.mkdtemp(prefix="vnb-"))
         try:
             with netns(NETNS_PREFIX) as ns:
-                tap = _setup_netns(ns, pairs)
+                _setup_netns(ns)
                 for case in (c for c in cases if c.pairs == pairs):
                     log.info("device run: %s", case)
-                    dev = _device_side(case, ns, tap, workdir, progs, seconds, warmup)
+                    dev = _device_side(case, ns, workdir, progs, seconds, warmup)
                     _log_device(case, dev)
-                    # The daemon is gone and with it its hold on the TAP's queues.
                     log.info("ceiling run: %s", case)
-                    with tap_counters(tap) as tap_ceil:
+                    with fresh_tap(ns, case.pairs) as tap, tap_counters(tap) as tap_ceil:
                         ceiling = ceiling_run(case, ns, progs, seconds, warmup)
                     ceiling["tap"] = tap_ceil
                     _log_ceiling(case, ceiling)
