@@ -197,6 +197,8 @@ def scrape(ns: NetNS, url: str) -> dict[str, float]:
             if s.name in wanted:
                 key = f"{s.labels.get('direction')}_{wanted[s.name]}"
                 out[key] = out.get(key, 0.0) + s.value
+                pair_key = f"{key}@{s.labels.get('queue')}"  # per pair as well
+                out[pair_key] = out.get(pair_key, 0.0) + s.value
                 if "reason" in s.labels:  # drops by reason as well
                     key = f"{key}_{s.labels['reason']}"
                     out[key] = out.get(key, 0.0) + s.value
@@ -631,7 +633,7 @@ def _log_device(case: Case, r: dict[str, Any]) -> None:
         "%s: device %.0f pps; driver window %d pkts, %d doorbells, %d interrupts, "
         "%d idle waits (%d with an interrupt owed); totals driver %d / device %d pkts; "
         "device kicks %d irqs %d suppressed %d ring_full %d steered %d; "
-        "device drops: %s; TAP drop %.1f %%%s",
+        "device drops: %s; TAP drop %.1f %%; per pair: packets %s, steered out %s%s",
         case,
         d["pps"],
         w["packets"],
@@ -648,19 +650,26 @@ def _log_device(case: Case, r: dict[str, Any]) -> None:
         dev.get(f"{k}_steered", 0),
         _nonzero_drops(dev, k),
         100 * tap_drop_fraction(case, tap),
+        _per_pair(dev, f"{k}_packets", case.pairs),
+        _per_pair(dev, f"{k}_steered", case.pairs),
         f"; generator sent {gen.get('sent', 0)}" if gen else "",
     )
+
+
+def _per_pair(dev: dict[str, float], key: str, pairs: int) -> str:
+    return "/".join(f"{dev.get(f'{key}@{p}', 0.0):.0f}" for p in range(pairs))
 
 
 def _log_ceiling(case: Case, r: dict[str, Any]) -> None:
     h, gen, tap = r["host"], r["generator"], r["tap"]
     log.info(
-        "%s: ceiling %.0f pps (%d errors, %d polls); TAP drop %.1f %%%s",
+        "%s: ceiling %.0f pps (%d errors, %d polls); TAP drop %.1f %%; per queue: packets %s%s",
         case,
         h["pps"],
         h["errors"],
         h["polls"],
         100 * tap_drop_fraction(case, tap),
+        "/".join(str(q["packets"]) for q in h["per_queue"]),
         f"; generator sent {gen.get('sent', 0)}" if gen else "",
     )
 
