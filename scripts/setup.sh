@@ -80,7 +80,7 @@ setup_venv() {
         vn_log "pip install -e $REPO (LIBVFIO_USER_PREFIX=$VN_CACHE/libvfio-user/prefix)"
         LIBVFIO_USER_PREFIX=$VN_CACHE/libvfio-user/prefix \
             PKG_CONFIG_PATH=$VN_CACHE/libvfio-user/prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH} \
-            "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[bench]" >&2
+            "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "${REPO}[bench]" >&2
         what="tools + project (editable, bench extra)"
     else
         vn_log "no $REPO/pyproject.toml: project not installed"
