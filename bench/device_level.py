@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -546,6 +547,7 @@ def _device_side(
     progs: dict[str, Path],
     seconds: float,
     warmup: float,
+    daemon_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """A daemon (and a TAP) of its own for one device run, stopped afterwards
     (it holds the TAP's queues)."""
@@ -560,6 +562,7 @@ def _device_side(
             DEVICE_MAC,
             "--queue-size",
             str(QUEUE_SIZE),
+            *daemon_args,
         ],
     )
     ok = False
@@ -582,7 +585,11 @@ def _device_side(
 
 
 def measure(
-    cases: Sequence[Case], seconds: float, warmup: float, progs: dict[str, Path]
+    cases: Sequence[Case],
+    seconds: float,
+    warmup: float,
+    progs: dict[str, Path],
+    daemon_args: Sequence[str] = (),
 ) -> dict[Case, dict[str, Any]]:
     """Device and ceiling runs for ``cases``; raw results by case.
 
@@ -596,7 +603,7 @@ def measure(
                 _setup_netns(ns)
                 for case in (c for c in cases if c.pairs == pairs):
                     log.info("device run: %s", case)
-                    dev = _device_side(case, ns, workdir, progs, seconds, warmup)
+                    dev = _device_side(case, ns, workdir, progs, seconds, warmup, daemon_args)
                     _log_device(case, dev)
                     log.info("ceiling run: %s", case)
                     with fresh_tap(ns, case.pairs) as tap, tap_counters(tap) as tap_ceil:
@@ -723,6 +730,7 @@ def run(
     quick: bool = False,
     cases: Sequence[Case] | None = None,
     raw_out: dict[Case, dict[str, Any]] | None = None,
+    daemon_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run the benchmark; returns the published schema (see the module doc).
 
@@ -731,6 +739,8 @@ def run(
     receives every run's raw results (driver, daemon counters, generator,
     ceiling) by case. A scaling figure whose two cases were not run is NaN;
     so is a per-packet figure of a run that moved no packet.
+    ``daemon_args``: extra ``vfiouser-net serve`` options for the device
+    runs (e.g. ``--busy-poll-us 0``).
     """
     if quick:
         seconds = min(seconds, QUICK_SECONDS)
@@ -748,7 +758,9 @@ def run(
             load,
         )
     t0 = time.monotonic()
-    raw = measure(chosen, seconds, warmup, progs)
+    if daemon_args:
+        log.info("daemon options: %s", " ".join(daemon_args))
+    raw = measure(chosen, seconds, warmup, progs, daemon_args)
     log.info(
         "%d cases in %.1f s (load average %.2f)",
         len(chosen),
@@ -870,6 +882,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS, help="per run")
     parser.add_argument("--quick", action="store_true", help="about 1 s per run (CI smoke)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--daemon-args", default="", help="extra 'vfiouser-net serve' options (one string)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -879,7 +894,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     raw: dict[Case, dict[str, Any]] = {}
     try:
-        result = run(args.seconds, args.quick, raw_out=raw)
+        result = run(
+            args.seconds, args.quick, raw_out=raw, daemon_args=shlex.split(args.daemon_args)
+        )
     except (BenchError, VirtioError) as e:
         log.error("%s", e)
         return 1
