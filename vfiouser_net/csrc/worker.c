@@ -682,9 +682,16 @@ static bool busy_poll(struct vn_qp *qp, bool tx_ok, bool rx_vq_ok, bool rx_starv
             return true;
         if (rx_vq_ok && rx_starved && vn_vq_avail_count(&qp->rx) > 0)
             return true;
-        /* Frames steered to us (they kick us) or waiting in the TAP. */
-        if (poll(pfd, 2, 0) > 0)
+        /* Frames steered to us (they kick us) or waiting in the TAP. The
+         * kick is consumed here: left set it would end every later spin at
+         * once, and the worker would never sleep. */
+        if (poll(pfd, 2, 0) > 0) {
+            if (pfd[0].revents & POLLIN) {
+                eventfd_t v;
+                eventfd_read(qp->kick_fd, &v);
+            }
             return true;
+        }
         cpu_relax();
     } while (now_ns() < end);
     return false;
