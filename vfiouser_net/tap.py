@@ -130,6 +130,9 @@ class Tap:
         _ioctl(self.name, SIOCSIFMTU, struct.pack("i", mtu))
 
     def close(self) -> None:
+        if self.steering_prog_fd >= 0 and self.fds and not self.created:
+            # A TAP that outlives us must not keep our queue selection.
+            lib.vn_tap_clear_flow_steering(self.fds[0])
         for fd in self.fds:
             os.close(fd)
         self.fds = []

@@ -24,6 +24,8 @@ int vn_tap_set_vnet_hdr_len(int fd, int len);
  * the device's steering engine still decides the guest queue. Returns the
  * program fd (keep it open) or -errno (then the kernel's default applies). */
 int vn_tap_set_flow_steering(int fd);
+/* Detach it again (a persistent TAP outlives the daemon). */
+void vn_tap_clear_flow_steering(int fd);
 
 /* IFF_UP of the interface (the operator's link switch on the host side):
  * 1 up, 0 down, -errno on failure. */

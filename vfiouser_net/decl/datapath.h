@@ -176,6 +176,7 @@ void vn_capture_counts(struct vn_dev *dev, uint64_t *captured, uint64_t *missed)
 
 int vn_tap_open(const char *name, bool multi_queue, char *ifname_out);
 int vn_tap_set_flow_steering(int fd);
+void vn_tap_clear_flow_steering(int fd);
 
 int vn_server_setup(struct vn_dev *dev, void *vfu_ctx, int log_level);
 int vn_server_run(struct vn_dev *dev);
