@@ -225,6 +225,20 @@ int vn_dev_start(struct vn_dev *dev, uint64_t features)
     for (unsigned i = 0; i < pairs; i++)
         if (dev->qp[i].rx.size != 0 || dev->qp[i].tx.size != 0)
             start_worker(&dev->qp[i]);
+    /* A TAP queue without a worker (a driver without MQ, a pair it left
+     * unconfigured) would still get its share of the host's frames, and
+     * nobody would read them. */
+    for (unsigned i = 0; i < dev->max_qps; i++) {
+        struct vn_qp *qp = &dev->qp[i];
+        if (qp->tap_fd < 0 || qp->thread_started)
+            continue;
+        int r = vn_tap_set_queue_attached(qp->tap_fd, false);
+        if (r < 0)
+            vn_log(dev, LOG_WARNING, "queue pair %u: detaching its TAP queue failed: %s", i,
+                   strerror(-r));
+        else
+            qp->tap_detached = true;
+    }
     dev->started = true;
     vn_dev_update_steer_cap(dev);
     return 0;
@@ -265,6 +279,13 @@ void vn_dev_reset(struct vn_dev *dev)
         if (qp->tap_fd >= 0) {
             vn_tap_set_guest_offloads(qp->tap_fd, 0);
             vn_tap_set_vnet_hdr_len(qp->tap_fd, VN_NET_HDR_LEN);
+            if (qp->tap_detached) {
+                int r = vn_tap_set_queue_attached(qp->tap_fd, true);
+                if (r < 0)
+                    vn_log(dev, LOG_WARNING, "queue pair %u: re-attaching its TAP queue failed: %s",
+                           i, strerror(-r));
+                qp->tap_detached = false;
+            }
         }
     }
     vn_vq_reset_state(&dev->ctrl);

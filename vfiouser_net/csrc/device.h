@@ -73,6 +73,7 @@ struct vn_qp {
     unsigned index;
     struct vn_vq rx, tx;
     int tap_fd;
+    bool tap_detached; /* TUNSETQUEUE'd off while it has no worker */
     int kick_fd;     /* eventfd: doorbells and pause/stop requests */
     pthread_t thread;
     bool thread_started;

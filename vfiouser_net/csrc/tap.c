@@ -174,6 +174,16 @@ void vn_tap_clear_flow_steering(int fd)
     (void)ioctl(fd, TUNSETSTEERINGEBPF, &none);
 }
 
+int vn_tap_set_queue_attached(int fd, bool attached)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    ifr.ifr_flags = attached ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE;
+    if (ioctl(fd, TUNSETQUEUE, &ifr) < 0)
+        return -errno;
+    return 0;
+}
+
 int vn_tap_is_up(const char *ifname)
 {
     struct ifreq ifr;

@@ -27,6 +27,11 @@ int vn_tap_set_flow_steering(int fd);
 /* Detach it again (a persistent TAP outlives the daemon). */
 void vn_tap_clear_flow_steering(int fd);
 
+/* Attach or detach this fd's queue (TUNSETQUEUE). The kernel spreads
+ * host-to-guest frames over the attached queues only, so a queue no worker
+ * reads must be detached or its frames would sit there unread. */
+int vn_tap_set_queue_attached(int fd, bool attached);
+
 /* IFF_UP of the interface (the operator's link switch on the host side):
  * 1 up, 0 down, -errno on failure. */
 int vn_tap_is_up(const char *ifname);
