@@ -295,6 +295,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pings", type=int, help="ICMP echoes per device (default 500; quick 100)")
     p.add_argument("--cpus", type=int, default=2, help="guest vCPUs (both devices)")
     p.add_argument(
+        "--boots", type=int, help="guest level: boots per device, alternating (default 3; quick 1)"
+    )
+    p.add_argument(
         "--device-seconds",
         type=float,
         help="device level time per case (default: bench/device_level.py's, shorter with --quick)",
@@ -315,6 +318,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     q = args.quick
     args.seconds = args.seconds or (2 if q else 8)
     args.pings = args.pings or (100 if q else 500)
+    args.boots = args.boots or (1 if q else 3)
+    if args.boots < 1:
+        p.error("--boots must be at least 1")
     pairs = args.pairs or "1"
     try:
         args.pair_list = [int(x) for x in pairs.split(",")]
@@ -369,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pairs=args.pair_list,
             pings=args.pings,
             cpus=args.cpus,
+            boots=args.boots,
             daemon_args=shlex.split(args.daemon_args),
         ),
         "cost": lambda: cost.run(
