@@ -26,7 +26,9 @@ REPO=$(cd "$HERE/.." && pwd)
 VN_STEP=setup
 vn_need_root
 VN_PYTHON=${VN_PYTHON:-python3}
-PY_PKGS=(cffi msgpack prometheus-client pytest mypy ruff)
+# atheris: the coverage-guided fuzzer for the Python-side parsers (tests/fuzz,
+# scripts/fuzz.sh); binary wheels, or built with the clang from apt.sh.
+PY_PKGS=(cffi msgpack prometheus-client pytest mypy ruff atheris)
 
 declare -a SUMMARY=()
 step() {
@@ -62,7 +64,7 @@ setup_venv() {
         echo "$REPO"
     )
     if [[ -x $venv/bin/python && -f $stamp && $(cat "$stamp") == "$want" ]] &&
-        "$venv/bin/python" -c 'import cffi, msgpack, prometheus_client, pytest, matplotlib' 2>/dev/null; then
+        "$venv/bin/python" -c 'import cffi, msgpack, prometheus_client, pytest, matplotlib, atheris' 2>/dev/null; then
         vn_log "cached: $venv"
         echo "$venv (cached)"
         return 0
