@@ -6,9 +6,11 @@ frame goes through what the server does with it (vfiouser_net.admin.server
 ._serve/_handle): recv_frame, unpack, parse_request, and the reply is
 encoded. The only exceptions allowed are the protocol's own (ProtocolError
 and its subclasses); an accepted request is exactly what the command schema
-allows; every reply encodes into a frame. The client side's parse_reply gets
-the same decoded objects (RemoteError is its documented answer to an error
-reply).
+allows; every reply encodes into a frame. Accepted requests of the
+commands that need no live device state (help, version, add, remove, link,
+steering, log-level) are executed against a fake daemon, where CommandError
+is the documented refusal. The client side's parse_reply gets the same
+decoded objects (RemoteError is its documented answer to an error reply).
 
     python tests/fuzz/fuzz_admin_protocol.py [libFuzzer flags] CORPUS_DIR
 """
@@ -23,6 +25,72 @@ import atheris
 
 with atheris.instrument_imports(include=["vfiouser_net"]):
     from vfiouser_net.admin import protocol as p
+    from vfiouser_net.admin.commands import CommandError, Commands, Peer
+    from vfiouser_net.daemon import DaemonError
+    from vfiouser_net.device import DeviceOptions
+
+EXECUTED = ("help", "version", "add", "remove", "link", "steering", "log-level")
+MAC = bytes([0x52, 0x54, 0, 0, 0, 1])
+
+
+class FakeDevice:
+    def __init__(self, opts: DeviceOptions) -> None:
+        opts.validate()
+        self.opts = opts
+        self.name = opts.name or opts.socket_path.rsplit("/", 1)[-1]
+        self.connected = False
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "socket": self.opts.socket_path,
+            "tap": self.opts.tap,
+            "connected": False,
+            "link_up": True,
+            "status": 0,
+            "steering": {
+                "active_queue_pairs": 0,
+                "max_queue_pairs": self.opts.queue_pairs,
+                "policy": self.opts.steering,
+                "effective": self.opts.steering,
+            },
+        }
+
+    def steering(self) -> dict[str, Any]:
+        return {}
+
+    def set_steering(self, policy: str) -> None:
+        assert policy in p.STEERING_POLICIES
+
+    def set_link(self, up: bool) -> None:
+        assert isinstance(up, bool)
+
+    def ring_state(self) -> list[dict[str, Any]]:
+        return []
+
+
+class FakeDaemon:
+    def __init__(self) -> None:
+        self.devs = [FakeDevice(DeviceOptions("/run/vfiouser-net/vm1.sock", "tap-vm1", MAC))]
+
+    def devices(self) -> list[FakeDevice]:
+        return self.devs
+
+    def add_device(self, opts: DeviceOptions) -> FakeDevice:
+        dev = FakeDevice(opts)
+        if any(d.name == dev.name for d in self.devs):
+            raise DaemonError(f"a device named {dev.name} exists")
+        return dev
+
+    def remove_device(self, name: str) -> None:
+        if not any(d.name == name for d in self.devs):
+            raise DaemonError(f"no device {name}")
+
+    def set_log_level(self, level: str) -> None:
+        assert level in p.LOG_LEVELS
+
+
+COMMANDS = Commands(FakeDaemon())
+PEER = Peer(1, 0, 0)
 
 
 class StreamSocket:
@@ -98,6 +166,14 @@ def handle(body: bytes) -> None:
     else:
         check_request(req)
         check_reply(p.ok_reply(req.id, req.args))
+        if req.cmd in EXECUTED:
+            try:
+                result = COMMANDS.execute(req.cmd, req.args, PEER)
+            except CommandError as exc:
+                assert exc.code in p.ERROR_CODES, exc.code
+                check_reply(p.error_reply(req.id, exc.code, exc.message))
+            else:
+                check_reply(p.ok_reply(req.id, result))
     # The client's side of the same bytes.
     try:
         p.parse_reply(obj, 1)

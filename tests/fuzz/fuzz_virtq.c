@@ -6,10 +6,12 @@
  *               caller expects (0/3 any, 1 readable only as tx, 2 writable
  *               only as rx), bit 4 pop/unpop/pop gives the same chain,
  *               bit 5 ring addresses from the input, bit 6 guest edits
- *               between pops
+ *               between pops, bit 7 any ring size (the le16 below)
  *   u8  log2 of the ring size (& 7: 1..128)
  *   u8  iov_max - 1 (1..256 iovecs)
  *   u8  pops - 1 (1..256)
+ *   [bit 7] le16 ring size as the driver wrote it (mapping must refuse
+ *           0, more than 1024 and non-powers of two)
  *   [bit 5] le16 desc, avail, used offsets from A (else desc at A,
  *           avail right after it, used at B + 0x1000)
  *   [bit 6] u8 n, then n x (le16 offset from A, u8 value): one byte the
@@ -60,6 +62,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint16_t qsize = (uint16_t)(1u << (fz_u8(&in) & 7));
     unsigned iov_max = 1u + fz_u8(&in);
     unsigned pops = 1u + fz_u8(&in);
+    if (flags & 0x80)
+        qsize = fz_u16(&in);
     bool event_idx = flags & 1, indirect = flags & 2;
     unsigned expect = (flags >> 2) & 3;
     uint64_t desc = FZ_GPA_A, avail = FZ_GPA_A + 16u * qsize, used = FZ_GPA_B + 0x1000;
@@ -94,6 +98,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         FZ_CHECK(vq.broken && st.errors[VN_ERR_RING_ADDR] == 1, "map failure not counted");
         return 0;
     }
+    FZ_CHECK(qsize != 0 && qsize <= VN_VQ_MAX_SIZE && (qsize & (qsize - 1)) == 0,
+             "ring of %u mapped", qsize);
     /* Exactly iov_max entries on the heap: a write past them is an ASan
      * report. */
     struct iovec *iov = malloc(sizeof(*iov) * iov_max);

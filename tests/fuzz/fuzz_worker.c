@@ -16,7 +16,10 @@
  *                2 pairs), bits 4-6 MTU (68 128 256 576 1000 1500 2000
  *                9000), 7 pair 1 left unconfigured
  *   u8 log2 of the ring size (% 6: 1..32)
- *   u8 rounds    bits 0-1 rounds - 1; bit 2 interrupt coalescing on
+ *   u8 rounds    bits 0-1 rounds - 1; bit 2 interrupt coalescing on; bit 3
+ *                packet capture on (frames copied from guest memory to a
+ *                socket: a copy the kernel refuses with EFAULT is counted as
+ *                missed, and none may be)
  *   le16 n, then n bytes of guest image (fuzz_common.h); queue k (rx0, tx0,
  *        rx1, tx1) has its descriptor table at A + 0x400 k, its available
  *        ring right after it, and its used ring at B + 0x1000 + 0x200 k
@@ -156,7 +159,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint16_t qsize = (uint16_t)(1u << (fz_u8(&in) % 6));
     uint8_t rb = fz_u8(&in);
     unsigned rounds = 1u + (rb & 3);
-    bool coal = rb & 4;
+    bool coal = rb & 4, capture = rb & 8;
     size_t image_len;
     const uint8_t *image = fz_bytes(&in, fz_u16(&in), &image_len);
     memset(&tap, 0, sizeof(tap));
@@ -230,6 +233,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         }
     }
 
+    if (capture)
+        FZ_CHECK(vn_capture_start(dev, -1, 1000) == 0, "capture");
     for (unsigned r = 0; r < rounds; r++) {
         for (unsigned i = 0; i < pairs; i++)
             if (vn_vq_ready(&dev->qp[i].tx))
@@ -259,6 +264,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                             (unsigned long long)st->rx.errors[e], (unsigned long long)st->tx.errors[e]);
             fprintf(stderr, "\n");
         }
+    }
+    if (capture) {
+        uint64_t captured, missed, packets = 0;
+        vn_capture_counts(dev, &captured, &missed);
+        for (unsigned i = 0; i < pairs; i++)
+            packets += dev->qp[i].st.rx.packets + dev->qp[i].st.tx.packets;
+        FZ_CHECK(missed == 0 && captured == packets, "captured %llu, missed %llu, packets %llu",
+                 (unsigned long long)captured, (unsigned long long)missed,
+                 (unsigned long long)packets);
     }
     /* What a pause does: prefetched buffers go back to the ring. */
     for (unsigned i = 0; i < pairs; i++) {

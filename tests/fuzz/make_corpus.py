@@ -264,6 +264,12 @@ def virtq_seeds() -> dict[str, bytes]:
     out["rings-used-read-only"] = virtq_seed(
         0b100000, 8, 8, 4, img, struct.pack("<HHH", 0x100, 0x200, RO - A)
     )
+    # Ring sizes as the driver wrote them: not a power of two, too big.
+    for name, raw in (("ring-size-odd", 24), ("ring-size-huge", 2048)):
+        img, r = new()
+        r.add(r.chain([(data, 32, True)]))
+        r.publish()
+        out[name] = virtq_seed(0x80, size, 8, 4, img, struct.pack("<H", raw))
     # The guest rewrites a descriptor and the available ring while we pop.
     img, r = new()
     for i in range(4):
@@ -324,6 +330,7 @@ def worker_seeds() -> dict[str, bytes]:
         vnet_hdr() + eth(0x0800, ipv4(17, udp(payload=bytes(950)))),
     ]
     out["mergeable"] = worker_seed(0b011, MTU[1500] << 4, size, 1, img, host)
+    out["mergeable-capture"] = worker_seed(0b011, MTU[1500] << 4, size, 0b1001, img, host)
     # Not mergeable: one big buffer per frame (MTU 1500 needs 1530 bytes),
     # split over two descriptors; indirect.
     img = Image()
