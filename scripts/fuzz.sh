@@ -3,7 +3,7 @@
 # bounded time (tests/fuzz: libFuzzer targets in C with ASan + UBSan for the
 # datapath, atheris targets for the Python-side parsers).
 #
-#   bash scripts/fuzz.sh [--seconds N] [--json PATH] [--target NAME]... [--keep]
+#   bash scripts/fuzz.sh [--seconds N] [--json PATH] [--target NAME]... [--coverage] [--keep]
 #
 # Builds the C targets (tests/fuzz/Makefile, into tests/fuzz/build), then runs
 # each target for N seconds (default 30) from a copy of its seed corpus
@@ -14,7 +14,9 @@
 # report or an invariant (the reproducer's path and the report are printed;
 # the scratch directory is kept), or could not be built. A missing
 # prerequisite (clang with libFuzzer, atheris) skips those targets, except
-# with CI=true, where it is a failure.
+# with CI=true, where it is a failure. --coverage then replays the C
+# targets' final corpora through a source-coverage build (llvm-cov) and
+# prints the line, region and branch coverage of the guest-facing C files.
 #
 # Needs what scripts/setup.sh installs (clang, libclang-rt-*-dev, the venv
 # with atheris, libvfio-user's headers).
@@ -35,6 +37,7 @@ PY_TARGETS=(fuzz_admin_protocol fuzz_config fuzz_bar0)
 SECS=30
 JSON=""
 KEEP=0
+COVERAGE=0
 ONLY=()
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
@@ -46,6 +49,7 @@ while [[ $# -gt 0 ]]; do
         --target) ONLY+=("${2:?}"); shift 2 ;;
         --target=*) ONLY+=("${1#*=}"); shift ;;
         --keep) KEEP=1; shift ;;
+        --coverage) COVERAGE=1; shift ;;
         -h | --help) usage; exit 0 ;;
         *) echo "fuzz.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -186,6 +190,80 @@ for t in "${RUN[@]}"; do
         "$seeds" "$corpus" "$result" "$SECS" >>"$RESULTS"
 done
 
+# -- source coverage of the C targets' corpora (--coverage) ---------------------------
+# The files whose code parses or acts on what the guest writes.
+COV_FILES=(virtq.c guest_mem.c worker.c ctrl.c ctrl_stats.c ctrl_coal.c steering.c rss_hash.c
+    rx_filter.c capture.c coalesce.h)
+COV_JSON=""
+llvm_tool() {
+    local major
+    major=$("$CLANG" --version | sed -n 's/.*clang version \([0-9]*\).*/\1/p' | head -n 1)
+    if command -v "$1-$major" >/dev/null; then
+        echo "$1-$major"
+    elif command -v "$1" >/dev/null; then
+        echo "$1"
+    fi
+}
+if [[ $COVERAGE -eq 1 && ${#C_RUN[@]} -gt 0 ]]; then
+    PROFDATA=$(llvm_tool llvm-profdata)
+    LLVMCOV=$(llvm_tool llvm-cov)
+    if [[ -z $PROFDATA || -z $LLVMCOV ]]; then
+        missing "no llvm-profdata/llvm-cov for --coverage (apt: llvm)" coverage
+    else
+        log "coverage: building ${C_RUN[*]} with -fprofile-instr-generate into $BUILD/cov"
+        make -C "$FUZZ_DIR" -s -j"$(nproc)" BUILD="$BUILD/cov" COVERAGE=1 CLANG="$CLANG" \
+            LIBVFIO_USER_PREFIX="$LIBVFIO_USER_PREFIX" "${C_RUN[@]/#/$BUILD/cov/}" >&2
+        mkdir -p "$SCRATCH/cov"
+        objects=()
+        for t in "${C_RUN[@]}"; do
+            LLVM_PROFILE_FILE="$SCRATCH/cov/$t-%p.profraw" "$BUILD/cov/$t" -runs=0 \
+                "$SCRATCH/$t/corpus" >"$SCRATCH/cov/$t.log" 2>&1 || true
+            objects+=(-object "$BUILD/cov/$t")
+        done
+        "$PROFDATA" merge -sparse "$SCRATCH"/cov/*.profraw -o "$SCRATCH/cov/all.profdata"
+        (cd "$FUZZ_DIR" && "$LLVMCOV" export -summary-only \
+            -instr-profile "$SCRATCH/cov/all.profdata" "${objects[@]:1}") >"$SCRATCH/cov/export.json"
+        COV_JSON=$SCRATCH/cov/coverage.json
+        python3 - "$SCRATCH/cov/export.json" "$COV_JSON" "${COV_FILES[@]}" <<'EOF'
+import json, os, sys
+export, out, files = sys.argv[1], sys.argv[2], sys.argv[3:]
+data = json.load(open(export))["data"][0]["files"]
+kinds = ("lines", "regions", "branches")
+rows, tot = {}, {k: [0, 0] for k in kinds}
+for f in data:
+    name = os.path.basename(f["filename"])
+    if name not in files or "vfiouser_net/csrc/" not in f["filename"]:
+        continue
+    s = f["summary"]
+    row = {}
+    for k in kinds:
+        n, c = s[k]["count"], s[k]["covered"]
+        row[k], row[k + "_covered"] = n, c
+        row[k + "_percent"] = round(100.0 * c / n, 1) if n else 100.0
+        tot[k][0] += n
+        tot[k][1] += c
+    rows[name] = row
+total = {}
+for k, (n, c) in tot.items():
+    total[k], total[k + "_covered"] = n, c
+    total[k + "_percent"] = round(100.0 * c / n, 1) if n else 100.0
+json.dump({"files": rows, "total": total}, open(out, "w"), indent=2)
+
+
+def cell(r, k):
+    return f"{r[k + '_covered']}/{r[k]} {r[k + '_percent']:.1f}%".rjust(17)
+
+
+print(f"\n{'C source (guest-facing)':24}" + "".join(k.rjust(17) for k in kinds))
+for name in files:
+    if name in rows:
+        print(f"{name:24}" + "".join(cell(rows[name], k) for k in kinds))
+print(f"{'total':24}" + "".join(cell(total, k) for k in kinds))
+print("(every C target's final corpus replayed through a -fprofile-instr-generate build)")
+EOF
+    fi
+fi
+
 # -- summary ------------------------------------------------------------------------
 {
     printf '\n%-21s %12s %8s %6s %7s %7s %7s  %s\n' target executions exec/s cov ft seeds corpus result
@@ -198,8 +276,8 @@ done
     echo " corpus: inputs after the run, seeds included; ${SECS} s per target)"
 }
 if [[ -n $JSON ]]; then
-    python3 - "$RESULTS" "$JSON" "$SECS" "${SKIPPED[@]}" <<'EOF'
-import json, sys
+    COV_JSON=$COV_JSON python3 - "$RESULTS" "$JSON" "$SECS" "${SKIPPED[@]}" <<'EOF'
+import json, os, sys
 rows, path, secs, skipped = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 keys = ["target", "executions", "exec_per_sec", "cov", "ft", "seeds", "corpus", "result", "seconds"]
 out = []
@@ -211,7 +289,10 @@ for line in open(rows):
     out.append(rec)
 out += [{"target": t, "result": "skipped"} for t in skipped]
 with open(path, "w") as f:
-    json.dump({"seconds_per_target": secs, "targets": out}, f, indent=2)
+    doc = {"seconds_per_target": secs, "targets": out}
+    if os.environ.get("COV_JSON"):
+        doc["c_source_coverage"] = json.load(open(os.environ["COV_JSON"]))
+    json.dump(doc, f, indent=2)
     f.write("\n")
 EOF
     log "summary written to $JSON"

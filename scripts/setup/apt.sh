@@ -3,7 +3,8 @@
 # run and test: the libvfio-user build deps (meson, ninja, json-c, cmocka),
 # debootstrap for the QEMU/guest root, network tools for the netns/TAP tests,
 # archivers for the guest initramfs, clang (+ its runtime for sanitizers and
-# libFuzzer) and prometheus (promtool).
+# libFuzzer, and llvm for llvm-cov: scripts/fuzz.sh --coverage) and
+# prometheus (promtool).
 #
 # Why a script: machines are handed over fresh; whatever the project needs
 # must be installed by the project's own files. Only calls apt-get when a
@@ -22,7 +23,7 @@ PKGS=(
     debootstrap dpkg-dev
     iproute2 iperf3 ethtool iputils-ping procps psmisc
     cpio xz-utils zstd gzip file binutils
-    clang
+    clang llvm
     prometheus
     systemd shellcheck libvirt-clients libxml2-utils
 )
