@@ -45,13 +45,17 @@
 static ssize_t fz_tap_readv(int fd, const struct iovec *iov, int n);
 static ssize_t fz_tap_writev(int fd, const struct iovec *iov, int n);
 static ssize_t fz_tap_read(int fd, void *buf, size_t len);
+static int fz_vq_pop(struct vn_vq *vq, struct iovec *iov, unsigned iov_max, struct vn_chain *c,
+                     int *err_reason);
 #define readv fz_tap_readv
 #define writev fz_tap_writev
 #define read fz_tap_read
+#define vn_vq_pop fz_vq_pop
 #include "worker.c"
 #undef readv
 #undef writev
 #undef read
+#undef vn_vq_pop
 
 #define TAP_FD 1000 /* never a real descriptor: the calls above take it */
 #define MAX_FRAMES 32
@@ -125,6 +129,58 @@ static ssize_t fz_tap_writev(int fd, const struct iovec *iov, int n)
     return (ssize_t)total;
 }
 
+static struct vn_dev *cur_dev;
+/* Receive chains really longer than VN_RX_IOV_MAX, per pair. */
+static uint64_t too_long[VN_MAX_QUEUE_PAIRS];
+
+/* vn_vq_pop() for worker.c. When a receive chain is refused as too long for
+ * the iovecs left, it is popped again into a whole VN_RX_IOV_MAX array
+ * (counters restored) to learn whether it is within the device's limits.
+ * Only those that are not may end up counted against the guest (see
+ * check_rx_state): for the others the worker must make room or take them
+ * later, or a valid guest loses buffers with an "rx error". */
+static int fz_vq_pop(struct vn_vq *vq, struct iovec *iov, unsigned iov_max, struct vn_chain *c,
+                     int *err_reason)
+{
+    int r = vn_vq_pop(vq, iov, iov_max, c, err_reason);
+    if (r != VN_POP_BAD || *err_reason != VN_ERR_CHAIN_TOO_LONG || iov_max >= VN_RX_IOV_MAX)
+        return r;
+    struct vn_qp *qp = NULL;
+    for (unsigned i = 0; i < cur_dev->max_qps; i++)
+        if (vq == &cur_dev->qp[i].rx)
+            qp = &cur_dev->qp[i];
+    if (qp == NULL)
+        return r;
+    uint64_t saved[VN_ERR__COUNT];
+    memcpy(saved, vq->st->errors, sizeof(saved));
+    static struct iovec whole[VN_RX_IOV_MAX];
+    struct vn_chain c2;
+    int e2;
+    vn_vq_unpop(vq, 1);
+    int r2 = vn_vq_pop(vq, whole, VN_RX_IOV_MAX, &c2, &e2);
+    bool fits = !(r2 == VN_POP_BAD && e2 == VN_ERR_CHAIN_TOO_LONG);
+    vn_vq_unpop(vq, 1);
+    int r3 = vn_vq_pop(vq, iov, iov_max, c, err_reason);
+    FZ_CHECK(r3 == r && *err_reason == VN_ERR_CHAIN_TOO_LONG, "pop again: %d", r3);
+    memcpy(vq->st->errors, saved, sizeof(saved));
+    if (!fits)
+        too_long[qp->index]++;
+    return r;
+}
+
+/* What tells whether the worker moved since the last look. */
+struct progress {
+    uint16_t last_avail, used_idx;
+    unsigned rx_count, inbox, frames;
+};
+
+static struct progress progress_of(const struct vn_qp *qp)
+{
+    struct progress p = { qp->rx.last_avail, qp->rx.used_idx, qp->rx_count, qp->inbox.count,
+                          tap.next };
+    return p;
+}
+
 static void check_rx_state(struct vn_qp *qp)
 {
     FZ_CHECK(qp->rx_first + qp->rx_count <= VN_RX_BUF_MAX && qp->rx_iov_end <= VN_RX_IOV_MAX,
@@ -146,6 +202,12 @@ static void check_rx_state(struct vn_qp *qp)
     FZ_CHECK(bytes == qp->rx_prefetched_bytes, "prefetched %llu, buffers hold %llu",
              (unsigned long long)qp->rx_prefetched_bytes, (unsigned long long)bytes);
     FZ_CHECK(qp->inbox.count <= VN_INBOX_MAX, "inbox %u", qp->inbox.count);
+    FZ_CHECK(qp->st.rx.errors[VN_ERR_CHAIN_TOO_LONG] <= too_long[qp->index],
+             "%llu rx chains counted as too long, %llu are: a chain within the limits was "
+             "refused for want of iovecs the worker had used before (rx_first %u, rx_count %u, "
+             "rx_iov_end %u)",
+             (unsigned long long)qp->st.rx.errors[VN_ERR_CHAIN_TOO_LONG],
+             (unsigned long long)too_long[qp->index], qp->rx_first, qp->rx_count, qp->rx_iov_end);
 }
 
 static const uint32_t mtus[8] = { 68, 128, 256, 576, 1000, 1500, 2000, 9000 };
@@ -173,6 +235,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     bool mq = fb & 0x40;
     unsigned pairs = mq ? 2 : 1;
     struct vn_dev *dev = fz_dev_new(pairs, mtus[(opt >> 4) & 7]);
+    cur_dev = dev;
+    memset(too_long, 0, sizeof(too_long));
     fz_guest_load(&dev->mem, image, image_len);
     for (unsigned k = 0; k < 2 * pairs; k++) {
         if (k >= 2 && (opt & 0x80))
@@ -244,6 +308,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             bool starved;
             process_rx(qp, &starved);
             check_rx_state(qp);
+            if (starved && vn_vq_ready(&qp->rx) && vn_vq_avail_count(&qp->rx) > 0) {
+                /* The worker does not sleep while buffers are available
+                 * (vn_vq_enable_notify() says so): it runs again at once,
+                 * and that run must get somewhere. */
+                struct progress before = progress_of(qp);
+                process_rx(qp, &starved);
+                check_rx_state(qp);
+                struct progress after = progress_of(qp);
+                FZ_CHECK(!starved || !vn_vq_ready(&qp->rx) || vn_vq_avail_count(&qp->rx) == 0 ||
+                             memcmp(&before, &after, sizeof(before)) != 0,
+                         "pair %u spins: starved with %u buffers available, nothing moves "
+                         "(rx_count %u, rx_iov_end %u, inbox %u)",
+                         i, vn_vq_avail_count(&qp->rx), qp->rx_count, qp->rx_iov_end,
+                         qp->inbox.count);
+            }
             (void)coal_flush_due(qp);
         }
     }

@@ -407,6 +407,44 @@ def worker_seeds() -> dict[str, bytes]:
     rx.publish()
     host = [vnet_hdr() + fr["ipv4-udp"], vnet_hdr() + fr["ipv6-tcp"]]
     out["hostile-rx"] = worker_seed(0b011, MTU[256] << 4, size, 0b111, img, host)
+    # Reproducer: chains of 20 descriptors (an indirect table shared by
+    # every head) without mergeable buffers. Each frame takes 20 of the
+    # worker's 256 iovecs; the 13th chain found 16 left and was refused as
+    # "too long", returned to the guest empty.
+    img = Image()
+    rx = worker_queue(img, 0, 16)
+    table = A + 0x300
+    for k in range(20):
+        more = k + 1 < 20
+        img.put(
+            table + 16 * k,
+            desc(rxa + 80 * k, 80, WRITE | (NEXT if more else 0), k + 1 if more else 0),
+        )
+    for i in range(16):
+        rx.raw(i, table, 16 * 20, INDIRECT)
+        rx.add(i)
+    rx.publish()
+    host = [vnet_hdr() + fr["ipv4-udp"]] * 15
+    out["repro-rx-iov-room"] = worker_seed(0b110, MTU[1500] << 4, 16, 0, img, host)
+    # Reproducer: mergeable buffers of 150 descriptors (1200 bytes). Two do
+    # not fit in the worker's iovecs together, and a 1300-byte frame needs
+    # two: the worker waited for room that could never come, with buffers
+    # available, so it never slept (100 % of a core) and received nothing.
+    img = Image()
+    rx = worker_queue(img, 0, 8)
+    table = B
+    for k in range(150):
+        more = k + 1 < 150
+        img.put(
+            table + 16 * k,
+            desc(rxa + 8 * k, 8, WRITE | (NEXT if more else 0), k + 1 if more else 0),
+        )
+    for i in range(8):
+        rx.raw(i, table, 16 * 150, INDIRECT)
+        rx.add(i)
+    rx.publish()
+    host = [vnet_hdr() + eth(0x0800, ipv4(17, udp(payload=bytes(1250))))]
+    out["repro-rx-spin"] = worker_seed(0b111, MTU[1500] << 4, 8, 0, img, host)
     return out
 
 
