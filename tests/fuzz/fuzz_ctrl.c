@@ -308,8 +308,7 @@ static void chains(struct vn_dev *dev, struct fz_in *in, uint8_t devb)
         vq.indirect = VN_HAS(dev->features, VN_F_RING_INDIRECT_DESC);
         if (!vn_vq_map(&vq))
             return;
-        /* Host ranges the device reads (and the used ring, which only
-         * the device's used entries may change). */
+        /* Host ranges the device reads. */
         static struct {
             const uint8_t *p;
             uint64_t len;
@@ -317,8 +316,6 @@ static void chains(struct vn_dev *dev, struct fz_in *in, uint8_t devb)
         unsigned nreads = 0;
         reads[nreads].p = fz_hva(desc, 16u * qsize);
         reads[nreads++].len = 16u * qsize + 6 + 2u * qsize;
-        reads[nreads].p = fz_hva(used, 6 + 8u * qsize);
-        reads[nreads++].len = 6 + 8u * qsize;
         for (unsigned i = 0; i < qsize; i++) {
             const uint8_t *d = (const uint8_t *)fz_hva(desc, 16u * qsize) + 16 * i;
             if (vn_le16_get(d + 12) & VRING_DESC_F_INDIRECT) {
@@ -351,11 +348,21 @@ static void chains(struct vn_dev *dev, struct fz_in *in, uint8_t devb)
                 }
             }
         }
-        for (unsigned w = 0; w < nwrites && exact; w++)
+        /* The used ring is written too (and checked: no buffer may
+         * overlap it either). */
+        uintptr_t used_p = (uintptr_t)fz_hva(used, 6 + 8u * qsize);
+        uint64_t used_len = 6 + 8u * qsize;
+        for (unsigned k = 0; k < nreads && exact; k++)
+            if (overlaps(used_p, used_len, (uintptr_t)reads[k].p, reads[k].len))
+                exact = false;
+        for (unsigned w = 0; w < nwrites && exact; w++) {
+            uintptr_t wp = (uintptr_t)writes[w].iov_base;
+            if (overlaps(wp, writes[w].iov_len, used_p, used_len))
+                exact = false;
             for (unsigned k = 0; k < nreads && exact; k++)
-                if (overlaps((uintptr_t)writes[w].iov_base, writes[w].iov_len,
-                             (uintptr_t)reads[k].p, reads[k].len))
+                if (overlaps(wp, writes[w].iov_len, (uintptr_t)reads[k].p, reads[k].len))
                     exact = false;
+        }
     }
 
     if (!fz_dev_start(dev, dev->features))
