@@ -25,7 +25,7 @@ from typing import Any
 from vfiouser_net import pci_config
 from vfiouser_net.native import ffi, lib
 from vfiouser_net.net_config import NET_CONFIG_SIZE, NetConfig
-from vfiouser_net.tap import Tap
+from vfiouser_net.tap import Tap, TapError, interface_exists
 from vfiouser_net.unix_socket import SocketPathError, claim_socket_path
 from vfiouser_net.virtio_pci import NO_VECTOR, VirtioPciTransport
 from vfiouser_net.virtio_spec import (
@@ -71,6 +71,8 @@ STEERING_POLICIES = ("auto", "single", "rss", "rx-follows-tx")
 NOTIFY_MODES = ("message", "poll")
 DEFAULT_BUSY_POLL_US = 50
 MAX_BUSY_POLL_US = 10000
+# How long the operator thread waits for the context thread to swap TAP queues.
+TAP_REPLACE_TIMEOUT_MS = 5000
 
 _SYSLOG_TO_LOGGING = {0: 50, 1: 50, 2: 50, 3: 40, 4: 30, 5: 20, 6: 20, 7: 10}
 _RESET_TYPES = {0: "device", 1: "client lost", 2: "FLR"}
@@ -124,17 +126,18 @@ class DeviceOptions:
             raise DeviceError(f"queue size must be a power of two in 2..{lib.VN_VQ_MAX_SIZE}")
 
 
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
 def parse_mac(text: str) -> bytes:
+    # Exactly six pairs of ASCII hex digits: int(x, 16) alone also takes
+    # " 1", "+1" or non-ASCII digits.
     parts = text.split(":")
-    try:
-        mac = bytes(int(p, 16) for p in parts)
-    except ValueError:
-        mac = b""
-    if len(parts) != 6 or len(mac) != 6 or any(len(p) != 2 for p in parts):
+    if len(parts) != 6 or any(len(p) != 2 or not set(p) <= _HEX_DIGITS for p in parts):
         raise DeviceError(
             f"invalid MAC address {text!r} (expected six hex pairs, aa:bb:cc:dd:ee:ff)"
         )
-    return mac
+    return bytes(int(p, 16) for p in parts)
 
 
 def format_mac(mac: bytes) -> str:
@@ -184,6 +187,10 @@ class VirtioNetDevice:
         self.connected = False
         self.resets: dict[str, int] = {}
         self.operator_link_up = True
+        # The TAP was deleted; re-attached when an interface of its name
+        # exists again (the daemon does not re-create what an operator deleted).
+        self.tap_lost = False
+        self._link_lock = threading.Lock()
         self._closed = False
         # Operator calls (admin threads, metrics scrapes, signals) may run
         # while another thread stops the device: they hold a use while they
@@ -529,7 +536,43 @@ class VirtioNetDevice:
             self._poll_link()
 
     def _poll_link(self) -> None:
-        up = self.operator_link_up and self.tap.is_up()
+        with self._link_lock:
+            self._follow_tap()
+            self._apply_link()
+
+    def _follow_tap(self) -> None:
+        if not self.tap_lost:
+            if not self.tap.lost():
+                return
+            self.tap_lost = True
+            log.warning(
+                "device %s: TAP %s was deleted: link down until an interface of that name "
+                "exists again",
+                self.name,
+                self.tap.name,
+            )
+        if not interface_exists(self.opts.tap):
+            return
+        try:
+            new = Tap(self.opts.tap, self.max_qps, self.opts.mtu, create=False)
+        except TapError as exc:
+            log.warning("device %s: cannot re-attach TAP %s yet: %s", self.name, self.opts.tap, exc)
+            return
+        fds = ffi.new("int[]", new.fds)
+        r = lib.vn_dev_replace_taps(self._dev, fds, len(new.fds), TAP_REPLACE_TIMEOUT_MS)
+        if r < 0:
+            new.close()
+            log.error(
+                "device %s: re-attaching TAP %s failed: %s", self.name, new.name, os.strerror(-r)
+            )
+            return
+        old, self.tap = self.tap, new
+        old.close()
+        self.tap_lost = False
+        log.info("device %s: TAP %s re-attached (%d queues)", self.name, new.name, len(new.fds))
+
+    def _apply_link(self) -> None:
+        up = self.operator_link_up and not self.tap_lost and self.tap.is_up()
         if up == self.config.link_up:
             return
         log.info("device %s: link %s", self.name, "up" if up else "down")
@@ -664,6 +707,7 @@ class VirtioNetDevice:
             "status": int(t.device_status()),
             "features": feature_names(t.negotiated),
             "link_up": self.config.link_up,
+            "tap_lost": self.tap_lost,
             "mtu": self.opts.mtu,
             "queue_pairs": self.max_qps,
             "steering": self._steering(),

@@ -67,6 +67,20 @@ def _cumulative(counts: list[int], bounds: list[int]) -> list[tuple[str, float]]
     return buckets
 
 
+# vn_dev_stats fields exported as vfiouser_net_device_events_total{event=...}.
+DEVICE_EVENTS = (
+    "needs_reset",
+    "doorbells_invalid",
+    "irq_errors",
+    "dma_maps",
+    "dma_unmaps",
+    "quiesces",
+    "steering_drain_timeouts",
+    "tap_failures",
+    "tap_replacements",
+)
+
+
 class DeviceCollector(Collector):
     """All devices of this daemon, as metric families."""
 
@@ -170,6 +184,13 @@ class _Families:
         )
         self.resets = counter("device_resets", "Device resets, by origin.", [*d, "type"])
         self.dma = gauge("device_dma_regions", "Guest memory regions mapped.", d)
+        self.events = counter(
+            "device_events",
+            "Device-level events: guest errors that broke the device, doorbells for "
+            "missing queues, failed interrupts, DMA maps/unmaps, quiesces, steering "
+            "drains that timed out, TAP deletions and re-attachments.",
+            [*d, "event"],
+        )
 
     def add_device(self, dev: VirtioNetDevice) -> None:
         snap: dict[str, Any] = dev.snapshot()
@@ -234,6 +255,8 @@ class _Families:
         for kind, n in resets.items():
             self.resets.add_metric([name, kind], n)
         self.dma.add_metric([name], max(0, device["dma_maps"] - device["dma_unmaps"]))
+        for event in DEVICE_EVENTS:
+            self.events.add_metric([name, event], device[event])
 
     def all(self) -> Iterator[Metric]:
         yield from (v for v in vars(self).values() if isinstance(v, Metric))

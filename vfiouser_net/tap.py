@@ -7,6 +7,7 @@ interface's state (existence, IFF_UP, MTU) through plain ioctls.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -17,6 +18,7 @@ from vfiouser_net.native import ffi, lib
 
 log = logging.getLogger(__name__)
 
+TUNGETIFF = 0x800454D2
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 SIOCGIFMTU = 0x8921
@@ -52,11 +54,16 @@ def validate_ifname(name: str) -> None:
 
 
 class Tap:
-    """A TAP interface opened with `queues` queues."""
+    """A TAP interface opened with `queues` queues; with ``create=False`` only
+    an existing one."""
 
-    def __init__(self, name: str, queues: int = 1, mtu: int | None = None) -> None:
+    def __init__(
+        self, name: str, queues: int = 1, mtu: int | None = None, *, create: bool = True
+    ) -> None:
         validate_ifname(name)
         self.created = not interface_exists(name)
+        if self.created and not create:
+            raise TapError(f"no interface named {name}")
         self.fds: list[int] = []
         self.steering_prog_fd = -1
         multi = queues > 1
@@ -106,6 +113,17 @@ class Tap:
                     self.mtu(),
                     mtu,
                 )
+
+    def lost(self) -> bool:
+        """The interface was deleted: our queues answer EBADFD (a new
+        interface of the same name does not bring them back)."""
+        if not self.fds:
+            return True
+        try:
+            fcntl.ioctl(self.fds[0], TUNGETIFF, bytes(40))
+        except OSError as exc:
+            return exc.errno == errno.EBADFD
+        return False
 
     def flags(self) -> int:
         res = _ioctl(self.name, SIOCGIFFLAGS)

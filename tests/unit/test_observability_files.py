@@ -137,6 +137,13 @@ class _StubDevice:
                 "steering_switches": 1,
                 "dma_maps": 3,
                 "dma_unmaps": 1,
+                "needs_reset": 0,
+                "doorbells_invalid": 2,
+                "irq_errors": 0,
+                "quiesces": 4,
+                "steering_drain_timeouts": 0,
+                "tap_failures": 1,
+                "tap_replacements": 1,
                 "ctrl_cmds": {"0": {"0": [1, 0]}, "4": {"0": [1, 1]}},
             },
         }
@@ -461,6 +468,7 @@ def test_dashboard_covers_the_required_views(dashboard: dict[str, Any]) -> None:
         "vfiouser_net_device_control_commands_total",
         "vfiouser_net_device_resets_total",
         "vfiouser_net_device_dma_regions",
+        "vfiouser_net_device_events_total",
     ):
         assert needle in exprs, f"no dashboard query with {needle}"
     by_title = dict(dashboards.raw_queries(dashboard))

@@ -79,6 +79,8 @@ struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu)
     vn_rx_filter_reset(&dev->filter, mac);
     memcpy(dev->default_mac, mac, 6);
     pthread_rwlock_init(&dev->irq_lock, NULL);
+    pthread_mutex_init(&dev->tap_req_lock, NULL);
+    pthread_cond_init(&dev->tap_req_cond, NULL);
     atomic_store(&dev->config_vector, VN_VQ_NO_VECTOR);
     atomic_store(&dev->link_up, true);
     dev->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -132,6 +134,8 @@ void vn_dev_free(struct vn_dev *dev)
     vn_notify_page_fini(&dev->notify);
     vn_capture_fini(&dev->capture);
     pthread_rwlock_destroy(&dev->irq_lock);
+    pthread_mutex_destroy(&dev->tap_req_lock);
+    pthread_cond_destroy(&dev->tap_req_cond);
     free(dev);
 }
 
@@ -144,6 +148,62 @@ void vn_dev_set_tap(struct vn_dev *dev, unsigned qp, int fd)
 {
     if (qp < dev->max_qps)
         dev->qp[qp].tap_fd = fd;
+}
+
+int vn_dev_replace_taps(struct vn_dev *dev, const int *fds, unsigned n, unsigned timeout_ms)
+{
+    if (n == 0 || n > dev->max_qps)
+        return -EINVAL;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += timeout_ms / 1000u;
+    until.tv_nsec += (long)(timeout_ms % 1000u) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&dev->tap_req_lock);
+    memcpy(dev->tap_req_fds, fds, n * sizeof(*fds));
+    dev->tap_req_n = n;
+    uint64_t seq = ++dev->tap_req_seq;
+    eventfd_write(dev->cmd_fd, 1);
+    int r = 0;
+    while (dev->tap_done_seq < seq && r == 0)
+        r = pthread_cond_timedwait(&dev->tap_req_cond, &dev->tap_req_lock, &until);
+    int ret = dev->tap_done_seq >= seq ? 0 : -ETIMEDOUT;
+    pthread_mutex_unlock(&dev->tap_req_lock);
+    return ret;
+}
+
+void vn_dev_apply_requested_taps(struct vn_dev *dev)
+{
+    pthread_mutex_lock(&dev->tap_req_lock);
+    if (dev->tap_done_seq == dev->tap_req_seq) {
+        pthread_mutex_unlock(&dev->tap_req_lock);
+        return;
+    }
+    bool was_paused = dev->workers_paused;
+    vn_dev_pause_workers(dev);
+    for (unsigned i = 0; i < dev->max_qps; i++) {
+        struct vn_qp *qp = &dev->qp[i];
+        qp->tap_fd = i < dev->tap_req_n ? dev->tap_req_fds[i] : -1;
+        qp->tap_detached = false;
+        atomic_store(&qp->tap_failed, false);
+        if (qp->tap_fd < 0 || !dev->started)
+            continue;
+        /* A new TAP speaks the 12-byte header without offloads until told. */
+        vn_tap_set_vnet_hdr_len(qp->tap_fd, (int)dev->hdr_len);
+        vn_tap_set_guest_offloads(qp->tap_fd, dev->features);
+        if (!qp->thread_started && vn_tap_set_queue_attached(qp->tap_fd, false) == 0)
+            qp->tap_detached = true;
+    }
+    VN_STAT_INC(dev->st.tap_replacements);
+    if (!was_paused)
+        vn_dev_resume_workers(dev);
+    dev->tap_done_seq = dev->tap_req_seq;
+    pthread_cond_broadcast(&dev->tap_req_cond);
+    pthread_mutex_unlock(&dev->tap_req_lock);
+    vn_log(dev, LOG_INFO, "TAP queues replaced (%u)", dev->tap_req_n);
 }
 
 static struct vn_vq *queue_by_index(struct vn_dev *dev, unsigned qidx)
@@ -177,6 +237,13 @@ static void start_worker(struct vn_qp *qp)
         qp->thread_started = true;
     else
         vn_log(qp->dev, LOG_ERR, "queue pair %u: cannot start worker", qp->index);
+}
+
+/* rx-follows-tx learns flows from transmitted frames; with one pair in use
+ * every frame goes to it anyway, so the per-frame parse is saved. */
+static bool vn_dev_learns_tx(const struct vn_dev *dev)
+{
+    return dev->active_qps > 1 && vn_steering_effective(&dev->steer) == VN_POLICY_RX_FOLLOWS_TX;
 }
 
 int vn_dev_start(struct vn_dev *dev, uint64_t features)
@@ -221,7 +288,7 @@ int vn_dev_start(struct vn_dev *dev, uint64_t features)
     }
     if (ret != 0)
         return ret;
-    dev->learn_tx = vn_steering_effective(&dev->steer) == VN_POLICY_RX_FOLLOWS_TX;
+    dev->learn_tx = vn_dev_learns_tx(dev);
     for (unsigned i = 0; i < pairs; i++)
         if (dev->qp[i].rx.size != 0 || dev->qp[i].tx.size != 0)
             start_worker(&dev->qp[i]);
@@ -377,7 +444,7 @@ void vn_dev_steering_commit(struct vn_dev *dev, unsigned active_qps)
      * too, or a flow moved off them could overtake its own frames. */
     dev->drain_qps = dev->active_qps > active_qps ? dev->active_qps : active_qps;
     dev->active_qps = active_qps;
-    dev->learn_tx = vn_steering_effective(&dev->steer) == VN_POLICY_RX_FOLLOWS_TX;
+    dev->learn_tx = vn_dev_learns_tx(dev);
     atomic_store(&dev->old_inflight, old);
     if (dev->started) {
         struct timespec ts;
@@ -570,7 +637,9 @@ struct vn_coal_params vn_dev_get_coal(struct vn_dev *dev, unsigned qidx)
 void vn_dev_doorbell(struct vn_dev *dev, unsigned qidx)
 {
     if (!dev->started) {
-        /* Early or stray doorbells are harmless; DRIVER_OK starts the queues. */
+        /* Harmless, but the driver may not notify before DRIVER_OK (3.1.1):
+         * counted; DRIVER_OK starts the queues. */
+        VN_STAT_INC(dev->st.doorbells_invalid);
         return;
     }
     /* The driver numbers the control queue after the pairs it can use. */

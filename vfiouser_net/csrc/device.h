@@ -74,6 +74,9 @@ struct vn_qp {
     struct vn_vq rx, tx;
     int tap_fd;
     bool tap_detached; /* TUNSETQUEUE'd off while it has no worker */
+    /* The TAP queue answered EBADFD: the interface was deleted. The worker
+     * stops reading it until the control plane hands a new one. */
+    _Atomic bool tap_failed;
     int kick_fd;     /* eventfd: doorbells and pause/stop requests */
     pthread_t thread;
     bool thread_started;
@@ -130,6 +133,8 @@ struct vn_dev_stats {
     uint64_t irq_errors;
     uint64_t steering_switches;
     uint64_t steering_drain_timeouts;
+    uint64_t tap_failures;       /* queues that found their TAP deleted */
+    uint64_t tap_replacements;   /* TAPs re-attached after that */
     /* Control commands by class and command (class/command >= 7 fold into
      * 7) and result (0 ok, 1 error). */
     uint64_t ctrl_cmds[VN_CTRL_CLASS_SLOTS][VN_CTRL_CMD_SLOTS][2];
@@ -167,6 +172,13 @@ struct vn_dev {
     unsigned drain_qps;                /* rx rings to wait for: the old and new pairs */
     _Atomic int requested_policy; /* from the operator, applied by the context thread */
     int cmd_fd;                   /* wakes the context thread for it */
+    /* New TAP queue fds from the operator's thread, swapped in by the context
+     * thread (vn_dev_replace_taps). */
+    pthread_mutex_t tap_req_lock;
+    pthread_cond_t tap_req_cond;
+    int tap_req_fds[VN_MAX_QUEUE_PAIRS];
+    unsigned tap_req_n;
+    uint64_t tap_req_seq, tap_done_seq;
     uint8_t *steer_cap;           /* steering state in PCI config space (vendor cap) */
     struct vn_rx_filter filter;
     /* What NOTF_COAL RX_SET/TX_SET last set for every queue (context thread). */
@@ -205,8 +217,17 @@ static inline unsigned vn_dev_driver_pairs(const struct vn_dev *dev, uint64_t fe
 struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu);
 void vn_dev_free(struct vn_dev *dev);
 void vn_dev_set_hooks(struct vn_dev *dev, const struct vn_hooks *hooks);
-/* Hand the TAP queue fd for pair qp (owned by the caller). */
+/* Hand the TAP queue fd for pair qp (owned by the caller), before the
+ * device runs. */
 void vn_dev_set_tap(struct vn_dev *dev, unsigned qp, int fd);
+/* Swap in the queues of a re-created TAP while the device runs (any thread
+ * but the context thread): the context thread pauses the workers, installs
+ * them with the negotiated header length and offloads, and resumes. Returns
+ * 0 once done (the old fds are then unused), -ETIMEDOUT after timeout_ms,
+ * -EINVAL for a bad count. The fds stay the caller's. */
+int vn_dev_replace_taps(struct vn_dev *dev, const int *fds, unsigned n, unsigned timeout_ms);
+/* Context thread: apply a pending vn_dev_replace_taps. */
+void vn_dev_apply_requested_taps(struct vn_dev *dev);
 
 /* Queue configuration from common config; qidx: rx0, tx0, ..., ctrl. */
 int vn_dev_config_queue(struct vn_dev *dev, unsigned qidx, uint16_t size, uint64_t desc,

@@ -5,19 +5,22 @@
 
 uint32_t vn_toeplitz(const uint8_t *key, size_t key_len, const uint8_t *data, size_t len)
 {
-    /* The key slides one bit per input bit: keep its next 32 bits in v and
-     * feed the following key bit in at the bottom. */
+    /* Input bit n (most significant first) selects the 32 key bits from key
+     * bit n on. w holds the 64 key bits from the current byte's first bit
+     * (zeros past the key): the window of the byte's bit at offset j is its
+     * top 32 bits shifted by j. Only set input bits cost anything. */
     if (key_len < 4)
         return 0;
-    uint32_t v = (uint32_t)key[0] << 24 | (uint32_t)key[1] << 16 | (uint32_t)key[2] << 8 | key[3];
+    uint64_t w = 0;
+    for (size_t k = 0; k < 8; k++)
+        w = w << 8 | (k < key_len ? key[k] : 0u);
     uint32_t result = 0;
     for (size_t i = 0; i < len; i++) {
-        uint8_t next = i + 4 < key_len ? key[i + 4] : 0;
-        for (int b = 7; b >= 0; b--) {
-            if (data[i] & (1u << b))
-                result ^= v;
-            v = v << 1 | ((next >> b) & 1u);
+        for (unsigned d = data[i]; d != 0; d &= d - 1) {
+            unsigned j = 7u - (unsigned)__builtin_ctz(d);
+            result ^= (uint32_t)(w >> (32u - j));
         }
+        w = w << 8 | (i + 8 < key_len ? key[i + 8] : 0u);
     }
     return result;
 }

@@ -178,6 +178,7 @@ int vn_server_run(struct vn_dev *dev)
         /* Requests from the operator are applied here, on the thread that
          * owns the device, between messages. */
         vn_dev_apply_requested_policy(dev);
+        vn_dev_apply_requested_taps(dev);
         if (poll(pfd, 3, -1) < 0) {
             if (errno == EINTR)
                 continue;

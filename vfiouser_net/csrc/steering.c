@@ -5,13 +5,6 @@
 
 #include "le.h"
 
-/* Key for the flow table's own hash (any fixed key spreads well). */
-static const uint8_t flow_key[VN_RSS_MAX_KEY_SIZE] = {
-    0x6d, 0x5a, 0x56, 0xda, 0x25, 0x5b, 0x0e, 0xc2, 0x41, 0x67, 0x25, 0x3d, 0x43, 0xa3,
-    0x8f, 0xb0, 0xd0, 0xca, 0x2b, 0xcb, 0xae, 0x7b, 0x30, 0xb4, 0x77, 0xcb, 0x2d, 0xa3,
-    0x80, 0x30, 0xf2, 0x0c, 0x6a, 0x42, 0xb7, 0x3b, 0xbe, 0xac, 0x01, 0xfa,
-};
-
 static const char *const policy_names[VN_POLICY__COUNT] = {
     [VN_POLICY_AUTO] = "auto",
     [VN_POLICY_SINGLE] = "single",
@@ -50,10 +43,26 @@ static uint16_t now_ticks(void)
 
 #define EXPIRY_TICKS (VN_FLOW_EXPIRY_MS * 16 / 1000)
 
+/* The flow table's own hash: never shown to the guest, so not Toeplitz
+ * (which costs a loop per input bit on every transmitted frame), just a
+ * multiply-xorshift mix of the addresses, ports and protocol. */
 static uint32_t flow_hash(const struct vn_flow_tuple *t)
 {
-    uint8_t report;
-    return vn_rss_hash(t, VN_HASH_TYPES_SUPPORTED, flow_key, sizeof(flow_key), &report);
+    uint64_t h = 0x9e3779b97f4a7c15ull ^ ((uint64_t)t->family << 8 | t->l4);
+    uint8_t words[40];
+    size_t n = 2 * (size_t)t->addr_len;
+    memcpy(words, t->src, t->addr_len);
+    memcpy(words + t->addr_len, t->dst, t->addr_len);
+    memcpy(words + n, t->sport, 2);
+    memcpy(words + n + 2, t->dport, 2);
+    n += 4;
+    for (size_t i = 0; i < n; i += 4) {
+        uint32_t w;
+        memcpy(&w, words + i, 4);
+        h = (h ^ w) * 0xff51afd7ed558ccdull;
+        h ^= h >> 32;
+    }
+    return (uint32_t)h;
 }
 
 static void swap_tuple(struct vn_flow_tuple *t)

@@ -47,6 +47,20 @@ static void guest_error(struct vn_qp *qp, const char *dir, int reason)
            vn_error_reason_name(reason));
 }
 
+/* A TAP read or write failed for another reason than a full or empty
+ * queue. EBADFD means the interface was deleted under us: stop reading it
+ * (it would poll as readable forever) until the control plane hands a new
+ * one, which it does when the interface exists again. */
+static void tap_error(struct vn_qp *qp, struct vn_dir_stats *st, int err)
+{
+    VN_STAT_INC(st->drops[VN_DROP_TAP_ERROR]);
+    if (err != EBADFD || atomic_exchange(&qp->tap_failed, true))
+        return;
+    VN_STAT_INC(qp->dev->st.tap_failures);
+    vn_log(qp->dev, LOG_WARNING, "queue pair %u: TAP queue gone (%s): not read until replaced",
+           qp->index, strerror(err));
+}
+
 /* Interrupt for what was used since the last one, unless the driver
  * suppresses it (EVENT_IDX or flags). */
 static void signal_used(struct vn_qp *qp, struct vn_vq *vq, struct vn_dir_stats *st)
@@ -139,6 +153,11 @@ static void iov_copy_in(const struct iovec *iov, unsigned niov, size_t off, cons
 }
 
 /* Returns true when it did any work. */
+static bool tap_readable(const struct vn_qp *qp)
+{
+    return qp->tap_fd >= 0 && !atomic_load_explicit(&qp->tap_failed, memory_order_relaxed);
+}
+
 static bool process_tx(struct vn_qp *qp)
 {
     struct vn_vq *vq = &qp->tx;
@@ -178,7 +197,7 @@ static bool process_tx(struct vn_qp *qp)
             }
             ssize_t n = writev(qp->tap_fd, qp->tx_iov, (int)c.niov);
             if (n < 0) {
-                VN_STAT_INC(st->drops[VN_DROP_TAP_ERROR]);
+                tap_error(qp, st, errno);
             } else {
                 if (vn_capture_wanted(&dev->capture, qp->index))
                     vn_capture_frame(&dev->capture, qp->index, 1, qp->tx_iov, c.niov, hdr,
@@ -234,8 +253,10 @@ static void rx_compact(struct vn_qp *qp)
     qp->rx_first = 0;
 }
 
-/* Pop rx buffers until `need` bytes are ready. Returns false if the queue broke. */
-static bool rx_prefetch(struct vn_qp *qp, size_t need, bool mergeable)
+/* Pop rx buffers until `need` bytes are ready. Returns false if the queue
+ * broke; *stuck when the next chain cannot join the buffers already popped
+ * (they and it do not fit in our iovec array together). */
+static bool rx_prefetch(struct vn_qp *qp, size_t need, bool mergeable, bool *stuck)
 {
     struct vn_vq *vq = &qp->rx;
     unsigned max_bufs = mergeable ? VN_RX_BUF_MAX : 1;
@@ -253,11 +274,17 @@ static bool rx_prefetch(struct vn_qp *qp, size_t need, bool mergeable)
             queue_broken(qp, "rx", err);
             return false;
         }
-        if (r == VN_POP_BAD && err == VN_ERR_CHAIN_TOO_LONG && qp->rx_count > 0) {
+        if (r == VN_POP_BAD && err == VN_ERR_CHAIN_TOO_LONG && qp->rx_iov_end > 0) {
             /* Our iovec array is partly taken by earlier buffers: not the
-             * guest's fault. Take the chain again once they are used. */
+             * guest's fault. Make room and try again; with popped buffers
+             * in the way, take the chain again once they are used. */
             vn_vq_unpop(vq, 1);
             VN_STAT_ADD(qp->st.rx.errors[VN_ERR_CHAIN_TOO_LONG], (uint64_t)-1);
+            if (qp->rx_first > 0) {
+                rx_compact(qp);
+                continue;
+            }
+            *stuck = true;
             break;
         }
         struct vn_rx_buf *b = &qp->rx_buf[qp->rx_first + qp->rx_count];
@@ -405,6 +432,12 @@ static void steer_to(struct vn_qp *from, unsigned to, struct vn_pkt *pkt)
 {
     struct vn_dev *dev = from->dev;
     struct vn_qp *t = &dev->qp[to];
+    if (__atomic_load_n(&t->rx.broken, __ATOMIC_RELAXED)) {
+        /* Its ring is unusable until the driver resets the device. */
+        VN_STAT_INC(from->st.rx.drops[VN_DROP_QUEUE_BROKEN]);
+        free(pkt);
+        return;
+    }
     pkt->next = NULL;
     pkt->epoch = atomic_load(&dev->epoch);
     pthread_mutex_lock(&t->inbox.lock);
@@ -445,11 +478,12 @@ static bool rx_place_inbox(struct vn_qp *qp, bool mergeable, unsigned *pushed, u
         struct vn_pkt *p = inbox_pop(qp, true);
         if (p == NULL)
             return true;
-        if (!rx_prefetch(qp, p->len, mergeable))
+        bool stuck = false;
+        if (!rx_prefetch(qp, p->len, mergeable, &stuck))
             return false;
         *pushed += rx_return_bad_head(qp);
         uint64_t cap = rx_room(qp);
-        bool can_grow = qp->rx_count < (mergeable ? VN_RX_BUF_MAX : 1u) &&
+        bool can_grow = !stuck && qp->rx_count < (mergeable ? VN_RX_BUF_MAX : 1u) &&
                         qp->rx_count < vq->size && qp->rx_iov_end < VN_RX_IOV_MAX;
         if (cap < p->len && can_grow && cap == qp->rx_prefetched_bytes)
             return false;
@@ -488,8 +522,18 @@ static unsigned steer(struct vn_dev *dev, const uint8_t *frame, size_t len, uint
     return vn_steer_rx(&dev->steer, frame, len, dev->active_qps, hash, report);
 }
 
-/* Returns true when it did any work; *starved when it stopped for lack of
- * guest buffers. */
+/* Out of guest buffers, keep reading the TAP? With one pair in use its TAP
+ * queue holds only our frames: they wait there. With several it also holds
+ * other pairs' flows (the kernel picks TAP queues by its own hash), which
+ * must not wait behind ours: read on, ours queue in our inbox (in order,
+ * bounded: beyond, dropped and counted as steer_backlog). */
+static bool rx_read_starved(const struct vn_dev *dev)
+{
+    return dev->active_qps > 1;
+}
+
+/* Returns true when it did any work; *starved when it ran out of guest
+ * buffers (and stopped reading, with one pair in use). */
 static bool process_rx(struct vn_qp *qp, bool *starved)
 {
     struct vn_dev *dev = qp->dev;
@@ -499,29 +543,36 @@ static bool process_rx(struct vn_qp *qp, bool *starved)
     bool own_active = qp->index < dev->active_qps && vn_vq_ready(vq);
     uint32_t hdr = dev->hdr_len;
     size_t need = rx_need(dev);
-    unsigned pushed = 0, packets = 0;
+    unsigned pushed = 0, packets = 0, reads = 0;
     bool progress = false;
     *starved = false;
 
-    while (packets < RX_BUDGET) {
+    while (packets < RX_BUDGET && reads < RX_BUDGET) {
         /* Frames already steered here go first: they are older than
          * anything still in the TAP. */
+        bool room = own_active;
         if (own_active && !rx_place_inbox(qp, mergeable, &pushed, &packets)) {
             *starved = true;
-            break;
+            if (!rx_read_starved(dev))
+                break;
+            room = false;
         }
-        if (qp->tap_fd < 0 || vn_dev_steering_hold(dev))
+        if (!tap_readable(qp) || vn_dev_steering_hold(dev))
             break;
-        if (own_active) {
-            if (!rx_prefetch(qp, need, mergeable))
+        if (room) {
+            bool stuck = false;
+            if (!rx_prefetch(qp, need, mergeable, &stuck))
                 break;
             pushed += rx_return_bad_head(qp);
             if (qp->rx_count == 0) {
                 *starved = true;
-                break;
+                if (!rx_read_starved(dev))
+                    break;
+                room = false;
             }
         }
-        uint64_t cap = own_active ? rx_room(qp) : 0;
+        reads++;
+        uint64_t cap = room ? rx_room(qp) : 0;
         if (cap >= need) {
             /* Fast path: straight into our guest buffers. */
             const struct vn_rx_buf *b0 = &qp->rx_buf[qp->rx_first];
@@ -536,7 +587,7 @@ static bool process_rx(struct vn_qp *qp, bool *starved)
             ssize_t n = readv(qp->tap_fd, iov, (int)niov);
             if (n < 0) {
                 if (errno != EAGAIN && errno != EINTR)
-                    VN_STAT_INC(st->drops[VN_DROP_TAP_ERROR]);
+                    tap_error(qp, st, errno);
                 break;
             }
             progress = true;
@@ -578,7 +629,7 @@ static bool process_rx(struct vn_qp *qp, bool *starved)
         ssize_t n = read(qp->tap_fd, p->data, hdr + VN_MAX_FRAME);
         if (n < 0) {
             if (errno != EAGAIN && errno != EINTR)
-                VN_STAT_INC(st->drops[VN_DROP_TAP_ERROR]);
+                tap_error(qp, st, errno);
             break;
         }
         progress = true;
@@ -673,7 +724,7 @@ static bool busy_poll(struct vn_qp *qp, bool tx_ok, bool rx_vq_ok, bool rx_starv
     uint64_t end = now_ns() + qp->dev->busy_poll_ns;
     struct pollfd pfd[2] = {
         { .fd = qp->kick_fd, .events = POLLIN },
-        { .fd = qp->tap_fd, .events = read_tap ? POLLIN : 0 },
+        { .fd = read_tap ? qp->tap_fd : -1, .events = POLLIN },
     };
     do {
         if (atomic_load_explicit(&qp->req, memory_order_relaxed) != VN_QP_RUN)
@@ -732,7 +783,7 @@ void *vn_qp_worker(void *arg)
             continue;
         }
         bool hold = vn_dev_steering_hold(dev);
-        bool read_tap = rx_ok && !rx_starved && !hold;
+        bool read_tap = tap_readable(qp) && (!rx_starved || rx_read_starved(dev)) && !hold;
         if (dev->busy_poll_ns != 0 && qp->last_sleep_ns < dev->busy_poll_ns &&
             busy_poll(qp, tx_ok, rx_vq_ok, rx_starved, read_tap)) {
             rx_starved = false;
@@ -758,10 +809,11 @@ void *vn_qp_worker(void *arg)
          * switch waits for the guest to drain its rings nothing signals us,
          * so look again every millisecond. */
         hold = vn_dev_steering_hold(dev);
-        read_tap = rx_ok && !rx_starved && !hold;
+        read_tap = tap_readable(qp) && (!rx_starved || rx_read_starved(dev)) && !hold;
+        /* fd -1, not events 0: a deleted TAP reports POLLERR whatever we ask. */
         struct pollfd pfd[2] = {
             { .fd = qp->kick_fd, .events = POLLIN },
-            { .fd = qp->tap_fd, .events = read_tap ? POLLIN : 0 },
+            { .fd = read_tap ? qp->tap_fd : -1, .events = POLLIN },
         };
         uint64_t wait_ns = hold && atomic_load(&dev->old_inflight) == 0 ? 1000000u : UINT64_MAX;
         if (coal_wait_ns < wait_ns)

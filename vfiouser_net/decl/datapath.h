@@ -66,6 +66,8 @@ struct vn_dev_stats {
     uint64_t irq_errors;
     uint64_t steering_switches;
     uint64_t steering_drain_timeouts;
+    uint64_t tap_failures;
+    uint64_t tap_replacements;
     uint64_t ctrl_cmds[10][8][2];
 };
 enum vn_policy { VN_POLICY_AUTO = 0, VN_POLICY_SINGLE = 1, VN_POLICY_RSS = 2,
@@ -107,6 +109,7 @@ struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu);
 void vn_dev_free(struct vn_dev *dev);
 void vn_dev_set_hooks(struct vn_dev *dev, const struct vn_hooks *hooks);
 void vn_dev_set_tap(struct vn_dev *dev, unsigned qp, int fd);
+int vn_dev_replace_taps(struct vn_dev *dev, const int *fds, unsigned n, unsigned timeout_ms);
 int vn_dev_config_queue(struct vn_dev *dev, unsigned qidx, uint16_t size, uint64_t desc,
                         uint64_t avail, uint64_t used, uint16_t vector);
 int vn_dev_start(struct vn_dev *dev, uint64_t features);
