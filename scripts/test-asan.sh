@@ -35,7 +35,7 @@ targets=("$@")
 PYTHONPATH=$WORK LD_PRELOAD=$(gcc -print-file-name=libasan.so) \
     ASAN_OPTIONS=detect_leaks=0:log_path=$LOGS/asan \
     UBSAN_OPTIONS=print_stacktrace=1:log_path=$LOGS/ubsan \
-    "$VENV/bin/pytest" -q -p no:cacheprovider "${targets[@]}" || status=$?
+    "$VENV/bin/pytest" -ra -p no:cacheprovider "${targets[@]}" || status=$?
 # QEMU (coroutines) makes ASan print warnings only; any real report fails.
 if grep -lE "ERROR: AddressSanitizer|runtime error" "$LOGS"/* 2>/dev/null; then
     cat "$LOGS"/*

@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# Set everything up (idempotent) and run the whole test suite: lint and type
-# checks, then pytest over unit, C datapath (plain and ASan/UBSan), protocol
-# and end-to-end tests with a real QEMU and Linux guest. Extra arguments go to
-# pytest (e.g. -k ping, or tests/unit).
+# Set everything up (idempotent) and run the whole test suite:
+#  1. ruff and mypy;
+#  2. pytest over the unit, protocol and end-to-end tests (a real QEMU and
+#     Linux guest) with the C datapath built with ASan + UBSan
+#     (scripts/test-asan.sh; any sanitizer report fails the run);
+#  3. pytest with the production build over what measures or runs long: the
+#     C unit tests (plain and sanitized), the 5-minute soak
+#     (VN_SOAK_SECONDS) and the benchmark smoke runs;
+#  4. every fuzz target for VN_FUZZ_SECONDS (default 20) seconds.
+# With arguments, only pytest runs, with them, on the production build
+# (e.g. -k ping, or tests/unit).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -13,5 +20,17 @@ echo "== ruff"
 "$VENV/bin/ruff" check vfiouser_net tests bench scripts
 echo "== mypy"
 "$VENV/bin/mypy"
-echo "== pytest"
-exec "$VENV/bin/pytest" -ra -p no:cacheprovider "${@:-tests}"
+if [[ $# -gt 0 ]]; then
+    echo "== pytest $*"
+    exec "$VENV/bin/pytest" -ra -p no:cacheprovider "$@"
+fi
+status=0
+echo "== pytest: unit, protocol and end-to-end tests, datapath under ASan + UBSan"
+bash "$HERE/test-asan.sh" || status=1
+echo "== pytest: C unit tests, soak and benchmark smoke runs, production build"
+"$VENV/bin/pytest" -ra -p no:cacheprovider tests/unit/test_c_datapath.py \
+    tests/e2e/test_soak_e2e.py tests/e2e/test_bench_smoke.py \
+    tests/e2e/test_device_level_bench.py || status=1
+echo "== fuzz"
+bash "$HERE/fuzz.sh" --seconds "${VN_FUZZ_SECONDS:-20}" || status=1
+exit "$status"
