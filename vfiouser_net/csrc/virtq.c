@@ -49,7 +49,9 @@ bool vn_vq_map(struct vn_vq *vq)
     vq->used = vn_mem_translate(vq->mem, vq->used_gpa, 6 + 8 * n, true);
     if (vq->desc == NULL || vq->avail == NULL || vq->used == NULL)
         goto bad;
-    vq->mem_generation = vq->mem->generation;
+    /* Last, and released: other workers read this ring (driver_caught_up)
+     * only once they see the views made for the current guest memory. */
+    __atomic_store_n(&vq->mem_generation, vq->mem->generation, __ATOMIC_RELEASE);
     return true;
 bad:
     vq->desc = vq->avail = vq->used = NULL;
@@ -227,10 +229,21 @@ void vn_vq_disable_notify(struct vn_vq *vq)
 
 bool vn_vq_driver_caught_up(const struct vn_vq *vq)
 {
-    if (!vq->event_idx || vq->desc == NULL)
+    if (!vq->event_idx)
         return true;
-    uint16_t published = vn_le16_load_acquire(used_idx_ptr(vq));
-    uint16_t seen = vn_le16_load_relaxed(used_event_ptr(vq));
+    /* Other workers than the ring's own ask this. After guest memory
+     * changed (a DMA unmap) the ring's views point to unmapped memory, or
+     * are being cleared, until its own worker has translated them again:
+     * only views made for the current memory are read (else: unknown, not
+     * waited for). Guest memory changes only while every worker is parked. */
+    if (__atomic_load_n(&vq->mem_generation, __ATOMIC_ACQUIRE) != vq->mem->generation)
+        return true;
+    uint8_t *avail = __atomic_load_n(&vq->avail, __ATOMIC_RELAXED);
+    uint8_t *used = __atomic_load_n(&vq->used, __ATOMIC_RELAXED);
+    if (avail == NULL || used == NULL)
+        return true;
+    uint16_t published = vn_le16_load_acquire((uint16_t *)(used + 2));
+    uint16_t seen = vn_le16_load_relaxed((uint16_t *)(avail + 4 + 2 * (size_t)vq->size));
     if (seen == published)
         return true;
     /* Linux writes 0 while it polls with interrupts off (a placeholder,
