@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,6 +73,11 @@ _FIELDS: dict[CommonCfg, str] = {
 }
 
 
+# The driver's misuses are warned about at most this many times a second (a
+# guest can repeat one with every register write), then how many were not.
+WARNINGS_PER_SEC = 10
+
+
 class VirtioPciTransport:
     def __init__(
         self,
@@ -90,6 +96,9 @@ class VirtioPciTransport:
         self.backend = backend
         self.lock = threading.RLock()
         self.driver_resets = 0
+        self._warn_second = 0
+        self._warn_budget = 0
+        self._warn_suppressed = 0
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -103,6 +112,27 @@ class VirtioPciTransport:
         self.isr = 0
         self._needs_reset_signalled = False
         self.queues = [QueueConfig(size=self.max_queue_size) for _ in range(self.num_queues)]
+
+    def _warn(self, msg: str, *args: object) -> None:
+        """A warning about the driver's doing, rate limited (WARNINGS_PER_SEC)."""
+        second = int(time.monotonic())
+        if second != self._warn_second:
+            if self._warn_suppressed:
+                log.warning(
+                    "%d warnings about the driver not logged (more than %d a second)",
+                    self._warn_suppressed,
+                    WARNINGS_PER_SEC,
+                )
+            self._warn_second, self._warn_budget, self._warn_suppressed = (
+                second,
+                WARNINGS_PER_SEC,
+                0,
+            )
+        if self._warn_budget <= 0:
+            self._warn_suppressed += 1
+            return
+        self._warn_budget -= 1
+        log.warning(msg, *args)
 
     @property
     def negotiated(self) -> int:
@@ -163,7 +193,7 @@ class VirtioPciTransport:
     def write(self, offset: int, data: bytes) -> None:
         with self.lock:
             if offset < 0 or offset + len(data) > COMMON_CFG_SIZE:
-                log.warning("common config write outside the structure at 0x%x ignored", offset)
+                self._warn("common config write outside the structure at 0x%x ignored", offset)
                 return
             img = self._compose()
             img[offset : offset + len(data)] = data
@@ -204,7 +234,7 @@ class VirtioPciTransport:
 
     def _write_driver_features(self, value: int) -> None:
         if self.status & DeviceStatus.FEATURES_OK:
-            log.warning("driver features written after FEATURES_OK: ignored")
+            self._warn("driver features written after FEATURES_OK: ignored")
             return
         sel = self.driver_feature_select
         if sel > 1:
@@ -217,9 +247,7 @@ class VirtioPciTransport:
         if q is None:
             return
         if self.driver_ok:
-            log.warning(
-                "queue %d configuration changed after DRIVER_OK: ignored", self.queue_select
-            )
+            self._warn("queue %d configuration changed after DRIVER_OK: ignored", self.queue_select)
             return
         if field == CommonCfg.QUEUE_SIZE:
             q.size = value
@@ -243,33 +271,33 @@ class VirtioPciTransport:
         new = DeviceStatus(value & ~DeviceStatus.DEVICE_NEEDS_RESET)
         old = self.status
         if old & ~new:
-            log.warning("driver cleared status bits %s without reset: ignored", old & ~new)
+            self._warn("driver cleared status bits %s without reset: ignored", old & ~new)
             new |= old
         newly_features_ok = new & DeviceStatus.FEATURES_OK and not old & DeviceStatus.FEATURES_OK
         if newly_features_ok and not self._features_acceptable():
             new &= ~DeviceStatus.FEATURES_OK
         if new & DeviceStatus.DRIVER_OK and not old & DeviceStatus.DRIVER_OK:
             if not new & DeviceStatus.FEATURES_OK:
-                log.warning("DRIVER_OK without FEATURES_OK: ignored")
+                self._warn("DRIVER_OK without FEATURES_OK: ignored")
                 new &= ~DeviceStatus.DRIVER_OK
             else:
                 self.status = new
                 self._start()
                 return
         if new & DeviceStatus.FAILED and not old & DeviceStatus.FAILED:
-            log.warning("driver reported FAILED")
+            self._warn("driver reported FAILED")
         self.status = new
 
     def _features_acceptable(self) -> bool:
         extra = self.driver_features & ~self.offered
         if extra:
-            log.warning(
+            self._warn(
                 "FEATURES_OK refused: driver asked for features not offered: %s",
                 ", ".join(feature_names(extra)),
             )
             return False
         if not self.driver_features >> NetFeature.VERSION_1 & 1:
-            log.warning("FEATURES_OK refused: VERSION_1 not accepted (legacy drivers unsupported)")
+            self._warn("FEATURES_OK refused: VERSION_1 not accepted (legacy drivers unsupported)")
             return False
         log.info("features negotiated: %s", ", ".join(feature_names(self.driver_features)))
         return True

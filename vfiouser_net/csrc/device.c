@@ -53,17 +53,51 @@ const char *vn_error_reason_name(int reason)
     return reason >= 0 && reason < VN_ERR__COUNT ? error_names[reason] : "unknown";
 }
 
+static void log_line(struct vn_dev *dev, int level, const char *msg)
+{
+    if (dev->hooks.log != NULL)
+        dev->hooks.log(dev->hooks.py, level, msg);
+    else
+        fprintf(stderr, "vfiouser-net: %s\n", msg);
+}
+
+/* Within this second's budget? A new second refills it and returns, in
+ * *suppressed, how many were left out before. */
+static bool log_budget(struct vn_dev *dev, int level, unsigned *suppressed)
+{
+    *suppressed = 0;
+    if (level > LOG_WARNING)
+        return true;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    uint64_t sec = (uint64_t)ts.tv_sec;
+    uint64_t seen = atomic_load_explicit(&dev->log_second, memory_order_relaxed);
+    if (seen != sec && atomic_compare_exchange_strong(&dev->log_second, &seen, sec)) {
+        atomic_store(&dev->log_budget, VN_LOG_PER_SEC);
+        *suppressed = atomic_exchange(&dev->log_suppressed, 0);
+    }
+    if (atomic_fetch_sub(&dev->log_budget, 1) > 0)
+        return true;
+    atomic_fetch_add(&dev->log_suppressed, 1);
+    return false;
+}
+
 void vn_log(struct vn_dev *dev, int level, const char *fmt, ...)
 {
+    unsigned suppressed;
+    if (!log_budget(dev, level, &suppressed))
+        return;
     char buf[512];
+    if (suppressed > 0) {
+        snprintf(buf, sizeof(buf), "%u warnings and errors not logged (more than %d a second)",
+                 suppressed, VN_LOG_PER_SEC);
+        log_line(dev, LOG_WARNING, buf);
+    }
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(buf, sizeof(buf), fmt, ap);
     va_end(ap);
-    if (dev->hooks.log != NULL)
-        dev->hooks.log(dev->hooks.py, level, buf);
-    else
-        fprintf(stderr, "vfiouser-net: %s\n", buf);
+    log_line(dev, level, buf);
 }
 
 struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu)

@@ -202,6 +202,11 @@ struct vn_dev {
     uint64_t busy_poll_ns;
     struct vn_capture capture;
     struct vn_dev_stats st;
+    /* Warnings and errors logged in the current second (vn_log): a client or
+     * a guest can cause one per message or per interrupt. */
+    _Atomic uint64_t log_second;
+    _Atomic int log_budget;
+    _Atomic unsigned log_suppressed;
 };
 
 /* Queue pairs the driver can see: all of them with MQ or RSS (virtio 1.x
@@ -331,7 +336,9 @@ struct vn_ring_state {
 };
 int vn_dev_get_ring_state(struct vn_dev *dev, unsigned qidx, struct vn_ring_state *out);
 
-/* Log through the control plane (context thread, or rate limited). */
+/* Log through the control plane (any thread). Warnings and errors: at most
+ * VN_LOG_PER_SEC a second and device; then how many were left out. */
+#define VN_LOG_PER_SEC 20
 void vn_log(struct vn_dev *dev, int level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 

@@ -117,11 +117,13 @@ static int reset(vfu_ctx_t *ctx, vfu_reset_type_t type)
     return 0;
 }
 
+/* libvfio-user logs a line for every failed request and every interrupt it
+ * has no eventfd for: rate limited with our own (vn_log). */
 static void vfu_log_cb(vfu_ctx_t *ctx, int level, const char *msg)
 {
     struct vn_dev *dev = dev_of(ctx);
     if (dev->hooks.log != NULL)
-        dev->hooks.log(dev->hooks.py, level, msg);
+        vn_log(dev, level, "%s", msg);
 }
 
 int vn_server_setup(struct vn_dev *dev, void *vfu_ctx, int log_level)
