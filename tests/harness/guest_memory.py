@@ -15,7 +15,7 @@ import os
 import struct
 import sys
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Literal, Self
 
 if TYPE_CHECKING:
     from .vfio_user_client import VfioUserClient
@@ -160,7 +160,7 @@ class GuestMemory:
     def write_u64(self, addr: int, value: int) -> None:
         self._store(addr, 8, "Q", value)
 
-    def _store(self, addr: int, size: int, code: str, value: int) -> None:
+    def _store(self, addr: int, size: int, code: Literal["H", "I", "Q"], value: int) -> None:
         off = self._off(addr, size)
         if off % size == 0 and sys.byteorder == "little":
             memoryview(self.buf)[off : off + size].cast(code)[0] = value
@@ -176,6 +176,12 @@ class GuestMemory:
     def unpack_from(self, fmt: str | struct.Struct, addr: int) -> tuple[object, ...]:
         s = fmt if isinstance(fmt, struct.Struct) else struct.Struct(fmt)
         return s.unpack_from(self.buf, self._off(addr, s.size))
+
+    def device_writable(self, addr: int, length: int) -> None:
+        """The driver lets the device write [addr, addr+length) (a used ring,
+        or a buffer offered as device-writable). Nothing to do here; a memory
+        that checks what the device wrote records it
+        (tests/harness/hostile_driver.py)."""
 
     # -- DmaBacking (serves the server's DMA_READ / DMA_WRITE messages) -------------
 

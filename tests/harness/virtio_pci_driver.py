@@ -34,7 +34,7 @@ import select
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .guest_memory import GuestMemory
@@ -758,6 +758,7 @@ class SplitQueue:
         self.desc_addr = mem.alloc(16 * size, a if page_align else 16)
         self.avail_addr = mem.alloc(6 + 2 * size, a if page_align else 2)
         self.used_addr = mem.alloc(6 + 8 * size, a if page_align else 4)
+        mem.device_writable(self.used_addr, 6 + 8 * size)
         self.indirect_tables: dict[int, int] = {}
         self.free: collections.deque[int] = collections.deque(range(size))
         self.pending: dict[int, _Pending] = {}
@@ -866,6 +867,9 @@ class SplitQueue:
                     self.desc_addr, ids[i], addr, length, flags, ids[i + 1] if more else 0
                 )
             head = ids[0]
+        for addr, length, w in chain:
+            if w:
+                self.mem.device_writable(addr, length)
         wlen = sum(length for _, length, w in chain if w)
         self.pending[head] = _Pending(ids, token, wlen, list(chain))
         self.mem.write_u16(self.avail_ring_addr(self.avail_idx), head)
@@ -1116,12 +1120,20 @@ class VirtioNetDriver:
         return 2 * self.max_pairs
 
     def bring_up(
-        self, pairs: int = 1, rx_buffers: int | None = None, *, set_pairs: bool = True
+        self,
+        pairs: int = 1,
+        rx_buffers: int | None = None,
+        *,
+        set_pairs: bool = True,
+        queue_hook: Callable[[SplitQueue], None] | None = None,
     ) -> int:
         """Full init sequence (spec 3.1.1); returns the negotiated features.
 
         With MQ and a control queue, ``set_pairs`` sends VQ_PAIRS_SET(pairs)
         after DRIVER_OK, as Linux does at probe (the device starts with 1 pair).
+        ``queue_hook`` sees every queue after it is laid out in guest memory
+        and before it is programmed into the device (a test may move its
+        rings elsewhere).
         """
         t = self.transport
         if t.virtio_device_id != VIRTIO_ID_NET:
@@ -1154,6 +1166,8 @@ class VirtioNetDriver:
             for idx in (2 * p, 2 * p + 1):
                 size = min(self.queue_size, t.queue_max_size(idx))
                 q = SplitQueue(self.mem, idx, size, event_idx=event_idx, max_indirect=max_ind)
+                if queue_hook is not None:
+                    queue_hook(q)
                 t.setup_queue(q, vec_of.get(idx, VIRTIO_MSI_NO_VECTOR))
                 qs.append(q)
             self.pairs.append(_QueuePair(qs[0], qs[1]))
@@ -1163,6 +1177,8 @@ class VirtioNetDriver:
             idx = self.ctrl_index
             size = min(64, t.queue_max_size(idx))
             self.ctrl = SplitQueue(self.mem, idx, size, event_idx=event_idx)
+            if queue_hook is not None:
+                queue_hook(self.ctrl)
             t.setup_queue(self.ctrl, VIRTIO_MSI_NO_VECTOR)
             self._ctrl_pool = BlockPool(self.mem, 4096, 4)
         t.driver_ok()
