@@ -125,6 +125,7 @@ FEATURES |= bit(VIRTIO_NET_F_RSS)
 # an attack runs (queue scope) and after it (after recovery when it broke the
 # device).
 MIN_FRAMES = 5
+TRAFFIC_WAIT = 5.0  # seconds to see them (they take milliseconds when all is well)
 # What the daemon may log a second under attack (it rate-limits warnings and
 # errors: 20 a second per device from the datapath and libvfio-user, 10 about
 # the driver from the control plane), with a margin.
@@ -1207,7 +1208,7 @@ class HostileDriver:
         err = self.reinit()
         run.check(err is None, f"bring-up before the attack failed: {err}")
         tr = self.traffic
-        warm = tr.wait_min(tr.snapshot(), 1, 10)
+        warm = tr.wait_min(tr.snapshot(), 1, TRAFFIC_WAIT)
         base = self.counters()
         during0 = tr.snapshot()
         errors0 = {p: c.errors for p, c in warm.items()}
@@ -1218,7 +1219,7 @@ class HostileDriver:
             log.error("attack %s raised:\n%s", attack.name, traceback.format_exc())
         during = tr.snapshot()
         if attack.scope == "queue":
-            during = tr.wait_min(during0, MIN_FRAMES, 15)
+            during = tr.wait_min(during0, MIN_FRAMES, TRAFFIC_WAIT)
             for p in HEALTHY:
                 moved = (during[p].rx - during0[p].rx, during[p].tx - during0[p].tx)
                 run.check(
@@ -1266,7 +1267,7 @@ class HostileDriver:
             recovered = err is None
             run.check(recovered, f"re-initialisation after the attack failed: {err}")
         after0 = tr.snapshot()
-        after = tr.wait_min(after0, MIN_FRAMES, 15)
+        after = tr.wait_min(after0, MIN_FRAMES, TRAFFIC_WAIT)
         for p in HEALTHY:
             moved = (after[p].rx - after0[p].rx, after[p].tx - after0[p].tx)
             run.check(
