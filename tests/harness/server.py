@@ -42,8 +42,11 @@ class Server:
         if "--metrics-addr" not in extra_args:
             # Tests run several daemons at once: no fixed port.
             extra_args = [*extra_args, "--metrics-addr", "127.0.0.1:0"]
+        # -P: not the working directory first on sys.path, so that PYTHONPATH
+        # (scripts/test-asan.sh's sanitized build) decides which package runs.
         self.argv = [
             sys.executable,
+            "-P",
             "-m",
             "vfiouser_net",
             "--log-level",
@@ -75,10 +78,21 @@ class Server:
             if self.proc.poll() is not None:
                 raise ServerError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             if self.socket_path.exists():
+                self._check_datapath()
                 return self
             time.sleep(0.05)
         self.kill()
         raise ServerError(f"server did not listen on {self.socket_path}:\n{self.log()}")
+
+    def _check_datapath(self) -> None:
+        """Under scripts/test-asan.sh the daemon must run the sanitized build."""
+        want = os.environ.get("VN_EXPECT_NATIVE_IN")
+        if not want or self.proc is None:
+            return
+        maps = Path(f"/proc/{self.proc.pid}/maps").read_text()
+        if f"{want}/vfiouser_net/_native" not in maps:
+            self.kill()
+            raise ServerError(f"the daemon's datapath is not the one in {want}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
