@@ -19,12 +19,14 @@
  *   u8 rounds    bits 0-1 rounds - 1; bit 2 interrupt coalescing on; bit 3
  *                packet capture on (frames copied from guest memory to a
  *                socket: a copy the kernel refuses with EFAULT is counted as
- *                missed, and none may be)
+ *                missed, and none may be); bit 4 TAP writes fail with EIO,
+ *                bit 5 with EBADFD (the interface was deleted)
  *   le16 n, then n bytes of guest image (fuzz_common.h); queue k (rx0, tx0,
  *        rx1, tx1) has its descriptor table at A + 0x400 k, its available
  *        ring right after it, and its used ring at B + 0x1000 + 0x200 k
  *   frames from the host, to the end: le16 length, then the frame with its
- *        virtio-net header (at most 32) */
+ *        virtio-net header (at most 32); a length of 0xffff is a read that
+ *        fails with EBADFD instead, 0xfffe one that fails with EIO */
 #include <errno.h>
 #include <poll.h>
 #include <stdatomic.h>
@@ -63,9 +65,20 @@ static int fz_vq_pop(struct vn_vq *vq, struct iovec *iov, unsigned iov_max, stru
 static struct {
     const uint8_t *frame[MAX_FRAMES];
     size_t len[MAX_FRAMES];
+    int err[MAX_FRAMES];
     unsigned n, next;
     uint32_t hdr_len;
+    int write_err;
 } tap;
+
+/* The next read fails (and is consumed) if the input says so. */
+static bool read_fails(void)
+{
+    if (tap.err[tap.next] == 0)
+        return false;
+    errno = tap.err[tap.next++];
+    return true;
+}
 
 static size_t take_frame(void *dst, size_t room)
 {
@@ -95,6 +108,8 @@ static ssize_t fz_tap_readv(int fd, const struct iovec *iov, int n)
         errno = EINVAL; /* as a TAP with IFF_VNET_HDR */
         return -1;
     }
+    if (read_fails())
+        return -1;
     /* Truncated to the room given, as a datagram is. */
     const uint8_t *f = tap.frame[tap.next];
     size_t left = tap.len[tap.next++], done = 0;
@@ -114,6 +129,8 @@ static ssize_t fz_tap_read(int fd, void *buf, size_t len)
         errno = EAGAIN;
         return -1;
     }
+    if (read_fails())
+        return -1;
     return (ssize_t)take_frame(buf, len);
 }
 
@@ -126,6 +143,10 @@ static ssize_t fz_tap_writev(int fd, const struct iovec *iov, int n)
         total += iov[i].iov_len;
     FZ_CHECK(total >= tap.hdr_len + 14 && total <= tap.hdr_len + VN_MAX_FRAME,
              "tx frame of %zu bytes", total);
+    if (tap.write_err != 0) {
+        errno = tap.write_err;
+        return -1;
+    }
     return (ssize_t)total;
 }
 
@@ -225,9 +246,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     size_t image_len;
     const uint8_t *image = fz_bytes(&in, fz_u16(&in), &image_len);
     memset(&tap, 0, sizeof(tap));
+    tap.write_err = (rb & 0x20) ? EBADFD : (rb & 0x10) ? EIO : 0;
     while (in.n > 0 && tap.n < MAX_FRAMES) {
+        uint16_t want = fz_u16(&in);
+        if (want >= 0xfffe) {
+            tap.err[tap.n++] = want == 0xffff ? EBADFD : EIO;
+            continue;
+        }
         size_t len;
-        const uint8_t *f = fz_bytes(&in, fz_u16(&in), &len);
+        const uint8_t *f = fz_bytes(&in, want, &len);
         tap.frame[tap.n] = f;
         tap.len[tap.n++] = len;
     }

@@ -331,6 +331,26 @@ def worker_seeds() -> dict[str, bytes]:
     ]
     out["mergeable"] = worker_seed(0b011, MTU[1500] << 4, size, 1, img, host)
     out["mergeable-capture"] = worker_seed(0b011, MTU[1500] << 4, size, 0b1001, img, host)
+    # TAP errors: a read fails with EIO, then with EBADFD (the interface was
+    # deleted: the worker stops reading it); writes fail with EIO.
+    errors = [host[0], struct.pack("<H", 0xFFFE)[:0], host[1]]
+    tail = b"".join(struct.pack("<H", len(f)) + f for f in errors if f)
+    tap_errors = worker_seed(0b011, MTU[1500] << 4, size, 0b10001, img, [])
+    tap_errors += struct.pack("<H", 0xFFFE) + tail + struct.pack("<H", 0xFFFF)
+    out["tap-errors"] = tap_errors + struct.pack("<H", len(host[0])) + host[0]
+    # A transmitted frame over 64 KiB: an indirect table of 17 descriptors
+    # of 4 KiB, the same buffer each time; and one of exactly 64 KiB + 18.
+    img = Image()
+    tx = worker_queue(img, 1, size)
+    img.put(A + 0x1000, vnet_hdr() + fr["ipv4-tcp"])
+    tx.add(tx.indirect(A + 0x600, [(A + 0x1000, 0x1000, False)] * 17))
+    tx.add(
+        tx.indirect(
+            A + 0x800, [(A + 0x1000, 0x1000, False)] * 16 + [(A + 0x1000, 12 + 18 - 1, False)]
+        )
+    )
+    tx.publish()
+    out["tx-frame-too-big"] = worker_seed(0b100, MTU[1500] << 4, size, 0, img, [])
     # Not mergeable: one big buffer per frame (MTU 1500 needs 1530 bytes),
     # split over two descriptors; indirect.
     img = Image()
