@@ -30,7 +30,7 @@ void vn_vq_init(struct vn_vq *vq, const struct vn_mem *mem, struct vn_dir_stats 
 void vn_vq_reset_state(struct vn_vq *vq)
 {
     vq->desc = vq->avail = vq->used = NULL;
-    vq->last_avail = vq->avail_shadow = vq->used_idx = vq->signalled_used = 0;
+    vq->last_avail = vq->used_idx = vq->signalled_used = 0;
     vq->signalled_valid = false;
     vq->broken = false;
     vq->mem_generation = 0;
@@ -76,20 +76,18 @@ int vn_vq_pop(struct vn_vq *vq, struct iovec *iov, unsigned iov_max, struct vn_c
               int *err_reason)
 {
     *err_reason = -1;
-    if (vq->avail_shadow == vq->last_avail) {
-        /* Acquire: the ring entries up to the index are read after it. */
-        uint16_t avail_idx = vn_le16_load_acquire(avail_idx_ptr(vq));
-        uint16_t pending = (uint16_t)(avail_idx - vq->last_avail);
-        VN_STAT_STORE(vq->st->avail_seen, avail_idx);
-        if (pending == 0)
-            return VN_POP_EMPTY;
-        if (pending > vq->size) {
-            VN_STAT_INC(vq->st->errors[VN_ERR_AVAIL_IDX]);
-            *err_reason = VN_ERR_AVAIL_IDX;
-            vq->broken = true;
-            return VN_POP_FATAL;
-        }
-        vq->avail_shadow = avail_idx;
+    /* Read on every pop, not cached for a batch: a corrupt index is caught
+     * at the next chain, whatever was read before. */
+    uint16_t avail_idx = vn_le16_load_acquire(avail_idx_ptr(vq));
+    uint16_t pending = (uint16_t)(avail_idx - vq->last_avail);
+    VN_STAT_STORE(vq->st->avail_seen, avail_idx);
+    if (pending == 0)
+        return VN_POP_EMPTY;
+    if (pending > vq->size) {
+        VN_STAT_INC(vq->st->errors[VN_ERR_AVAIL_IDX]);
+        *err_reason = VN_ERR_AVAIL_IDX;
+        vq->broken = true;
+        return VN_POP_FATAL;
     }
     uint16_t head = vn_le16_get(vq->avail + 4 + 2 * (size_t)(vq->last_avail & (vq->size - 1)));
     if (head >= vq->size) {

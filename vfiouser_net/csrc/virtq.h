@@ -39,9 +39,6 @@ struct vn_vq {
     const struct vn_mem *mem;
 
     uint16_t last_avail;
-    /* The driver's avail idx as last read: chains up to it are popped
-     * without touching the cache line the driver keeps writing. */
-    uint16_t avail_shadow;
     uint16_t used_idx;
     uint16_t signalled_used;
     bool signalled_valid;
