@@ -130,6 +130,33 @@ def vfiouser_net_binary() -> Path:
     return Path(sys.executable).parent / "vfiouser-net"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def tun_device_for_everyone() -> Iterator[None]:
+    """/dev/net/tun as udev's default rule makes it (0666): opening it is how an
+    unprivileged daemon attaches to a TAP it owns. Some machines (this kind of
+    sandbox) have it 0600; it is put back as it was."""
+    tun = Path("/dev/net/tun")
+    mode = stat.S_IMODE(tun.stat().st_mode) if tun.exists() else None
+    if mode is not None and mode != 0o666:
+        tun.chmod(0o666)
+    try:
+        yield
+    finally:
+        if mode is not None and mode != 0o666:
+            tun.chmod(mode)
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A directory the service user can reach (pytest's own are 0700 root)."""
+    path = Path(tempfile.mkdtemp(prefix="vn-ops-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def guest_paths() -> GuestPaths:
     paths = check_prerequisites()
@@ -138,9 +165,25 @@ def guest_paths() -> GuestPaths:
     return paths
 
 
-def _nobody_runs_daemon(env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    # Through a Python that execs the script, as the daemons are started: setpriv
-    # itself still holds its capabilities while it execs.
+@dataclass(frozen=True)
+class ServiceRuntime:
+    """Who runs the daemons (standing in for User=/Group=vfiouser-net) and
+    with which Python; the package comes from PYTHONPATH when it is set."""
+
+    uid: int
+    gid: int
+    python: str
+
+    def command(self) -> list[str]:
+        """What stands for the units' /usr/bin/vfiouser-net."""
+        return [self.python, "-P", "-m", "vfiouser_net"]
+
+
+def _nobody_runs(python: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    # As the daemons start: setpriv execs the wrapper's interpreter while it
+    # still holds its capabilities, the wrapper execs the daemon's without
+    # any, which must reach the interpreter, its standard library and the
+    # package by itself.
     return subprocess.run(
         [
             "setpriv",
@@ -149,10 +192,14 @@ def _nobody_runs_daemon(env: dict[str, str] | None = None) -> subprocess.Complet
             "--clear-groups",
             "--inh-caps=-all",
             "--bounding-set=-all",
-            sys.executable,
+            python,
+            "-P",
             "-c",
             "import os, sys; os.execv(sys.argv[1], sys.argv[1:])",
-            str(vfiouser_net_binary()),
+            python,
+            "-P",
+            "-c",
+            "import ctypes, vfiouser_net.cli, vfiouser_net.native; vfiouser_net.cli.main()",
             "--print-capabilities",
         ],
         capture_output=True,
@@ -160,45 +207,75 @@ def _nobody_runs_daemon(env: dict[str, str] | None = None) -> subprocess.Complet
         timeout=60,
         check=False,
         env=env,
+        cwd="/",
     )
+
+
+def _readable_copy(modules: Sequence[Any]) -> Path:
+    """The given top-level packages and modules copied where nobody can read them."""
+    copy = Path(tempfile.mkdtemp(prefix="vn-nobody-"))
+    atexit.register(shutil.rmtree, copy, True)
+    for module in modules:
+        src = Path(module.__file__)
+        if src.name == "__init__.py":
+            shutil.copytree(
+                src.parent,
+                copy / src.parent.name,
+                ignore=shutil.ignore_patterns("build", "build-san", "__pycache__"),
+            )
+        else:
+            shutil.copy2(src, copy / src.name)
+    for path in [copy, *copy.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return copy
 
 
 @functools.cache
-def service_identity() -> tuple[int, int]:
-    """uid and gid standing in for User=/Group=vfiouser-net: nobody.
+def service_runtime() -> ServiceRuntime:
+    """nobody, with this venv's Python if nobody can run it, else the system's
+    Python 3 of the same version on a readable copy of the package and its
+    dependencies (a venv made from an interpreter under /root, as pyenv's, is
+    out of nobody's reach)."""
+    env = dict(os.environ)
+    tried = []
+    candidates = [sys.executable]
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    if system is not None:
+        probe = subprocess.run(
+            [system, "-c", "import sys; print(sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if probe.stdout.strip() == str(sys.version_info[:2]):
+            candidates.append(system)
+    copy_env: dict[str, str] | None = None
+    for python in candidates:
+        proc = _nobody_runs(python, env)
+        if proc.returncode == 0:
+            return ServiceRuntime(NOBODY, NOBODY, python)
+        tried.append(f"{python}: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+        if copy_env is None:
+            import _cffi_backend
+            import cffi
+            import msgpack
+            import prometheus_client
 
-    A checkout nobody cannot read (under /root, say) is copied, package and
-    compiled datapath, to a directory nobody can, and the daemons import it
-    from there (PYTHONPATH comes before the editable install's finder)."""
-    proc = _nobody_runs_daemon()
-    if proc.returncode == 0:
-        return NOBODY, NOBODY
-    log.info(
-        "nobody cannot run the checkout's package (%s): using a readable copy",
-        proc.stderr.strip().splitlines()[-1:] or proc.returncode,
-    )
-    copy = Path(tempfile.mkdtemp(prefix="vn-nobody-"))
-    atexit.register(shutil.rmtree, copy, True)
-    shutil.copytree(
-        Path(vfiouser_net.__file__).parent,
-        copy / "vfiouser_net",
-        ignore=shutil.ignore_patterns("build", "build-san", "__pycache__"),
-    )
-    for path in [copy, *copy.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    env = dict(os.environ, PYTHONPATH=str(copy))
-    proc = _nobody_runs_daemon(env)
-    if proc.returncode == 0:
-        os.environ["PYTHONPATH"] = str(copy)  # the daemons inherit it
-        return NOBODY, NOBODY
-    message = (
-        f"nobody cannot run {vfiouser_net_binary()} even from {copy} "
-        f"({proc.stderr.strip().splitlines()[-1:] or proc.returncode})"
-    )
+            # The package as imported here (test-asan.sh's sanitized build under it).
+            deps = [vfiouser_net, cffi, _cffi_backend, msgpack, prometheus_client]
+            copy_env = dict(env, PYTHONPATH=str(_readable_copy(deps)))
+        proc = _nobody_runs(python, copy_env)
+        if proc.returncode == 0:
+            os.environ["PYTHONPATH"] = copy_env["PYTHONPATH"]  # the daemons inherit it
+            return ServiceRuntime(NOBODY, NOBODY, python)
+        tried.append(
+            f"{python} on a copy: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}"
+        )
+    message = f"nobody cannot run the daemon ({'; '.join(tried)})"
     if IN_CI:
         pytest.fail(f"CI=true and {message}: least privilege cannot be shown", pytrace=False)
     log.warning("%s: the daemons run as root with only the units' capabilities", message)
-    return 0, 0
+    return ServiceRuntime(0, 0, sys.executable)
 
 
 # -- the units' sandbox, as far as it goes without systemd -----------------------------
@@ -215,7 +292,8 @@ class Sandbox:
 
     @classmethod
     def from_unit(cls, unit: UnitFile, *, capabilities: Sequence[str] | None = None) -> Sandbox:
-        uid, gid = service_identity()
+        runtime = service_runtime()
+        uid, gid = runtime.uid, runtime.gid
         ambient = tuple(w for v in unit.values("Service", "AmbientCapabilities") for w in v.split())
         bounding = {w for v in unit.values("Service", "CapabilityBoundingSet") for w in v.split()}
         assert set(ambient) <= bounding, "an ambient capability outside the bounding set"
@@ -243,7 +321,8 @@ class Sandbox:
         fd = -1 if listen_fd is None else listen_fd
         return [
             *out,
-            sys.executable,
+            service_runtime().python,
+            "-P",
             "-c",
             _WRAPPER,
             str(fd),
@@ -262,11 +341,12 @@ def unit_command(
     config: Path | None = None,
     admin_group: str,
 ) -> list[str]:
-    """The unit's ExecStart=, moved to this venv's binary and the test's directories."""
+    """The unit's ExecStart=, with the service runtime's command for the binary and the
+    test's directories."""
     files = {f"{ETC_DIR}/{instance}.env": env_file} if env_file is not None else {}
     env = service_environment(unit, instance, files)
     [argv] = exec_argv(unit, "ExecStart", instance, env)
-    out = [str(vfiouser_net_binary())]
+    out = service_runtime().command()
     for arg in argv[1:]:
         if arg.startswith(f"{RUN_DIR}/"):
             arg = str(run_dir / arg.removeprefix(f"{RUN_DIR}/"))
