@@ -1152,6 +1152,42 @@ static void test_rx_follows_tx_spread(void **state)
     free(s);
 }
 
+/* A frame read by a pair: an unlearned flow stays with its reader while that
+ * pair is in use (no copy to another pair), else it goes by its hash; a
+ * learned flow goes where it was learned whoever read it; other policies
+ * ignore the reader. */
+static void test_rx_follows_tx_reader(void **state)
+{
+    (void)state;
+    struct vn_steering *s = new_steering(VN_POLICY_RX_FOLLOWS_TX);
+    for (unsigned i = 0; i < 64; i++) {
+        struct flow in = flow4(PROTO_TCP, 0x5db8d822 + i, 0x0a000002, 443, (uint16_t)(40000 + i));
+        uint8_t f[256];
+        size_t len = make_frame(f, &in);
+        uint32_t hash;
+        uint8_t report;
+        unsigned by_hash = steer_flow(s, &in, 3);
+        for (unsigned reader = 0; reader < 4; reader++) {
+            unsigned q = vn_steer_rx_read(s, guarded(f, len), len, 3, reader, &hash, &report);
+            assert_int_equal(q, reader < 3 ? reader : by_hash);
+        }
+        struct flow out = reversed(&in);
+        learn(s, &out, (i + 1) % 3);
+        for (unsigned reader = 0; reader < 4; reader++)
+            assert_int_equal(vn_steer_rx_read(s, guarded(f, len), len, 3, reader, &hash, &report),
+                             (i + 1) % 3);
+    }
+    free(s);
+    s = new_steering(VN_POLICY_SINGLE);
+    struct flow in = flow4(PROTO_UDP, 0x5db8d822, 0x0a000002, 53, 40000);
+    uint8_t f[256];
+    size_t len = make_frame(f, &in);
+    uint32_t hash;
+    uint8_t report;
+    assert_int_equal(vn_steer_rx_read(s, guarded(f, len), len, 4, 2, &hash, &report), 0);
+    free(s);
+}
+
 static void test_rx_follows_tx_relearn_and_limits(void **state)
 {
     (void)state;
@@ -1259,6 +1295,7 @@ int main(void)
         T(test_flow_parse_truncated),
         T(test_rx_follows_tx_learned),
         T(test_rx_follows_tx_spread),
+        T(test_rx_follows_tx_reader),
         T(test_rx_follows_tx_relearn_and_limits),
         T(test_rx_follows_tx_expiry),
     };

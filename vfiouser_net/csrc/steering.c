@@ -1,5 +1,6 @@
 #include "steering.h"
 
+#include <limits.h>
 #include <string.h>
 #include <time.h>
 
@@ -98,6 +99,12 @@ void vn_steer_learn_tx(struct vn_steering *s, const uint8_t *frame, size_t len, 
 unsigned vn_steer_rx(struct vn_steering *s, const uint8_t *frame, size_t len, unsigned active,
                      uint32_t *hash, uint8_t *report)
 {
+    return vn_steer_rx_read(s, frame, len, active, UINT_MAX, hash, report);
+}
+
+unsigned vn_steer_rx_read(struct vn_steering *s, const uint8_t *frame, size_t len,
+                          unsigned active, unsigned reader, uint32_t *hash, uint8_t *report)
+{
     struct vn_flow_tuple t;
     vn_flow_parse(frame, len, &t);
     const struct vn_rss_config *rss = &s->rss;
@@ -123,7 +130,7 @@ unsigned vn_steer_rx(struct vn_steering *s, const uint8_t *frame, size_t len, un
             if (q < active)
                 return q;
         }
-        return h % active;
+        return reader < active ? reader : h % active;
     }
     default:
         return 0;

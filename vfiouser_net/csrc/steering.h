@@ -59,6 +59,13 @@ int vn_steering_effective(const struct vn_steering *s);
  * guest's header when hash reports are on. */
 unsigned vn_steer_rx(struct vn_steering *s, const uint8_t *frame, size_t len, unsigned active,
                      uint32_t *hash, uint8_t *report);
+/* The same for a frame that queue pair `reader` read off its TAP queue:
+ * under rx-follows-tx a flow the guest has not sent yet stays with its
+ * reader (the kernel keeps a flow on one TAP queue, so that is stable, and
+ * the frame goes straight into the reader's guest buffers, uncopied) when
+ * that pair is in use; else, as vn_steer_rx, by the flow's hash. */
+unsigned vn_steer_rx_read(struct vn_steering *s, const uint8_t *frame, size_t len,
+                          unsigned active, unsigned reader, uint32_t *hash, uint8_t *report);
 /* Learn, from a frame the guest sent on txq, where that flow's replies go. */
 void vn_steer_learn_tx(struct vn_steering *s, const uint8_t *frame, size_t len, unsigned txq);
 

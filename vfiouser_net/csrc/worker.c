@@ -511,15 +511,16 @@ static bool rx_place_inbox(struct vn_qp *qp, bool mergeable, unsigned *pushed, u
 
 /* The steering decision for a frame; with one pair in use and no hash for
  * the guest's header there is nothing to decide, so no parsing per frame. */
-static unsigned steer(struct vn_dev *dev, const uint8_t *frame, size_t len, uint32_t *hash,
+static unsigned steer(struct vn_qp *qp, const uint8_t *frame, size_t len, uint32_t *hash,
                       uint8_t *report)
 {
+    struct vn_dev *dev = qp->dev;
     if (dev->active_qps <= 1 && dev->hdr_len != VN_NET_HDR_HASH_LEN) {
         *hash = 0;
         *report = VN_HASH_REPORT_NONE;
         return 0;
     }
-    return vn_steer_rx(&dev->steer, frame, len, dev->active_qps, hash, report);
+    return vn_steer_rx_read(&dev->steer, frame, len, dev->active_qps, qp->index, hash, report);
 }
 
 /* Out of guest buffers, keep reading the TAP? With one pair in use its TAP
@@ -604,7 +605,7 @@ static bool process_rx(struct vn_qp *qp, bool *starved)
             }
             uint32_t hash;
             uint8_t report;
-            unsigned target = steer(dev, f, flen, &hash, &report);
+            unsigned target = steer(qp, f, flen, &hash, &report);
             if (target == qp->index) {
                 pushed += rx_publish(qp, (uint64_t)n, hash, report);
                 packets++;
@@ -643,7 +644,7 @@ static bool process_rx(struct vn_qp *qp, bool *starved)
             continue;
         }
         p->len = (uint32_t)n;
-        unsigned target = steer(dev, p->data + hdr, (size_t)n - hdr, &p->hash, &p->report);
+        unsigned target = steer(qp, p->data + hdr, (size_t)n - hdr, &p->hash, &p->report);
         qp->spare = NULL;
         struct vn_pkt *shrunk = realloc(p, sizeof(*p) + (size_t)n);
         if (target == qp->index)
