@@ -152,12 +152,12 @@ static void iov_copy_in(const struct iovec *iov, unsigned niov, size_t off, cons
     }
 }
 
-/* Returns true when it did any work. */
 static bool tap_readable(const struct vn_qp *qp)
 {
     return qp->tap_fd >= 0 && !atomic_load_explicit(&qp->tap_failed, memory_order_relaxed);
 }
 
+/* Returns true when it did any work. */
 static bool process_tx(struct vn_qp *qp)
 {
     struct vn_vq *vq = &qp->tx;
