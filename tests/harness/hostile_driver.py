@@ -69,6 +69,7 @@ if __package__ in (None, ""):  # python tests/harness/hostile_driver.py
 
 from tests.harness import vfio_user_client as vu
 from tests.harness.guest_memory import GuestMemory
+from tests.harness.toeplitz import toeplitz
 from tests.harness.virtio_pci_driver import (
     COMMON_GF,
     DEFAULT_NET_FEATURES,
@@ -148,17 +149,6 @@ RSS_TABLE = (0, 1, 2, 3)
 FLOW_SRC = bytes([198, 51, 100, 10])
 FLOW_DST = bytes([198, 51, 100, 1])
 FLOW_DPORT = 4000
-
-
-def toeplitz(key: bytes, data: bytes) -> int:
-    """The Toeplitz hash (for every set input bit i, XOR the 32 key bits from bit i)."""
-    k = int.from_bytes(key + bytes(len(data)), "big")
-    kbits = 8 * (len(key) + len(data))
-    result = 0
-    for i in range(8 * len(data)):
-        if data[i // 8] >> (7 - i % 8) & 1:
-            result ^= (k >> (kbits - 32 - i)) & 0xFFFFFFFF
-    return result
 
 
 def flow_sport(pair: int) -> int:

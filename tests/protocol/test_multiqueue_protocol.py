@@ -44,6 +44,7 @@ import pytest
 
 from tests.harness import vfio_user_client as vu
 from tests.harness.guest_memory import GuestMemory
+from tests.harness.toeplitz import toeplitz
 from tests.harness.virtio_pci_driver import (
     PCI_CAP_ID_VNDR,
     STATUS_DEVICE_NEEDS_RESET,
@@ -148,18 +149,6 @@ def counters(env: DeviceEnv, timeout: float = 5.0) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 # Toeplitz, independently of the device
 # --------------------------------------------------------------------------
-
-
-def toeplitz(key: bytes, data: bytes) -> int:
-    """The Toeplitz hash: for every set bit i of the input (MSB first), XOR
-    in the 32 key bits starting at key bit i (zeros past the key's end)."""
-    k = int.from_bytes(key + bytes(len(data)), "big")
-    kbits = 8 * (len(key) + len(data))
-    result = 0
-    for i in range(8 * len(data)):
-        if data[i // 8] >> (7 - i % 8) & 1:
-            result ^= (k >> (kbits - 32 - i)) & 0xFFFFFFFF
-    return result
 
 
 @dataclass(frozen=True)
