@@ -55,6 +55,7 @@ setup_venv() {
         echo "${PY_PKGS[*]}"
         "$VN_PYTHON" -c 'import sys; print(sys.version)'
         cat "$VN_CACHE/libvfio-user/REVISION"
+        cat "$VN_CACHE/libvfio-user/PATCHES"
         for f in pyproject.toml setup.py setup.cfg; do
             [[ -f $REPO/$f ]] && echo "$f $(sha256sum <"$REPO/$f")"
         done

@@ -22,7 +22,7 @@ PKGS=(
     python3-venv python3-dev
     debootstrap dpkg-dev
     iproute2 iperf3 ethtool iputils-ping procps psmisc
-    cpio xz-utils zstd gzip file binutils
+    cpio xz-utils zstd gzip file binutils patch
     clang llvm
     prometheus
     systemd shellcheck libvirt-clients libxml2-utils

@@ -16,6 +16,13 @@
 #   $VN_CACHE/libvfio-user/build       build dir (samples/server, samples/gpio-pci-idio-16, ...)
 #   $VN_CACHE/libvfio-user/REVISION    the verified upstream git revision
 #   $VN_CACHE/libvfio-user/SOURCE      the Debian source package version used
+#   $VN_CACHE/libvfio-user/PATCHES     sha256 of the project's patches applied
+#
+# Patches: the revision Debian carries (2022) cannot be upgraded here, so the
+# fixes we need in it are carried as our own patches in
+# scripts/setup/libvfio-user-patches/NNNN-*.patch (first line: `Why: ...`),
+# applied in order with `patch -p1` to the extracted source before the build;
+# each has a test (tests/protocol/test_libvfio_user_patches.py).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -24,6 +31,7 @@ VN_STEP=libvfio-user
 vn_need_root
 
 EXPECTED_REV=0b28d205572c80b568a1003db2c8f37ca333e4d7
+PATCH_DIR=$HERE/libvfio-user-patches
 BASE=$VN_CACHE/libvfio-user
 APTDIR=$BASE/apt
 PKGDIR=$BASE/srcpkg
@@ -33,9 +41,11 @@ PREFIX=$BASE/prefix
 
 header_path() { find "$PREFIX/include" -name libvfio-user.h -print -quit 2>/dev/null; }
 lib_path() { find "$PREFIX" -name 'libvfio-user.so' \( -type f -o -type l \) -print -quit 2>/dev/null; }
+patches_hash() { cat "$PATCH_DIR"/*.patch 2>/dev/null | sha256sum | cut -d' ' -f1; }
 
 cached_ok() {
     [[ -f $BASE/REVISION && $(cat "$BASE/REVISION") == "$EXPECTED_REV" ]] || return 1
+    [[ -f $BASE/PATCHES && $(cat "$BASE/PATCHES") == "$(patches_hash)" ]] || return 1
     [[ -n $(header_path) && -n $(lib_path) ]] || return 1
     [[ -f $PREFIX/lib/pkgconfig/libvfio-user.pc ]] || return 1
     [[ -x $BUILD/samples/server && -x $BUILD/samples/gpio-pci-idio-16 ]] || return 1
@@ -150,6 +160,11 @@ cp "$BASE"/extract/*/subprojects/libvfio-user.wrap "$SRC/.libvfio-user.wrap"
 rm -rf "$BASE/extract"
 REV=$(sed -n 's/^[[:space:]]*revision[[:space:]]*=[[:space:]]*//p' "$SRC/.libvfio-user.wrap" | tr -d '[:space:]')
 [[ $REV == "$EXPECTED_REV" ]] || vn_die "extracted revision $REV != expected $EXPECTED_REV"
+for p in "$PATCH_DIR"/*.patch; do
+    [[ -f $p ]] || continue
+    vn_log "applying $(basename "$p"): $(sed -n '1s/^Why: //p' "$p")"
+    patch -p1 --no-backup-if-mismatch -d "$SRC" <"$p" >&2 || vn_die "patch $(basename "$p") does not apply"
+done
 
 # Build (release) and install.
 rm -rf "$BUILD" "$PREFIX"
@@ -175,6 +190,7 @@ EOF
 
 echo "$REV" >"$BASE/REVISION"
 echo "$DEBVER" >"$BASE/SOURCE"
+patches_hash >"$BASE/PATCHES"
 cached_ok || vn_die "build finished but the expected outputs are missing (header, library, samples)"
 vn_log "header: $(header_path)"
 vn_log "library: $(lib_path)"
