@@ -561,6 +561,8 @@ class VirtioNetDevice:
         fds = ffi.new("int[]", new.fds)
         r = lib.vn_dev_replace_taps(self._dev, fds, len(new.fds), TAP_REPLACE_TIMEOUT_MS)
         if r < 0:
+            # Safe to close: a request that failed (timed out) was withdrawn,
+            # the context thread never installs these fds afterwards.
             new.close()
             log.error(
                 "device %s: re-attaching TAP %s failed: %s", self.name, new.name, os.strerror(-r)

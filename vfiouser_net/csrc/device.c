@@ -184,6 +184,12 @@ void vn_dev_set_tap(struct vn_dev *dev, unsigned qp, int fd)
         dev->qp[qp].tap_fd = fd;
 }
 
+/* Has the context thread yet to apply or drop the posted request? */
+static bool tap_request_pending(const struct vn_dev *dev)
+{
+    return dev->tap_done_seq != dev->tap_req_seq;
+}
+
 int vn_dev_replace_taps(struct vn_dev *dev, const int *fds, unsigned n, unsigned timeout_ms)
 {
     if (n == 0 || n > dev->max_qps)
@@ -197,14 +203,37 @@ int vn_dev_replace_taps(struct vn_dev *dev, const int *fds, unsigned n, unsigned
         until.tv_nsec -= 1000000000L;
     }
     pthread_mutex_lock(&dev->tap_req_lock);
+    /* One request at a time: a second caller's fds would overwrite the first
+     * one's, and the first caller would take the second's completion for its
+     * own and keep fds that were never installed. */
+    int r = 0;
+    while (tap_request_pending(dev) && r == 0)
+        r = pthread_cond_timedwait(&dev->tap_req_cond, &dev->tap_req_lock, &until);
+    if (tap_request_pending(dev)) {
+        pthread_mutex_unlock(&dev->tap_req_lock);
+        return -ETIMEDOUT;
+    }
     memcpy(dev->tap_req_fds, fds, n * sizeof(*fds));
     dev->tap_req_n = n;
     uint64_t seq = ++dev->tap_req_seq;
     eventfd_write(dev->cmd_fd, 1);
-    int r = 0;
+    r = 0;
     while (dev->tap_done_seq < seq && r == 0)
         r = pthread_cond_timedwait(&dev->tap_req_cond, &dev->tap_req_lock, &until);
-    int ret = dev->tap_done_seq >= seq ? 0 : -ETIMEDOUT;
+    int ret = 0;
+    if (dev->tap_done_seq < seq) {
+        /* Withdraw the request before returning: the caller closes these fds
+         * on failure and their numbers get reused (another client's socket,
+         * a capture file). The context thread applies a request only under
+         * this lock, so from here on it can never install them. */
+        dev->tap_done_seq = seq;
+        dev->tap_req_n = 0;
+        for (unsigned i = 0; i < VN_MAX_QUEUE_PAIRS; i++)
+            dev->tap_req_fds[i] = -1;
+        ret = -ETIMEDOUT;
+    }
+    /* Wakes a caller waiting for its turn. */
+    pthread_cond_broadcast(&dev->tap_req_cond);
     pthread_mutex_unlock(&dev->tap_req_lock);
     return ret;
 }
@@ -212,7 +241,7 @@ int vn_dev_replace_taps(struct vn_dev *dev, const int *fds, unsigned n, unsigned
 void vn_dev_apply_requested_taps(struct vn_dev *dev)
 {
     pthread_mutex_lock(&dev->tap_req_lock);
-    if (dev->tap_done_seq == dev->tap_req_seq) {
+    if (!tap_request_pending(dev)) {
         pthread_mutex_unlock(&dev->tap_req_lock);
         return;
     }
@@ -235,9 +264,11 @@ void vn_dev_apply_requested_taps(struct vn_dev *dev)
     if (!was_paused)
         vn_dev_resume_workers(dev);
     dev->tap_done_seq = dev->tap_req_seq;
+    /* Read under the lock: the next request may overwrite it once we let go. */
+    unsigned n = dev->tap_req_n;
     pthread_cond_broadcast(&dev->tap_req_cond);
     pthread_mutex_unlock(&dev->tap_req_lock);
-    vn_log(dev, LOG_INFO, "TAP queues replaced (%u)", dev->tap_req_n);
+    vn_log(dev, LOG_INFO, "TAP queues replaced (%u)", n);
 }
 
 static struct vn_vq *queue_by_index(struct vn_dev *dev, unsigned qidx)

@@ -229,7 +229,10 @@ void vn_dev_set_tap(struct vn_dev *dev, unsigned qp, int fd);
  * but the context thread): the context thread pauses the workers, installs
  * them with the negotiated header length and offloads, and resumes. Returns
  * 0 once done (the old fds are then unused), -ETIMEDOUT after timeout_ms,
- * -EINVAL for a bad count. The fds stay the caller's. */
+ * -EINVAL for a bad count. The fds stay the caller's: a request that timed
+ * out is withdrawn before the call returns and is never installed, so the
+ * caller may close them. One request at a time: a concurrent caller waits
+ * (within its own timeout) for the pending one to be applied. */
 int vn_dev_replace_taps(struct vn_dev *dev, const int *fds, unsigned n, unsigned timeout_ms);
 /* Context thread: apply a pending vn_dev_replace_taps. */
 void vn_dev_apply_requested_taps(struct vn_dev *dev);
