@@ -246,6 +246,9 @@ def test_service_hardening(path: Path) -> None:
     # The admin channel reads a connecting ctl's /proc/PID/status for its groups.
     assert unit.value(s, "ProtectProc") in (None, "default")
     assert unit.value(s, "Restart") == "on-failure"
+    # Budgets that bound what a hostile client or guest can exhaust.
+    assert int(unit.value(s, "LimitNOFILE") or 0) >= 1024
+    assert (unit.value(s, "MemoryMax") or "").rstrip("MG").isdigit()
     pre = exec_argv(unit, "ExecStartPre", "vm1" if "@" in path.name else "", {})
     assert [argv[-2:] for argv in pre] == [["--create", TMPFILES.name]]
     assert unit.values(s, "ExecStartPre")[0].startswith("+"), "tmpfiles runs unsandboxed"
