@@ -78,6 +78,9 @@ DEVICE_EVENTS = (
     "steering_drain_timeouts",
     "tap_failures",
     "tap_replacements",
+    "ctrl_budget_exhausted",
+    "dma_refused",
+    "guest_mem_faults",
 )
 
 

@@ -135,6 +135,8 @@ struct vn_dev_stats {
     uint64_t steering_drain_timeouts;
     uint64_t tap_failures;       /* queues that found their TAP deleted */
     uint64_t tap_replacements;   /* TAPs re-attached after that */
+    uint64_t dma_refused;
+    uint64_t guest_mem_faults;
     /* Control commands by class and command (class/command >= 7 fold into
      * 7) and result (0 ok, 1 error). */
     uint64_t ctrl_cmds[VN_CTRL_CLASS_SLOTS][VN_CTRL_CMD_SLOTS][2];
@@ -202,6 +204,8 @@ struct vn_dev {
     uint64_t busy_poll_ns;
     struct vn_capture capture;
     struct vn_dev_stats st;
+    uint64_t dma_refused_own;
+    uint64_t mem_faults_seen;
     /* Warnings and errors logged in the current second (vn_log): a client or
      * a guest can cause one per message or per interrupt. */
     _Atomic uint64_t log_second;

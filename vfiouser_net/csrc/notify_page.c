@@ -1,6 +1,7 @@
 #include "notify_page.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -13,10 +14,13 @@ int vn_notify_page_init(struct vn_notify_page *np, uint32_t bar_size, uint32_t o
     long page = sysconf(_SC_PAGESIZE);
     if (page <= 0 || off % (uint32_t)page != 0 || len % (uint32_t)page != 0 || off + len > bar_size)
         return -EINVAL;
-    int fd = memfd_create("vfiouser-net-notify", MFD_CLOEXEC);
+    int fd = memfd_create("vfiouser-net-notify", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (fd < 0)
         return -errno;
-    if (ftruncate(fd, bar_size) < 0) {
+    /* The client maps this file too: sealed, it cannot shrink it under our
+     * mapping (every poll would then die of SIGBUS) nor grow it. */
+    if (ftruncate(fd, bar_size) < 0 ||
+        fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
         int e = errno;
         close(fd);
         return -e;

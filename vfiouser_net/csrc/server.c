@@ -20,6 +20,7 @@
 #include "device.h"
 #include "layout.h"
 #include "libvfio-user.h"
+#include "mem_guard.h"
 
 static struct vn_dev *dev_of(vfu_ctx_t *ctx)
 {
@@ -70,32 +71,78 @@ static ssize_t msix_bar_access(vfu_ctx_t *ctx, char *buf, size_t count, loff_t o
     return (ssize_t)count;
 }
 
+/* Why a mapped region cannot be used, or NULL. libvfio-user (with our
+ * patches) already refuses these; checked again here because a mistake in
+ * either is an access outside guest memory. */
+static const char *dma_region_problem(const vfu_dma_info_t *info)
+{
+    uintptr_t map = (uintptr_t)info->mapping.iov_base;
+    uintptr_t start = (uintptr_t)info->vaddr;
+    size_t len = info->iova.iov_len;
+    if (!(info->prot & PROT_READ))
+        return "not readable";
+    if (len == 0 || start < map || start - map > info->mapping.iov_len ||
+        len > info->mapping.iov_len - (start - map))
+        return "registered range outside its mapping";
+    return NULL;
+}
+
+static void dma_refuse(struct vn_dev *dev, uint64_t gpa, size_t len, const char *why)
+{
+    dev->dma_refused_own++;
+    vn_log(dev, LOG_ERR, "DMA region 0x%llx+0x%zx refused: %s", (unsigned long long)gpa, len, why);
+}
+
 static void dma_register(vfu_ctx_t *ctx, vfu_dma_info_t *info)
 {
     struct vn_dev *dev = dev_of(ctx);
     uint64_t gpa = (uint64_t)(uintptr_t)info->iova.iov_base;
+    size_t len = info->iova.iov_len;
     VN_STAT_INC(dev->st.dma_maps);
     if (info->vaddr == NULL) {
         /* QEMU maps ROM/BIOS areas without a file; only RAM matters, and
          * rings or buffers outside mapped memory are reported when used. */
         vn_log(dev, LOG_DEBUG, "DMA region 0x%llx+0x%zx has no file: not mappable",
-               (unsigned long long)gpa, info->iova.iov_len);
+               (unsigned long long)gpa, len);
         return;
     }
-    int r = vn_mem_add(&dev->mem, gpa, info->iova.iov_len, info->vaddr, (info->prot & PROT_WRITE) != 0);
-    if (r < 0)
-        vn_log(dev, LOG_ERR, "DMA region 0x%llx+0x%zx rejected: %s", (unsigned long long)gpa,
-               info->iova.iov_len, strerror(-r));
-    else
-        vn_log(dev, LOG_DEBUG, "DMA region 0x%llx+0x%zx mapped", (unsigned long long)gpa,
-               info->iova.iov_len);
+    const char *why = dma_region_problem(info);
+    if (why != NULL) {
+        dma_refuse(dev, gpa, len, why);
+        return;
+    }
+    int r = vn_mem_guard_add(info->mapping.iov_base, info->mapping.iov_len, info->page_size,
+                             &dev->st.guest_mem_faults, dev->cmd_fd);
+    if (r < 0) {
+        dma_refuse(dev, gpa, len, "no guard slot left for it");
+        return;
+    }
+    r = vn_mem_add(&dev->mem, gpa, len, info->vaddr, (info->prot & PROT_WRITE) != 0);
+    if (r < 0) {
+        vn_mem_guard_remove(info->mapping.iov_base);
+        dma_refuse(dev, gpa, len, strerror(-r));
+        return;
+    }
+    vn_log(dev, LOG_DEBUG, "DMA region 0x%llx+0x%zx mapped", (unsigned long long)gpa, len);
 }
 
 static void dma_unregister(vfu_ctx_t *ctx, vfu_dma_info_t *info)
 {
     struct vn_dev *dev = dev_of(ctx);
     VN_STAT_INC(dev->st.dma_unmaps);
-    vn_mem_remove(&dev->mem, (uint64_t)(uintptr_t)info->iova.iov_base, info->iova.iov_len);
+    if (vn_mem_remove(&dev->mem, (uint64_t)(uintptr_t)info->iova.iov_base, info->iova.iov_len) == 0)
+        vn_mem_guard_remove(info->mapping.iov_base);
+}
+
+/* A guest whose memory file shrank under a mapped region (mem_guard.h): its
+ * device can no longer trust what it reads there. */
+static void check_mem_faults(struct vn_dev *dev)
+{
+    uint64_t faults = VN_STAT_LOAD(dev->st.guest_mem_faults);
+    if (faults == dev->mem_faults_seen)
+        return;
+    dev->mem_faults_seen = faults;
+    vn_dev_fatal(dev, "guest memory shrank under a DMA region (its file was truncated)");
 }
 
 static int quiesce(vfu_ctx_t *ctx)
@@ -130,6 +177,9 @@ int vn_server_setup(struct vn_dev *dev, void *vfu_ctx, int log_level)
 {
     vfu_ctx_t *ctx = vfu_ctx;
     dev->vfu = ctx;
+    int r = vn_mem_guard_install();
+    if (r < 0)
+        return r;
     if (vfu_setup_log(ctx, vfu_log_cb, log_level) < 0)
         return -errno;
     /* In polling mode only the notify area is mmappable (a sparse area):
@@ -164,6 +214,7 @@ static void after_messages(struct vn_dev *dev)
     /* A quiesce ends when vfu_run_ctx returns. */
     vn_dev_resume_workers(dev);
     vn_irq_flush_pending(dev);
+    VN_STAT_STORE(dev->st.dma_refused, vfu_get_dma_refused(dev->vfu) + dev->dma_refused_own);
 }
 
 int vn_server_run(struct vn_dev *dev)
@@ -181,6 +232,7 @@ int vn_server_run(struct vn_dev *dev)
          * owns the device, between messages. */
         vn_dev_apply_requested_policy(dev);
         vn_dev_apply_requested_taps(dev);
+        check_mem_faults(dev);
         if (poll(pfd, 3, -1) < 0) {
             if (errno == EINTR)
                 continue;
@@ -192,7 +244,10 @@ int vn_server_run(struct vn_dev *dev)
             eventfd_t v;
             eventfd_read(dev->cmd_fd, &v);
             vn_dev_ctrl_poll_kick(dev);
-            continue;
+            /* A control queue kept busy re-arms cmd_fd every time
+             * (VN_CTRL_BUDGET): the client's messages go first. */
+            if (pfd[0].revents == 0)
+                continue;
         }
         if (!attached) {
             if (vfu_attach_ctx(ctx) < 0) {
