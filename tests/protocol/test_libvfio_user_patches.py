@@ -13,6 +13,9 @@ DMA_MAP time, but the client keeps the file and can shrink it later).
 from __future__ import annotations
 
 import os
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +24,31 @@ import pytest
 from tests.harness import vfio_user_client as vu
 from tests.harness.virtio_pci_driver import STATUS_DEVICE_NEEDS_RESET
 from tests.protocol.support import DeviceEnv, open_session
-from tests.protocol.test_client_against_libvfio_user_sample import (  # noqa: F401 - fixtures
-    SampleServer,
-    client,
-    server,
-)
+from tests.protocol.test_client_against_libvfio_user_sample import SampleServer
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.fixture
+def sample(tmp_path: Path) -> Iterator[SampleServer]:
+    """libvfio-user's sample server, on the library the set-up built."""
+    s = SampleServer(tmp_path)
+    try:
+        yield s
+    finally:
+        if s.proc.poll() is None:
+            s.proc.terminate()
+        s.stop()
+
+
+@pytest.fixture
+def client(sample: SampleServer) -> Iterator[vu.VfioUserClient]:
+    c = vu.VfioUserClient(sample.sock, timeout=5)
+    try:
+        c.negotiate()
+        yield c
+    finally:
+        c.close()
 
 
 def fd_count(pid: int) -> int:
@@ -49,26 +70,26 @@ def refused(c: vu.VfioUserClient, iova: int, size: int, fd: int, offset: int = 0
 
 
 # 0001-dma-map-repeat-closes-new-fd
-def test_repeated_dma_map_keeps_no_fd(server: SampleServer, client: vu.VfioUserClient) -> None:
+def test_repeated_dma_map_keeps_no_fd(sample: SampleServer, client: vu.VfioUserClient) -> None:
     fd = memfd(1 << 20)
     try:
         client.dma_map(0x100000, 1 << 20, fd)
-        before = fd_count(server.proc.pid)
+        before = fd_count(sample.proc.pid)
         for _ in range(200):
             client.dma_map(0x100000, 1 << 20, fd)
-        assert fd_count(server.proc.pid) == before
+        assert fd_count(sample.proc.pid) == before
     finally:
         os.close(fd)
 
 
 # 0002-dma-map-validate-region
 def test_dma_map_refuses_regions_the_device_could_not_use(
-    server: SampleServer, client: vu.VfioUserClient
+    sample: SampleServer, client: vu.VfioUserClient
 ) -> None:
     small = memfd(PAGE)
     ev = os.eventfd(0)
     try:
-        before = fd_count(server.proc.pid)
+        before = fd_count(sample.proc.pid)
         assert refused(client, 0x100000, PAGE, small, prot=0) == 13  # EACCES
         assert refused(client, 0x100000, PAGE, small, prot=vu.DMA_WRITE) == 13
         # Longer than its file, and past its end by the offset alone.
@@ -77,7 +98,7 @@ def test_dma_map_refuses_regions_the_device_could_not_use(
         # Not a file that can back memory.
         assert refused(client, 0x100000, PAGE, ev) == 22
         # None of them kept its fd.
-        assert fd_count(server.proc.pid) == before
+        assert fd_count(sample.proc.pid) == before
         # The same range with a proper file still maps.
         client.dma_map(0x100000, PAGE, small)
     finally:
@@ -97,7 +118,7 @@ def _mappings_of(pid: int, name: str) -> list[tuple[int, int, int]]:
 
 
 def test_dma_map_unaligned_offset_is_mapped_in_full(
-    server: SampleServer, client: vu.VfioUserClient
+    sample: SampleServer, client: vu.VfioUserClient
 ) -> None:
     # Region [0xff0, 0x1ff0) of the file: the mapping must start at 0 (the
     # page below) and so reach 0x2000; without the patch it ended at 0x1000,
@@ -105,7 +126,7 @@ def test_dma_map_unaligned_offset_is_mapped_in_full(
     fd = memfd(2 * PAGE, name="unaligned")
     try:
         client.dma_map(0x100000, PAGE, fd, offset=PAGE - 0x10)
-        maps = _mappings_of(server.proc.pid, "unaligned")
+        maps = _mappings_of(sample.proc.pid, "unaligned")
         assert maps, "the server has no mapping of the memfd"
         lo, hi, off = maps[0]
         assert off == 0
@@ -209,3 +230,45 @@ def test_notify_page_memfd_is_sealed(env_factory: Any) -> None:
         info.close_fds()
     env.assert_alive()
 
+
+
+# 0005-socket-timeouts-and-broken-body
+def _send_half_a_message(c: vu.VfioUserClient) -> None:
+    """The header of a DMA_UNMAP and 4 of its 24 payload bytes, then nothing."""
+    payload = vu.pack_dma_unmap(0x1000, 0x1000)
+    whole = vu.pack_message(c.next_msg_id(), vu.Command.DMA_UNMAP, payload)
+    c.send_raw(whole[: vu.HEADER_SIZE + 4])
+
+
+def _closed_by_peer(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(4096) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_half_a_message_drops_the_client(sample: SampleServer, client: vu.VfioUserClient) -> None:
+    _send_half_a_message(client)
+    t0 = time.monotonic()
+    assert _closed_by_peer(socket.socket(fileno=os.dup(client.fileno())), within=5)
+    assert time.monotonic() - t0 < 3
+
+
+def test_half_a_message_does_not_hold_up_sigterm(env: DeviceEnv) -> None:
+    """The daemon's context thread would wait in recv() for the rest; it now
+    gives up after 1 s, drops the client and sees its stop request."""
+    c = env.connect()
+    _send_half_a_message(c)
+    time.sleep(0.2)  # the daemon is now inside the body's recv()
+    assert env.server.proc is not None
+    t0 = time.monotonic()
+    rc = env.server.stop(timeout=10)
+    took = time.monotonic() - t0
+    env.stopped = True
+    assert rc == 0
+    assert took < 2, f"SIGTERM took {took:.2f} s"
+    # The next client of the same socket is the subject of the other tests;
+    # here the daemon must simply be gone in time.
