@@ -44,6 +44,7 @@ REQUIRED_ALERTS = {
     "VfiouserNetSustainedDrops",
     "VfiouserNetQueueImbalance",
     "VfiouserNetDeviceNeedsReset",
+    "VfiouserNetHostileClient",
 }
 # Series Prometheus makes itself, allowed in rules.
 PROMETHEUS_SERIES = {"up"}
