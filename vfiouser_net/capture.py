@@ -1,6 +1,9 @@
 """Packet capture to a pcap file: the datapath copies frames of a device (or of
 one queue pair) to a datagram socket; this module reads them and writes a
-classic pcap file (Ethernet link type), bounded by a count and a time."""
+classic pcap file (Ethernet link type), bounded by a count and a time.
+
+Files are created only in the daemon's capture directory, under a plain file
+name from the client: the daemon's user may write where the client may not."""
 
 from __future__ import annotations
 
@@ -14,8 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vfiouser_net.admin.protocol import file_name_problem
 from vfiouser_net.native import ffi, lib
 
+# The capture directory without --capture-dir or capture_dir: systemd's
+# StateDirectory= when it set one ($STATE_DIRECTORY), else this.
+DEFAULT_CAPTURE_DIR = "/var/lib/vfiouser-net"
 PCAP_MAGIC_NS = 0xA1B23C4D  # nanosecond timestamps
 LINKTYPE_ETHERNET = 1
 _HDR = struct.Struct("<IIQII")
@@ -25,13 +32,51 @@ class CaptureError(RuntimeError):
     pass
 
 
+def default_capture_dir() -> str:
+    state = os.environ.get("STATE_DIRECTORY", "")
+    return state.split(":")[0] if state else DEFAULT_CAPTURE_DIR
+
+
+def create_capture_file(directory: str | Path, name: str) -> tuple[int, str]:
+    """Create the new file name in directory: (a write fd, its full path).
+
+    The name is one component (checked again here, whoever called), opened
+    relative to the directory's fd with O_CREAT|O_EXCL|O_NOFOLLOW: never a
+    file outside it, never through a link planted in it, never one that
+    exists already. Mode 0640.
+    """
+    problem = file_name_problem(name)
+    if problem is not None:
+        raise CaptureError(f"file {problem}")
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CaptureError(
+            f"capture directory {directory}: {exc.strerror} (see serve --capture-dir)"
+        ) from exc
+    path = os.path.join(directory, name)
+    try:
+        fd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o640,
+            dir_fd=dir_fd,
+        )
+    except OSError as exc:
+        raise CaptureError(f"cannot create {path}: {exc.strerror}") from exc
+    finally:
+        os.close(dir_fd)
+    return fd, path
+
+
 _busy: set[int] = set()
 _busy_lock = threading.Lock()
 
 
 def capture_to_pcap(
     dev_handle: Any,
-    path: str | Path,
+    directory: str | Path,
+    name: str,
     *,
     queue: int = -1,
     count: int = 100,
@@ -40,7 +85,9 @@ def capture_to_pcap(
 ) -> dict[str, Any]:
     """Capture up to `count` frames or for `seconds`, whichever ends first.
 
-    dev_handle is the C device (VirtioNetDevice._dev). Returns counts.
+    dev_handle is the C device (VirtioNetDevice._dev); the pcap file is the
+    new file name in directory (create_capture_file). Returns counts and the
+    full path written.
     """
     if count <= 0 or seconds <= 0:
         raise CaptureError("capture needs a positive count and duration")
@@ -56,12 +103,8 @@ def capture_to_pcap(
         _drain(fd)
         before = ffi.new("uint64_t[2]")
         lib.vn_capture_counts(dev_handle, before, before + 1)
-        # The daemon may run as root and the path comes from an operator's
-        # request: never follow a link or overwrite an existing file.
-        try:
-            fd_out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
-        except OSError as exc:
-            raise CaptureError(f"cannot create {path}: {exc.strerror}") from exc
+        # Before the capture starts: a refused file leaves nothing capturing.
+        fd_out, path = create_capture_file(directory, name)
         written = 0
         deadline = time.monotonic() + seconds
         # poll, not select: a daemon with many devices has fds past FD_SETSIZE.
@@ -106,7 +149,7 @@ def capture_to_pcap(
         after = ffi.new("uint64_t[2]")
         lib.vn_capture_counts(dev_handle, after, after + 1)
         return {
-            "file": str(path),
+            "file": path,
             "frames": written,
             "missed": int(after[1] - before[1]),
         }

@@ -10,8 +10,9 @@ import os
 import signal
 import sys
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from vfiouser_net.capture import DEFAULT_CAPTURE_DIR, default_capture_dir
 from vfiouser_net.config import ConfigError, DaemonConfig, default_mac
 from vfiouser_net.config import load as load_config
 from vfiouser_net.daemon import LOG_LEVELS, Daemon, DaemonError
@@ -29,6 +30,9 @@ from vfiouser_net.metrics import DEFAULT_METRICS_PORT, parse_metrics_addr, serve
 from vfiouser_net.native import lib
 from vfiouser_net.tap import TapError
 from vfiouser_net.virtio_spec import feature_names
+
+if TYPE_CHECKING:
+    from vfiouser_net.admin.commands import CaptureHook, CaptureRequest
 
 log = logging.getLogger("vfiouser_net")
 
@@ -147,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-socket", help="admin channel UNIX socket (msgpack)")
     serve.add_argument("--admin-group", help="group allowed on the admin socket (mode 0660)")
     serve.add_argument(
+        "--capture-dir",
+        help="directory where `ctl capture --file NAME` creates its pcap files (clients name "
+        "a file, never a path; default: systemd's $STATE_DIRECTORY, else "
+        f"{DEFAULT_CAPTURE_DIR})",
+    )
+    serve.add_argument(
         "--speed",
         type=_positive_int,
         default=10000,
@@ -213,6 +223,8 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         cfg.admin_socket = args.admin_socket
     if args.admin_group:
         cfg.admin_group = args.admin_group
+    if args.capture_dir:
+        cfg.capture_dir = args.capture_dir
     if cfg.metrics_addr != "none":
         try:
             parse_metrics_addr(cfg.metrics_addr)
@@ -229,21 +241,31 @@ CAPTURE_MAX_SECONDS = 600.0
 CAPTURE_MAX_FRAMES = 10_000_000
 
 
-def _capture_hook(dev: Any, req: Any) -> dict[str, Any]:
+def capture_hook(directory: str) -> CaptureHook:
+    """The admin channel's capture: into a new file of directory only."""
     from vfiouser_net.admin.commands import CommandError
     from vfiouser_net.admin.protocol import FAILED
     from vfiouser_net.capture import CaptureError
 
-    try:
-        result: dict[str, Any] = dev.capture(
-            req.file,
-            queue=-1 if req.queue is None else req.queue,
-            count=req.count or CAPTURE_MAX_FRAMES,
-            seconds=min(req.seconds or CAPTURE_MAX_SECONDS, CAPTURE_MAX_SECONDS),
-        )
-    except (CaptureError, OSError) as exc:
-        raise CommandError(FAILED, f"capture failed: {exc}") from exc
-    return result
+    def hook(dev: Any, req: CaptureRequest) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = dev.capture(
+                directory,
+                req.file,
+                queue=-1 if req.queue is None else req.queue,
+                count=req.count or CAPTURE_MAX_FRAMES,
+                seconds=min(req.seconds or CAPTURE_MAX_SECONDS, CAPTURE_MAX_SECONDS),
+            )
+        except (CaptureError, OSError) as exc:
+            raise CommandError(FAILED, f"capture failed: {exc}") from exc
+        return result
+
+    return hook
+
+
+def capture_dir(cfg: DaemonConfig) -> str:
+    """The capture directory, absolute: the reply to a capture names the full path."""
+    return os.path.abspath(cfg.capture_dir or default_capture_dir())
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -291,8 +313,18 @@ def serve(args: argparse.Namespace) -> int:
         if cfg.admin_socket:
             from vfiouser_net.admin.server import start_admin_server
 
+            captures = capture_dir(cfg)
+            if not os.path.isdir(captures):
+                log.warning(
+                    "capture directory %s does not exist: ctl capture fails until it does "
+                    "(--capture-dir)",
+                    captures,
+                )
             admin = start_admin_server(
-                cfg.admin_socket, daemon, group=cfg.admin_group, capture=_capture_hook
+                cfg.admin_socket,
+                daemon,
+                group=cfg.admin_group,
+                capture=capture_hook(captures),
             )
         daemon.run()
     finally:

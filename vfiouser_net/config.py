@@ -3,6 +3,7 @@
     [daemon]
     admin_socket = "/run/vfiouser-net/admin.sock"   # optional
     admin_group = "kvm"                              # optional: group allowed to connect
+    capture_dir = "/var/lib/vfiouser-net"            # optional: where ctl capture writes
     metrics_addr = "127.0.0.1:9742"                  # or "none"
     log_level = "info"
 
@@ -41,6 +42,8 @@ class ConfigError(ValueError):
 class DaemonConfig:
     admin_socket: str | None = None
     admin_group: str | None = None
+    # Where `ctl capture` creates its files (None: capture.default_capture_dir()).
+    capture_dir: str | None = None
     metrics_addr: str = "127.0.0.1:9742"
     log_level: str = "info"
     devices: list[DeviceOptions] = field(default_factory=list)
@@ -55,6 +58,7 @@ def default_mac(socket_path: str) -> bytes:
 _DAEMON_KEYS: dict[str, type] = {
     "admin_socket": str,
     "admin_group": str,
+    "capture_dir": str,
     "metrics_addr": str,
     "log_level": str,
 }

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -451,8 +450,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     spec = COMMANDS[ns.ctl_command]
     args = {a.name: getattr(ns, a.name) for a in spec.args if getattr(ns, a.name) is not None}
-    if spec.name == "capture" and "file" in args:
-        args["file"] = os.path.abspath(args["file"])
     try:
         validate_args(spec, args)
     except ProtocolError as exc:

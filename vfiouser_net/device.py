@@ -677,15 +677,23 @@ class VirtioNetDevice:
         return out
 
     def capture(
-        self, path: str, *, queue: int = -1, count: int = 100, seconds: float = 10.0
+        self,
+        directory: str,
+        name: str,
+        *,
+        queue: int = -1,
+        count: int = 100,
+        seconds: float = 10.0,
     ) -> dict[str, Any]:
-        """Capture frames of this device (or one queue pair) to a pcap file."""
+        """Capture frames of this device (or one queue pair) to a new pcap file
+        name in directory (the daemon's capture directory)."""
         from vfiouser_net.capture import capture_to_pcap
 
         with self._in_use():
             return capture_to_pcap(
                 self._dev,
-                path,
+                directory,
+                name,
                 queue=queue,
                 count=count,
                 seconds=seconds,

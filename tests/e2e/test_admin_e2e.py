@@ -15,11 +15,12 @@ up, steering auto):
 - ``link down``/``up``: the guest's carrier follows, ping works again;
 - ``steering single``: host-to-guest UDP flows land on pair 0 only;
   ``steering rss``: they spread over both pairs again; no device reset;
-- ``capture``: a pcap file (read by a small reader below) holding the
-  guest's ICMP echo requests and the host's replies, ``--queue`` keeping
-  only that pair's frames; existing files, links and relative paths are
-  refused (and a refused capture must not leave the datapath capturing:
-  fixed bug);
+- ``capture``: a pcap file (read by a small reader below) in the daemon's
+  ``--capture-dir`` holding the guest's ICMP echo requests and the host's
+  replies, ``--queue`` keeping only that pair's frames; existing files,
+  links planted in the directory and anything but a file name (absolute
+  paths, ``../x``, ``a/b``) are refused (and a refused capture must not
+  leave the datapath capturing: fixed bug);
 - ``add``/``remove`` at run time: a second device on a second TAP, a second
   guest pinging through it, removed (that QEMU is killed) and added again
   for a third guest; guest 1 answers a host ping every 0.2 s throughout;
@@ -387,6 +388,11 @@ class AdminStack:
         return self.admin_dir / "vn0.sock"
 
     @property
+    def capture_dir(self) -> Path:
+        """The daemon's --capture-dir: ctl capture names files in it."""
+        return self.workdir / "captures"
+
+    @property
     def guest_addr(self) -> str:
         return self.ns.guest_addr()
 
@@ -403,6 +409,7 @@ class AdminStack:
             extra_args=[
                 "--name", DEV, "--mac", DEV_MAC, "--mtu", str(DEV_MTU),
                 "--queue-pairs", str(PAIRS), "--admin-socket", self.admin_socket,
+                "--capture-dir", str(self.capture_dir),
             ],
         )  # fmt: skip
         self.server = server
@@ -570,6 +577,7 @@ def admin_stack_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ad
         stack = AdminStack(
             ns=ns, tap=tap, paths=paths, workdir=workdir, admin_dir=admin_dir, exits=exits
         )
+        stack.capture_dir.mkdir(mode=0o750)
         stack.start_server()
         guest = stack.boot_guest("adm-guest1", stack.socket_path, 2, ns.guest_addr(), ns.host_addr)
         stack.guest = guest
@@ -857,14 +865,15 @@ def test_capture(stack: AdminStack, tmp_path: Path) -> None:
     tap_mac = stack.ns.run(["cat", f"/sys/class/net/{TAP0}/address"]).stdout.strip()
 
     # All pairs, 10 frames, while the guest pings the host.
-    path = tmp_path / "all.pcap"
+    captures = stack.capture_dir
+    path = captures / "all.pcap"
     with guest_pinging(stack):
         t0 = time.time_ns()
-        out = stack.ctl("capture", DEV, "--count", "10", "--file", str(path))
+        out = stack.ctl("capture", DEV, "--count", "10", "--file", "all.pcap")
         t1 = time.time_ns()
     assert out.splitlines() == [f"file: {path}", "frames: 10", "missed: 0"], out
     st = path.stat()
-    assert stat.S_ISREG(st.st_mode) and st.st_mode & 0o007 == 0, oct(st.st_mode)
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & ~0o640 == 0, oct(st.st_mode)
     records = read_pcap(path)
     assert len(records) == 10, records
     for r in records:
@@ -885,45 +894,57 @@ def test_capture(stack: AdminStack, tmp_path: Path) -> None:
         (1, PING_SIZE_CPU1, PING_SIZE_CPU0),
         (0, PING_SIZE_CPU0, PING_SIZE_CPU1),
     ):
-        path = tmp_path / f"queue{queue}.pcap"
+        path = captures / f"queue{queue}.pcap"
         with (
             guest_pinging(stack, cpu=0, size=PING_SIZE_CPU0),
             guest_pinging(stack, cpu=1, size=PING_SIZE_CPU1),
         ):
             result = stack.ctl_json(
-                "capture", DEV, "--queue", str(queue), "--count", "12", "--file", str(path)
+                "capture", DEV, "--queue", str(queue), "--count", "12", "--file", path.name
             )
         assert result == {"file": str(path), "frames": 12, "missed": 0}, result
         sizes = {e.payload_len for e in echoes(read_pcap(path)) if e.type == ICMP_ECHO_REQUEST}
         assert size in sizes, f"--queue {queue}: no echo request of {size} bytes ({sizes})"
         assert other not in sizes, f"--queue {queue} captured the other CPU's requests: {sizes}"
-    err = stack.ctl("capture", DEV, "--queue", "2", "--count", "1", "--file", str(path), expect=1)
+    err = stack.ctl("capture", DEV, "--queue", "2", "--count", "1", "--file", "q2.pcap", expect=1)
     assert "queue pairs 0..1" in err and "[bad_request]" in err, err
 
-    # Refused: an existing file (left as it was), a link (its target not created).
-    existing = tmp_path / "existing.pcap"
+    # Refused: an existing file (left as it was), a link planted in the capture
+    # directory (its target not created).
+    existing = captures / "existing.pcap"
     existing.write_bytes(b"precious")
-    err = stack.ctl("capture", DEV, "--count", "1", "--file", str(existing), expect=1)
+    err = stack.ctl("capture", DEV, "--count", "1", "--file", existing.name, expect=1)
     assert "File exists" in err, err
     assert existing.read_bytes() == b"precious"
-    proc = stack.ctl_run("capture", DEV, "--count", "1", "--file", str(existing), json_out=True)
+    proc = stack.ctl_run("capture", DEV, "--count", "1", "--file", existing.name, json_out=True)
     assert proc.returncode == 1 and "File exists" in json.loads(proc.stdout)["error"]["message"]
-    link, target = tmp_path / "link.pcap", tmp_path / "target"
+    link, target = captures / "link.pcap", tmp_path / "target"
     link.symlink_to(target)
-    err = stack.ctl("capture", DEV, "--count", "1", "--file", str(link), expect=1)
+    err = stack.ctl("capture", DEV, "--count", "1", "--file", link.name, expect=1)
     assert not target.exists() and link.is_symlink(), err
 
-    # Relative paths: the daemon refuses them; ctl makes them absolute in its cwd.
+    # Anything but a file name: ctl refuses it (usage, exit 2), and so does the
+    # daemon when a client sends it; nothing is created anywhere.
+    for name in (str(tmp_path / "abs.pcap"), "../up.pcap", "sub/x.pcap", ""):
+        err = stack.ctl("capture", DEV, "--count", "1", "--file", name, expect=2)
+        assert "argument 'file'" in err, err
     with p.AdminClient(stack.admin_socket) as client:
+        for name in (str(tmp_path / "abs.pcap"), "../up.pcap", "sub/x.pcap", ".."):
+            with pytest.raises(p.RemoteError) as info:
+                client.call("capture", {"device": DEV, "count": 1, "file": name})
+            assert info.value.code == p.BAD_REQUEST and "'file'" in info.value.message
         with pytest.raises(p.RemoteError) as info:
-            client.call("capture", {"device": DEV, "count": 1, "file": "relative.pcap"})
-        assert info.value.code == p.BAD_REQUEST and "absolute" in info.value.message
-        with pytest.raises(p.RemoteError) as info:
-            client.call("capture", {"device": DEV, "count": 1, "file": str(existing), "seconds": 1})
+            client.call("capture", {"device": DEV, "count": 1, "file": "x.pcap", "seconds": 1})
         assert info.value.code == p.BAD_REQUEST, info.value
+    assert not (tmp_path / "abs.pcap").exists() and not (captures.parent / "up.pcap").exists()
+    # ctl's working directory plays no part: the file lands in the capture directory.
     with guest_pinging(stack):
-        out = stack.ctl("capture", DEV, "--count", "2", "--file", "rel.pcap", cwd=str(tmp_path))
-    assert f"file: {tmp_path / 'rel.pcap'}" in out and len(read_pcap(tmp_path / "rel.pcap")) == 2
+        out = stack.ctl("capture", DEV, "--count", "2", "--file", "cwd.pcap", cwd=str(tmp_path))
+    assert f"file: {captures / 'cwd.pcap'}" in out and len(read_pcap(captures / "cwd.pcap")) == 2
+    assert not (tmp_path / "cwd.pcap").exists()
+    assert sorted(f.name for f in captures.iterdir()) == [
+        "all.pcap", "cwd.pcap", "existing.pcap", "link.pcap", "queue0.pcap", "queue1.pcap"
+    ]  # fmt: skip
 
 
 def capture_backlog(stack: AdminStack) -> int:
@@ -937,12 +958,12 @@ def capture_backlog(stack: AdminStack) -> int:
     return total
 
 
-def test_refused_capture_leaves_no_capture_running(stack: AdminStack, tmp_path: Path) -> None:
-    existing = tmp_path / "existing.pcap"
+def test_refused_capture_leaves_no_capture_running(stack: AdminStack) -> None:
+    existing = stack.capture_dir / "refused.pcap"
     existing.write_bytes(b"precious")
     with guest_pinging(stack):
         assert capture_backlog(stack) == 0
-        stack.ctl("capture", DEV, "--seconds", "1", "--file", str(existing), expect=1)
+        stack.ctl("capture", DEV, "--seconds", "1", "--file", existing.name, expect=1)
         time.sleep(2)
         backlog = capture_backlog(stack)
     assert backlog == 0, f"{backlog} bytes of frames captured after the capture was refused"

@@ -306,7 +306,7 @@ def test_usage_strings() -> None:
     assert p.COMMANDS["steering"].usage() == "steering DEVICE auto|single|rss|rx-follows-tx"
     assert (
         p.COMMANDS["capture"].usage()
-        == "capture DEVICE [--queue N] (--count N | --seconds S) --file PATH"
+        == "capture DEVICE [--queue N] (--count N | --seconds S) --file NAME"
     )
     assert p.COMMANDS["help"].usage() == "help [COMMAND]"
 

@@ -13,6 +13,7 @@ import errno
 import grp
 import logging
 import os
+import re
 import resource
 import shutil
 import socket
@@ -28,13 +29,18 @@ from typing import Any
 import msgpack
 import pytest
 
+from vfiouser_net import cli
 from vfiouser_net.admin import protocol as p
 from vfiouser_net.admin.commands import CaptureRequest, CommandError
 from vfiouser_net.admin.server import AdminServer, AdminServerError, start_admin_server
+from vfiouser_net.capture import DEFAULT_CAPTURE_DIR, CaptureError, create_capture_file
+from vfiouser_net.cli import capture_hook
+from vfiouser_net.config import ConfigError, DaemonConfig
 from vfiouser_net.daemon import DaemonError
 from vfiouser_net.device import DeviceError, DeviceOptions, format_mac, parse_mac
 
 NOBODY = 65534
+PCAP_HEADER = b"\x4d\x3c\xb2\xa1" + bytes(20)
 
 # -- fakes ------------------------------------------------------------------------------
 
@@ -80,6 +86,16 @@ class FakeDevice:
 
     def __post_init__(self) -> None:
         self.name = self.name or self.opts.name or os.path.basename(self.opts.socket_path)
+
+    def capture(
+        self, directory: str, name: str, *, queue: int, count: int, seconds: float
+    ) -> dict[str, Any]:
+        """VirtioNetDevice.capture without a datapath: the file, a pcap header, no frames."""
+        fd, path = create_capture_file(directory, name)
+        with os.fdopen(fd, "wb") as out:
+            out.write(PCAP_HEADER)
+        self.calls.append(("capture", (queue, count, seconds)))
+        return {"file": path, "frames": 0, "missed": 0}
 
     @property
     def link_up(self) -> bool:
@@ -390,7 +406,7 @@ def test_unknown_device(server: AdminServer) -> None:
         ("link", {"state": "up"}),
         ("steering", {"policy": "rss"}),
         ("remove", {}),
-        ("capture", {"count": 1, "file": "/tmp/x.pcap"}),
+        ("capture", {"count": 1, "file": "x.pcap"}),
     ]:
         err = call_error(server, cmd, {"device": "vm9", **extra})
         assert err.code == p.NO_SUCH_DEVICE, cmd
@@ -514,23 +530,22 @@ def test_remove(server: AdminServer, daemon: FakeDaemon) -> None:
 
 
 def test_capture_is_unsupported_for_now(server: AdminServer) -> None:
-    err = call_error(server, "capture", {"device": "vm1", "count": 10, "file": "/tmp/x.pcap"})
+    err = call_error(server, "capture", {"device": "vm1", "count": 10, "file": "x.pcap"})
     assert err.code == p.UNSUPPORTED and "capture" in err.message
-    err = call_error(server, "capture", {"device": "vm1", "seconds": 2.5, "file": "/tmp/x.pcap"})
+    err = call_error(server, "capture", {"device": "vm1", "seconds": 2.5, "file": "x.pcap"})
     assert err.code == p.UNSUPPORTED
 
 
 @pytest.mark.parametrize(
     ("args", "text"),
     [
-        ({"device": "vm1", "file": "/tmp/x"}, "exactly one"),
-        ({"device": "vm1", "count": 1, "seconds": 1, "file": "/tmp/x"}, "exactly one"),
-        ({"device": "vm1", "count": 0, "file": "/tmp/x"}, "'count'"),
-        ({"device": "vm1", "seconds": 0, "file": "/tmp/x"}, "'seconds'"),
+        ({"device": "vm1", "file": "x"}, "exactly one"),
+        ({"device": "vm1", "count": 1, "seconds": 1, "file": "x"}, "exactly one"),
+        ({"device": "vm1", "count": 0, "file": "x"}, "'count'"),
+        ({"device": "vm1", "seconds": 0, "file": "x"}, "'seconds'"),
         ({"device": "vm1", "count": 1}, "'file'"),
-        ({"device": "vm1", "count": 1, "file": "x.pcap"}, "absolute"),
-        ({"device": "vm1", "count": 1, "file": "/tmp/x", "queue": 4}, "queue pairs 0..3"),
-        ({"device": "vm1", "count": 1, "file": "/tmp/x", "queue": -1}, "'queue'"),
+        ({"device": "vm1", "count": 1, "file": "x", "queue": 4}, "queue pairs 0..3"),
+        ({"device": "vm1", "count": 1, "file": "x", "queue": -1}, "'queue'"),
     ],
 )
 def test_capture_arguments(server: AdminServer, args: dict[str, Any], text: str) -> None:
@@ -549,10 +564,140 @@ def test_capture_hook(sockdir: str, daemon: FakeDaemon) -> None:
 
     path = os.path.join(sockdir, "a.sock")
     with start_admin_server(path, daemon, capture=hook) as srv:
-        args = {"device": "vm1", "queue": 1, "count": 5, "file": "/tmp/c.pcap"}
-        assert call(srv, "capture", args) == {"frames": 5, "file": "/tmp/c.pcap"}
-        assert seen == [CaptureRequest("vm1", "/tmp/c.pcap", queue=1, count=5)]
+        args = {"device": "vm1", "queue": 1, "count": 5, "file": "c.pcap"}
+        assert call(srv, "capture", args) == {"frames": 5, "file": "c.pcap"}
+        assert seen == [CaptureRequest("vm1", "c.pcap", queue=1, count=5)]
         assert call_error(srv, "capture", {**args, "count": 13}).code == p.FAILED
+
+
+# Names a client may not give: a path anywhere (absolute, climbing out, into a
+# subdirectory), the directory itself, hidden or over-long names, control
+# characters. Each is refused before the device or the file system is touched.
+BAD_CAPTURE_NAMES = [
+    ("/etc/cron.d/x", "not a path"),
+    ("/tmp/x.pcap", "not a path"),
+    ("../x", "not a path"),
+    ("a/b", "not a path"),
+    ("x/", "not a path"),
+    ("", "is empty"),
+    (".", "must not start with '.'"),
+    ("..", "must not start with '.'"),
+    (".hidden", "must not start with '.'"),
+    ("x" * 256, "longer than 255 bytes"),
+    ("\u00e9" * 128, "longer than 255 bytes"),
+    ("a\nb", "control character"),
+]
+
+
+@pytest.fixture
+def capture_dir(tmp_path: Any) -> str:
+    path = tmp_path / "captures"
+    path.mkdir(mode=0o750)
+    return str(path)
+
+
+@pytest.fixture
+def capture_server(sockdir: str, daemon: FakeDaemon, capture_dir: str) -> Iterator[AdminServer]:
+    """The admin server with the daemon's capture hook (cli.capture_hook) on capture_dir."""
+    path = os.path.join(sockdir, "cap.sock")
+    with start_admin_server(path, daemon, capture=capture_hook(capture_dir)) as srv:
+        yield srv
+
+
+def test_capture_writes_in_the_capture_directory(
+    capture_server: AdminServer, capture_dir: str
+) -> None:
+    reply = call(capture_server, "capture", {"device": "vm1", "count": 3, "file": "vm1.pcap"})
+    path = os.path.join(capture_dir, "vm1.pcap")
+    assert reply == {"file": path, "frames": 0, "missed": 0}
+    st = os.lstat(path)
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & ~0o640 == 0, oct(st.st_mode)
+    with open(path, "rb") as f:
+        assert f.read() == PCAP_HEADER
+    assert sorted(os.listdir(capture_dir)) == ["vm1.pcap"]
+
+
+@pytest.mark.parametrize(("name", "text"), BAD_CAPTURE_NAMES, ids=repr)
+def test_capture_refuses_names_that_are_not_file_names(
+    capture_server: AdminServer, daemon: FakeDaemon, capture_dir: str, name: str, text: str
+) -> None:
+    err = call_error(capture_server, "capture", {"device": "vm1", "count": 1, "file": name})
+    assert err.code == p.BAD_REQUEST and "'file'" in err.message and text in err.message, err
+    assert os.listdir(capture_dir) == []
+    assert not daemon.get("vm1").calls
+
+
+def test_capture_refuses_an_existing_file(capture_server: AdminServer, capture_dir: str) -> None:
+    path = os.path.join(capture_dir, "old.pcap")
+    with open(path, "wb") as f:
+        f.write(b"precious")
+    err = call_error(capture_server, "capture", {"device": "vm1", "count": 1, "file": "old.pcap"})
+    assert err.code == p.FAILED and "File exists" in err.message, err
+    with open(path, "rb") as f:
+        assert f.read() == b"precious"
+
+
+@pytest.mark.parametrize("target", ["outside", "inside", "dir"])
+def test_capture_refuses_a_link_planted_in_the_capture_directory(
+    capture_server: AdminServer, capture_dir: str, tmp_path: Any, target: str
+) -> None:
+    """Someone who can write the directory plants a link: nothing is created or
+    written through it, wherever it points (dangling or not)."""
+    dest = {
+        "outside": str(tmp_path / "victim"),
+        "inside": os.path.join(capture_dir, "victim"),
+        "dir": str(tmp_path),
+    }[target]
+    link = os.path.join(capture_dir, "trap.pcap")
+    os.symlink(dest, link)
+    err = call_error(capture_server, "capture", {"device": "vm1", "count": 1, "file": "trap.pcap"})
+    assert err.code == p.FAILED and "cannot create" in err.message, err
+    assert os.readlink(link) == dest
+    assert not os.path.lexists(tmp_path / "victim")
+    assert sorted(os.listdir(capture_dir)) == ["trap.pcap"]
+
+
+def test_capture_without_its_directory(sockdir: str, daemon: FakeDaemon, tmp_path: Any) -> None:
+    missing = str(tmp_path / "nope")
+    with start_admin_server(
+        os.path.join(sockdir, "c.sock"), daemon, capture=capture_hook(missing)
+    ) as srv:
+        err = call_error(srv, "capture", {"device": "vm1", "count": 1, "file": "x.pcap"})
+    assert err.code == p.FAILED and missing in err.message and "--capture-dir" in err.message
+    assert not os.path.exists(missing)
+
+
+def test_create_capture_file_checks_the_name_itself(capture_dir: str, tmp_path: Any) -> None:
+    """Whoever calls it (not only the admin channel): one component, inside the directory."""
+    for name, text in BAD_CAPTURE_NAMES:
+        with pytest.raises(CaptureError, match=re.escape(text)):
+            create_capture_file(capture_dir, name)
+    assert os.listdir(capture_dir) == []
+    fd, path = create_capture_file(capture_dir, "ok.pcap")
+    os.close(fd)
+    assert path == os.path.join(capture_dir, "ok.pcap")
+    with pytest.raises(CaptureError, match="File exists"):
+        create_capture_file(capture_dir, "ok.pcap")
+
+
+def test_capture_directory_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """--capture-dir over the file's capture_dir over systemd's $STATE_DIRECTORY over the
+    default; always absolute (the reply names the full path)."""
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    assert cli.capture_dir(DaemonConfig()) == DEFAULT_CAPTURE_DIR
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/a:/var/lib/b")
+    assert cli.capture_dir(DaemonConfig()) == "/var/lib/a"
+    toml = tmp_path / "d.toml"
+    toml.write_text('[daemon]\ncapture_dir = "/srv/pcap"\n')
+    args = cli.build_parser().parse_args(["serve", "--config", str(toml)])
+    assert cli.capture_dir(cli.daemon_config(args)) == "/srv/pcap"
+    args = cli.build_parser().parse_args(
+        ["serve", "--config", str(toml), "--capture-dir", "rel/dir"]
+    )
+    assert cli.capture_dir(cli.daemon_config(args)) == os.path.abspath("rel/dir")
+    toml.write_text("[daemon]\ncapture_dir = 1\n")
+    with pytest.raises(ConfigError, match="capture_dir"):
+        cli.daemon_config(cli.build_parser().parse_args(["serve", "--config", str(toml)]))
 
 
 def test_several_requests_on_one_connection(server: AdminServer) -> None:

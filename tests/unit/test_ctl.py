@@ -247,7 +247,7 @@ def test_version_and_help(run: Any) -> None:
     assert r.code == 0
     for spec in p.COMMANDS.values():
         assert spec.usage() in r.out
-    assert "capture DEVICE [--queue N] (--count N | --seconds S) --file PATH" in r.out
+    assert "capture DEVICE [--queue N] (--count N | --seconds S) --file NAME" in r.out
     r = run("help", "link")
     assert r.out.splitlines()[0] == "link DEVICE up|down"
     assert "state: str: up or down (up, down)" in r.out
@@ -275,7 +275,7 @@ def test_capture_is_unsupported(run: Any, tmp_path: Any) -> None:
     r = run("capture", "vm1", "--count", "10", "--file", "out.pcap")
     assert r.code == 1
     assert "[unsupported]" in r.err and "capture" in r.err
-    r = run("--json", "capture", "vm1", "--queue", "1", "--seconds", "2.5", "--file", "/t/x")
+    r = run("--json", "capture", "vm1", "--queue", "1", "--seconds", "2.5", "--file", "x")
     assert r.code == 1 and r.json()["error"]["code"] == "unsupported"
 
 
@@ -293,10 +293,16 @@ def test_capture_is_unsupported(run: Any, tmp_path: Any) -> None:
         (["add", "--socket", "/s", "--tap", "t", "--mtu", "big"], "not an integer"),
         (["add", "--socket", "/s", "--tap", "t", "--mtu", "10"], "'mtu' must be at least 68"),
         (["add", "--socket", "/s", "--tap", "t", "--color", "red"], "unrecognized"),
-        (["capture", "vm1", "--file", "/x"], "exactly one of 'count' and 'seconds'"),
-        (["capture", "vm1", "--count", "1", "--seconds", "1", "--file", "/x"], "exactly one"),
+        (["capture", "vm1", "--file", "x"], "exactly one of 'count' and 'seconds'"),
+        (["capture", "vm1", "--count", "1", "--seconds", "1", "--file", "x"], "exactly one"),
         (["capture", "vm1", "--count", "1"], "--file"),
-        (["capture", "vm1", "--seconds", "soon", "--file", "/x"], "not a number"),
+        (["capture", "vm1", "--seconds", "soon", "--file", "x"], "not a number"),
+        # The daemon creates the file in its capture directory: a name, never a path.
+        (["capture", "vm1", "--count", "1", "--file", "/tmp/x.pcap"], "not a path"),
+        (["capture", "vm1", "--count", "1", "--file", "../x"], "not a path"),
+        (["capture", "vm1", "--count", "1", "--file", "a/b"], "not a path"),
+        (["capture", "vm1", "--count", "1", "--file", ""], "is empty"),
+        (["capture", "vm1", "--count", "1", "--file", ".."], "must not start with '.'"),
         (["--timeout", "0", "version"], "--timeout"),
     ],
 )
@@ -313,6 +319,40 @@ def test_help_option_exits_0(run: Any) -> None:
     assert r.code == 0 and "COMMAND" in r.out
     r = run("capture", "--help")
     assert r.code == 0 and "--seconds" in r.out
+    text = " ".join(r.out.split())
+    assert "--file NAME" in text and "capture directory" in text and "not a path" in text
+
+
+def test_capture_into_the_capture_directory(daemon: FakeDaemon, run: Any, tmp_path: Any) -> None:
+    """The reply names the full path the daemon wrote; names that exist or are links
+    in the directory are refused by the daemon (exit 1), and nothing is written."""
+    from vfiouser_net.cli import capture_hook
+
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    (captures / "old.pcap").write_bytes(b"precious")
+    (captures / "link.pcap").symlink_to(tmp_path / "victim")
+    d = tempfile.mkdtemp(prefix="vn-ctl-")
+    path = os.path.join(d, "cap.sock")
+    try:
+        with start_admin_server(path, daemon, capture=capture_hook(str(captures))):
+            r = run("capture", "vm1", "--count", "2", "--file", "vm1.pcap", socket_path=path)
+            assert r.code == 0, r.err
+            assert r.out.splitlines() == [
+                f"file: {captures / 'vm1.pcap'}",
+                "frames: 0",
+                "missed: 0",
+            ]
+            assert (captures / "vm1.pcap").read_bytes()[:4] == bytes.fromhex("4d3cb2a1")
+            r = run("capture", "vm1", "--count", "1", "--file", "old.pcap", socket_path=path)
+            assert r.code == 1 and "File exists" in r.err and "[failed]" in r.err, r.err
+            r = run("capture", "vm1", "--count", "1", "--file", "link.pcap", socket_path=path)
+            assert r.code == 1 and "cannot create" in r.err, r.err
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    assert (captures / "old.pcap").read_bytes() == b"precious"
+    assert not (tmp_path / "victim").exists()
+    assert sorted(os.listdir(captures)) == ["link.pcap", "old.pcap", "vm1.pcap"]
 
 
 def test_unreachable_exits_3(run: Any, tmp_path: Any) -> None:

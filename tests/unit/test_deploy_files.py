@@ -302,6 +302,9 @@ def test_files_agree_with_each_other() -> None:
         [argv] = exec_argv(unit, "ExecStart", "vm1" if "@" in path.name else "", {})
         assert argv[argv.index("--admin-group") + 1] == SERVICE_USER
         assert argv[argv.index("--admin-socket") + 1].startswith(f"{RUN_DIR}/")
+        # Captures go to the service's own state directory, and only there.
+        state = unit.value("Service", "StateDirectory")
+        assert argv[argv.index("--capture-dir") + 1] == f"/var/lib/{state}"
     host_cfg = load_example_toml()
     for dev in host_cfg.devices:
         assert dev.socket_path.startswith(f"{RUN_DIR}/")
@@ -351,6 +354,7 @@ def test_host_command_line_parses() -> None:
     assert [d.name for d in cfg.devices] == ["vm1", "vm2"]
     assert cfg.admin_socket == f"{RUN_DIR}/admin.sock"
     assert cfg.admin_group == SERVICE_USER
+    assert cli.capture_dir(cfg) == f"/var/lib/{SERVICE_USER}"
 
 
 # -- example configuration -----------------------------------------------------------------

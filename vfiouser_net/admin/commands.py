@@ -66,14 +66,15 @@ class Peer:
 @dataclass(frozen=True)
 class CaptureRequest:
     device: str
-    file: str
+    file: str  # a file name (no directory) in the daemon's capture directory
     queue: int | None = None  # queue pair, None for all
     count: int | None = None  # exactly one of count and seconds
     seconds: float | None = None
 
 
 # Captures frames of a device as asked and returns a summary (frames written,
-# file); raises CommandError. None: no capture support in this datapath.
+# file: the full path written); raises CommandError. None: no capture support
+# in this datapath.
 CaptureHook = Callable[[DeviceLike, CaptureRequest], dict[str, Any]]
 
 
@@ -317,11 +318,8 @@ def _remove(cmds: Commands, args: dict[str, Any], peer: Peer) -> Any:
 
 @_command("capture")
 def _capture(cmds: Commands, args: dict[str, Any], peer: Peer) -> Any:
-    if not os.path.isabs(args["file"]):
-        raise CommandError(
-            p.BAD_REQUEST,
-            f"capture: argument 'file' must be an absolute path, not {args['file']!r}",
-        )
+    # args["file"] is a plain file name (validate_args): the hook creates it
+    # in the daemon's capture directory.
     dev = cmds.device(args["device"])
     queue = args.get("queue")
     if queue is not None and queue >= dev.opts.queue_pairs:

@@ -39,6 +39,9 @@ MAX_FRAME = 1 << 20
 HEADER = struct.Struct(">I")
 DEFAULT_ADMIN_SOCKET = "/run/vfiouser-net/admin.sock"
 MAX_STRING = 4096
+# A capture's file name (NAME_MAX): the daemon creates it in its capture
+# directory, never at a path the client chose.
+MAX_FILE_NAME = 255
 
 # Error codes.
 BAD_REQUEST = "bad_request"  # malformed message, field or argument (the message names it)
@@ -327,6 +330,9 @@ class ArgSpec:
     minimum: float | None = None
     maximum: float | None = None
     metavar: str = ""
+    # A file name without any directory (file_name_problem), for files the
+    # daemon creates in a directory of its own.
+    file_name: bool = False
 
     @property
     def option(self) -> str:
@@ -576,14 +582,17 @@ COMMANDS: dict[str, CommandSpec] = {
                 ArgSpec(
                     "file",
                     "str",
-                    "pcap file to write (an absolute path)",
+                    "name of the pcap file to create in the daemon's capture directory "
+                    "(a file name, not a path)",
                     required=True,
-                    metavar="PATH",
+                    metavar="NAME",
+                    file_name=True,
                 ),
             ),
             mutates=True,
-            notes="frames both ways, to a new file (never overwritten or followed through a "
-            "link); a capture bounded by count alone ends after 600 s",
+            notes="frames both ways, to a new file in the daemon's capture directory "
+            "(serve --capture-dir; never overwritten or followed through a link); the reply "
+            "names the full path; a capture bounded by count alone ends after 600 s",
             one_of=("count", "seconds"),
         ),
     )
@@ -613,6 +622,33 @@ def validate_args(spec: CommandSpec, args: Mapping[Any, Any]) -> dict[str, Any]:
     return out
 
 
+def file_name_problem(name: str) -> str | None:
+    """Why name is not a plain file name for the daemon to create, or None.
+
+    The daemon runs as its own user: a client (a member of the admin group)
+    names a file inside the daemon's capture directory, and only that.
+    """
+    shown = repr(name[:64])
+    if not name:
+        return "is empty: give a file name, created in the daemon's capture directory"
+    if "/" in name:
+        return (
+            f"must be a file name, not a path: {shown} has a '/' (the file is created "
+            "in the daemon's capture directory)"
+        )
+    if name.startswith("."):
+        return f"must not start with '.': {shown}"
+    try:
+        encoded = name.encode()
+    except UnicodeEncodeError:
+        return f"is not valid UTF-8: {shown}"
+    if len(encoded) > MAX_FILE_NAME:
+        return f"is longer than {MAX_FILE_NAME} bytes"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return f"contains a control character: {shown}"
+    return None
+
+
 def _check_value(cmd: str, arg: ArgSpec, value: Any) -> Any:
     where = f"{cmd}: argument {arg.name!r}"
     if arg.type == "str":
@@ -626,6 +662,9 @@ def _check_value(cmd: str, arg: ArgSpec, value: Any) -> Any:
             raise ProtocolError(
                 BAD_REQUEST, f"{where} must be one of {', '.join(arg.choices)}, not {value[:64]!r}"
             )
+        problem = file_name_problem(value) if arg.file_name else None
+        if problem is not None:
+            raise ProtocolError(BAD_REQUEST, f"{where} {problem}")
         return value
     if arg.type == "bool":
         if not isinstance(value, bool):
@@ -743,6 +782,7 @@ __all__ = [
     "FAILED",
     "INTERNAL",
     "LOG_LEVELS",
+    "MAX_FILE_NAME",
     "MAX_FRAME",
     "NO_SUCH_DEVICE",
     "PROTOCOL_VERSION",
@@ -763,6 +803,7 @@ __all__ = [
     "Unreachable",
     "encode_frame",
     "error_reply",
+    "file_name_problem",
     "make_request",
     "ok_reply",
     "pack",
