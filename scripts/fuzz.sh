@@ -31,7 +31,7 @@ CLANG=${CLANG:-clang}
 FUZZ_DIR=$REPO/tests/fuzz
 BUILD=${VN_FUZZ_BUILD:-$FUZZ_DIR/build}
 
-C_TARGETS=(fuzz_virtq fuzz_worker fuzz_ctrl fuzz_steering)
+C_TARGETS=(fuzz_virtq fuzz_worker fuzz_ctrl fuzz_steering fuzz_vfio_user)
 PY_TARGETS=(fuzz_admin_protocol fuzz_config fuzz_bar0)
 
 SECS=30
@@ -106,6 +106,12 @@ if [[ ${#C_RUN[@]} -gt 0 ]]; then
     elif [[ ! -f $LIBVFIO_USER_PREFIX/include/vfio-user/libvfio-user.h ]]; then
         missing "no libvfio-user headers in $LIBVFIO_USER_PREFIX (scripts/setup.sh)" "${C_RUN[@]}"
         C_RUN=()
+    elif [[ " ${C_RUN[*]} " == *" fuzz_vfio_user "* &&
+        ! -f $LIBVFIO_USER_PREFIX/../src/lib/libvfio-user.c ]]; then
+        # fuzz_vfio_user builds libvfio-user's own (patched) source.
+        missing "no libvfio-user source next to $LIBVFIO_USER_PREFIX (scripts/setup.sh)" fuzz_vfio_user
+        C_RUN=("${C_RUN[@]/fuzz_vfio_user/}")
+        read -r -a C_RUN <<<"${C_RUN[*]}"
     fi
     rm -rf "$probe"
 fi
@@ -193,7 +199,7 @@ done
 # -- source coverage of the C targets' corpora (--coverage) ---------------------------
 # The files whose code parses or acts on what the guest writes.
 COV_FILES=(virtq.c guest_mem.c worker.c ctrl.c ctrl_stats.c ctrl_coal.c steering.c rss_hash.c
-    rx_filter.c capture.c coalesce.h)
+    rx_filter.c capture.c coalesce.h server.c mem_guard.c)
 COV_JSON=""
 llvm_tool() {
     local major

@@ -827,6 +827,230 @@ def bar0_seeds() -> dict[str, bytes]:
     return out
 
 
+# -- fuzz_vfio_user --------------------------------------------------------------------
+
+# vfio-user commands (vfio-user.h) and the fuzzer's op bytes (fuzz_vfio_user.c).
+VU_VERSION, VU_DMA_MAP, VU_DMA_UNMAP, VU_GET_INFO, VU_REGION_INFO = 1, 2, 3, 4, 5
+VU_REGION_IO_FDS, VU_IRQ_INFO, VU_SET_IRQS, VU_REGION_READ, VU_REGION_WRITE = 6, 7, 8, 9, 10
+VU_DMA_READ, VU_DMA_WRITE, VU_RESET, VU_DIRTY_PAGES = 11, 12, 13, 14
+VU_RECONNECT, VU_SHRINK = 0xF0, 0xF1
+MOD_NO_REPLY, MOD_NOT_CMD, MOD_SIZE, MOD_CUT = 1, 2, 4, 8
+# Fd kinds (attach_fds): a new memfd (then its size byte), eventfd, /dev/null,
+# the first memfd again, a pipe.
+FD_MEMFD, FD_EVENTFD, FD_DEVNULL, FD_MEMFD0, FD_PIPE = 1, 4, 5, 6, 7
+# Region choices (build_region_access): BAR0, BAR4, config space, BAR1,
+# migration, ROM, VGA, past the last.
+R_BAR0, R_BAR4, R_CFG, R_BAR1, R_MIGR = 0, 1, 2, 3, 4
+DMA_R, DMA_W = 1, 2
+
+
+def vu_memfd(pages: int, tail: int = 0, sealed: bool = False) -> bytes:
+    b = (pages & 0x1F) | (0x20 if tail else 0) | (0x40 if sealed else 0)
+    return bytes([FD_MEMFD, b]) + (struct.pack("<H", tail) if tail else b"")
+
+
+def vu_addr(pages: int, tail: int = 0) -> bytes:
+    """addr_field: pages (< 64) and an unaligned tail."""
+    if pages >= 0x40:
+        return bytes([0x80]) + struct.pack("<II", pages >> 20, (pages << 12) & 0xFFFFFFFF)
+    return bytes([pages | (0x40 if tail else 0)]) + (struct.pack("<H", tail) if tail else b"")
+
+
+def vu_version(json_variant: int = 2, minor: int = 0, mods: int = 0) -> bytes:
+    return bytes([json_variant]) + struct.pack("<H", minor) + bytes([mods])
+
+
+def vu_dma_map(
+    flags: int, addr: int, size: int, offset: int, fds: bytes, off_tail: int = 0, nfds: int = 1
+) -> bytes:
+    return (
+        bytes([VU_DMA_MAP, flags & 3])
+        + vu_addr(addr)
+        + vu_addr(size)
+        + vu_addr(offset, off_tail)
+        + bytes([0, nfds - 1])
+        + fds
+    )
+
+
+def vu_dma_unmap(addr: int, size: int, flags: int = 0) -> bytes:
+    if flags == 2:  # unmap all: no address or size
+        return bytes([VU_DMA_UNMAP, 2 | 4, 0])
+    return bytes([VU_DMA_UNMAP, flags]) + vu_addr(addr) + vu_addr(size) + b"\0"
+
+
+def vu_words(cmd: int, *words: int) -> bytes:
+    return bytes([cmd, 0]) + bytes(words)
+
+
+def vu_region_info(region: int) -> bytes:
+    return vu_words(VU_REGION_INFO, 0, 0, 0, 0, 0, 0, 0) + bytes([region])
+
+
+def vu_set_irqs(
+    action: int, data: int, start: int, count: int, bools: bytes = b"", fds: bytes = b""
+) -> bytes:
+    """action 0 trigger, 1 mask, 2 unmask; data 0 none, 1 bool, 2 eventfd."""
+    return bytes([VU_SET_IRQS, data | action << 2, start, count]) + bools + b"\0" + fds
+
+
+def vu_access(
+    write: bool, region: int, off_kind: int, off: int, count_i: int, data: bytes = b""
+) -> bytes:
+    """count_i: 0..7 for 1, 2, 4, 8, 3, 16, 256, 0 bytes."""
+    cmd = VU_REGION_WRITE if write else VU_REGION_READ
+    return bytes([cmd, region | off_kind << 3]) + struct.pack("<H", off) + bytes([count_i]) + data
+
+
+def vu_dirty(flag_i: int, with_range: bool = False) -> bytes:
+    out = bytes([VU_DIRTY_PAGES, flag_i | (4 if with_range else 0)])
+    if with_range:
+        out += vu_addr(16) + vu_addr(4) + bytes([12]) + struct.pack("<H", 1)
+    return out + b"\0"
+
+
+def vu_seed(setup: int, version: bytes, *ops: bytes) -> bytes:
+    return bytes([setup]) + version + b"".join(ops)
+
+
+def vfio_user_seeds() -> dict[str, bytes]:
+    v = vu_version()
+    four = 3  # four queue pairs
+    # Guest RAM as QEMU maps it: two memfd-backed regions, one read-only.
+    ram = [
+        vu_dma_map(DMA_R | DMA_W, 16, 8, 0, vu_memfd(8)),
+        vu_dma_map(DMA_R, 32, 4, 2, vu_memfd(8)),
+    ]
+    info = [
+        vu_words(VU_GET_INFO, 0, 0, 0),
+        *(vu_region_info(r) for r in range(10)),
+        vu_words(VU_REGION_IO_FDS, 0, 0, 0),
+        *(vu_words(VU_IRQ_INFO, 0, i, 0) for i in range(5)),
+    ]
+    irqs = [
+        vu_set_irqs(0, 2, 0, 4, fds=bytes([FD_EVENTFD] * 4)),
+        vu_set_irqs(0, 1, 0, 2, bools=bytes([1, 0])),
+        vu_set_irqs(1, 0, 0, 1),
+        vu_set_irqs(2, 0, 0, 1),
+        vu_set_irqs(0, 2, 0, 0),  # disable all
+    ]
+    access = [
+        vu_access(False, R_CFG, 2, 0, 3),
+        vu_access(False, R_CFG, 2, 0x34, 0),
+        vu_access(False, R_CFG, 2, 0, 6),
+        vu_access(True, R_CFG, 2, 4, 1, bytes([6, 0])),
+        vu_access(False, R_BAR0, 0, 0x14 << 2, 0),  # device status
+        vu_access(True, R_BAR0, 0, 0x14 << 2, 0, bytes([1])),
+        vu_access(False, R_BAR0, 0, 2, 3),  # device config
+        vu_access(True, R_BAR0, 1, 1, 1, bytes([1, 0])),  # doorbell of queue 1
+        vu_access(False, R_BAR4, 2, 0, 5),
+        vu_access(True, R_BAR4, 2, 0x800, 2, bytes(4)),
+    ]
+    out = {
+        "negotiate": vu_seed(four, v),
+        "full-session": vu_seed(
+            four,
+            v,
+            *ram,
+            *info,
+            *irqs,
+            *access,
+            bytes([VU_RESET]),
+            vu_dma_unmap(32, 4),
+            vu_dma_unmap(0, 0, 2),
+            bytes([VU_RECONNECT]),
+            ram[0],
+        ),
+        "polling-mode": vu_seed(4 | four, v, vu_region_info(0), vu_words(VU_REGION_IO_FDS, 0, 0, 0)),
+        "dma-map": vu_seed(0, v, ram[0]),
+        "dma-unmap": vu_seed(0, v, ram[0], vu_dma_unmap(16, 8)),
+        "dma-unmap-all": vu_seed(0, v, *ram, vu_dma_unmap(0, 0, 2)),
+        "dma-unmap-bitmap": vu_seed(
+            0,
+            v,
+            ram[0],
+            bytes([VU_DMA_UNMAP, 1 | 8])
+            + vu_addr(16)
+            + vu_addr(8)
+            + bytes([12])
+            + struct.pack("<H", 1)
+            + b"\0",
+        ),
+        "device-get-info": vu_seed(0, v, info[0]),
+        "region-info": vu_seed(0, v, *(vu_region_info(r) for r in range(10))),
+        "region-io-fds": vu_seed(0, v, info[11]),
+        "irq-info": vu_seed(0, v, *info[12:]),
+        "set-irqs": vu_seed(1, v, *irqs),
+        "region-read": vu_seed(0, v, access[0], access[4]),
+        "region-write": vu_seed(0, v, access[3], access[5], access[7]),
+        "dma-read-write": vu_seed(
+            0,
+            v,
+            bytes([VU_DMA_READ]) + vu_addr(16) + struct.pack("<H", 64),
+            bytes([VU_DMA_WRITE]) + vu_addr(16) + struct.pack("<H", 8),
+            # the same as replies nobody asked for
+            bytes([VU_DMA_READ | MOD_NOT_CMD << 4]) + vu_addr(16) + struct.pack("<H", 64) + b"\x01",
+            bytes([VU_DMA_WRITE | MOD_NOT_CMD << 4]) + vu_addr(16) + struct.pack("<H", 8) + b"\x01",
+        ),
+        "device-reset": vu_seed(0, v, ram[0], bytes([VU_RESET])),
+        "dirty-pages": vu_seed(0, vu_version(6), *(vu_dirty(i) for i in range(3)), vu_dirty(2, True)),
+        "migration-region": vu_seed(0, v, vu_region_info(9), vu_access(False, R_MIGR, 2, 0, 3)),
+        "version-bad-major": vu_seed(0, bytes([0x22]) + struct.pack("<HH", 1, 0) + b"\0", info[0]),
+        "version-with-fd": vu_seed(0, vu_version(0x42) + bytes([FD_EVENTFD]), info[0]),
+        # Hostile: what the known libvfio-user bugs needed (fixed by
+        # scripts/setup/libvfio-user-patches 0001-0005).
+        "dma-map-repeated": vu_seed(
+            0,
+            v,
+            ram[0],
+            vu_dma_map(DMA_R | DMA_W, 16, 8, 0, bytes([FD_MEMFD0])),
+            vu_dma_map(DMA_R | DMA_W, 16, 8, 0, bytes([FD_MEMFD0])),
+        ),
+        "dma-map-flags-0": vu_seed(0, v, vu_dma_map(0, 16, 8, 0, vu_memfd(8))),
+        "dma-map-unaligned-offset": vu_seed(
+            0, v, vu_dma_map(DMA_R | DMA_W, 16, 2, 1, vu_memfd(8), off_tail=0x800)
+        ),
+        "dma-map-past-file": vu_seed(0, v, vu_dma_map(DMA_R | DMA_W, 16, 8, 0, vu_memfd(2))),
+        "dma-map-not-a-file": vu_seed(
+            0,
+            v,
+            vu_dma_map(DMA_R, 16, 1, 0, bytes([FD_DEVNULL])),
+            vu_dma_map(DMA_R, 17, 1, 0, bytes([FD_EVENTFD])),
+            vu_dma_map(DMA_R, 18, 1, 0, bytes([FD_PIPE])),
+            vu_dma_map(DMA_R, 19, 1, 0, vu_memfd(1) + vu_memfd(1), nfds=2),
+        ),
+        # A range without a file past the top of the address space
+        # (patch 0010), and one at address 0.
+        "dma-map-wrapping-no-fd": vu_seed(
+            0,
+            v,
+            vu_dma_map(DMA_R | DMA_W, 0xFFFFFFFFFFFFF, 2, 0, b"\0"),
+            vu_dma_map(DMA_R | DMA_W, 0, 1, 0, b"\0"),
+        ),
+        "dma-map-shrunk-after": vu_seed(0, v, ram[0], bytes([VU_SHRINK, 0, 2]), access[0]),
+        "set-irqs-overflow": vu_seed(
+            0,
+            v,
+            bytes([VU_SET_IRQS, 2, 4, 0xFF])
+            + struct.pack("<I", 0xFFFFFFFE)
+            + bytes([0, FD_EVENTFD, 0]),
+            bytes([VU_SET_IRQS, 0, 0xFF, 0xFF]) + struct.pack("<II", 0xFFFFFFFF, 2) + b"\0",
+        ),
+        "lies": vu_seed(
+            0,
+            v,
+            bytes([VU_GET_INFO | MOD_SIZE << 4, 0, 0, 0, 0, 0xF8]),
+            bytes([VU_GET_INFO | MOD_SIZE << 4, 0, 0, 0, 0, 0x08]),
+            bytes([VU_GET_INFO | MOD_NO_REPLY << 4, 0, 0, 0, 0]),
+            bytes([VU_REGION_WRITE | MOD_CUT << 4, R_CFG | 2 << 3, 4, 0, 1, 6, 0]) + struct.pack("<H", 5),
+        ),
+        "version-lies": vu_seed(0, vu_version(2, mods=MOD_SIZE) + b"\x10", info[0]),
+    }
+    for variant in (0, 1, 3, 4, 5, 8, 10, 13, 14, 15):
+        out[f"version-json-{variant}"] = vu_seed(0, vu_version(variant), info[0], ram[0])
+    return out
+
+
 # -- output ----------------------------------------------------------------------------
 
 TARGETS: dict[str, Callable[[], dict[str, bytes]]] = {
@@ -834,6 +1058,7 @@ TARGETS: dict[str, Callable[[], dict[str, bytes]]] = {
     "fuzz_worker": worker_seeds,
     "fuzz_ctrl": ctrl_seeds,
     "fuzz_steering": steering_seeds,
+    "fuzz_vfio_user": vfio_user_seeds,
     "fuzz_admin_protocol": admin_seeds,
     "fuzz_config": config_seeds,
     "fuzz_bar0": bar0_seeds,
