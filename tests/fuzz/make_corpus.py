@@ -1027,6 +1027,16 @@ def vfio_user_seeds() -> dict[str, bytes]:
             vu_dma_map(DMA_R | DMA_W, 0xFFFFFFFFFFFFF, 2, 0, b"\0"),
             vu_dma_map(DMA_R | DMA_W, 0, 1, 0, b"\0"),
         ),
+        # Bodies shorter than their struct (patch 0011): raw ops with the
+        # command, the body's length and bytes, no fds.
+        "short-bodies": vu_seed(
+            0,
+            v,
+            bytes([0, VU_DMA_MAP, 0, 1, 0x20, 0]),
+            bytes([0, VU_DMA_UNMAP, 0, 4]) + struct.pack("<I", 24) + b"\0",
+            bytes([0, VU_DMA_UNMAP, 0, 24]) + struct.pack("<IIQQ", 64, 1, 0x10000, 0x1000) + b"\0",
+            bytes([0, VU_DIRTY_PAGES, 0, 8]) + struct.pack("<II", 64, 4) + b"\0",
+        ),
         "dma-map-shrunk-after": vu_seed(0, v, ram[0], bytes([VU_SHRINK, 0, 2]), access[0]),
         "set-irqs-overflow": vu_seed(
             0,
