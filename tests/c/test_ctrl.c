@@ -1,7 +1,8 @@
 /* The control queue (ctrl.c): vn_ctrl_handle() for every command class, with
  * each request placed flush against a guard page so that reading one byte
  * past it crashes; and vn_ctrl_process() end to end through the synthetic
- * driver (acks, used lengths, counters, interrupts, broken rings). */
+ * driver (acks, used lengths, counters, interrupts, broken rings, the budget
+ * of commands per doorbell). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -68,11 +69,22 @@ static void log_hook(void *py, int level, const char *msg)
     snprintf(last_log, sizeof(last_log), "%s", msg);
 }
 
+/* A guest that re-posts a command every time one is answered (a vCPU
+ * racing the device): while flood_left > 0, each answered command makes
+ * flood_head available again. */
+static struct fd_vq *flood_q;
+static uint16_t flood_head;
+static unsigned flood_left;
+
 static void event_hook(void *py, int event)
 {
     (void)py;
     if (event == VN_EVENT_CTRL)
         n_events++;
+    if (flood_q != NULL && flood_left > 0) {
+        flood_left--;
+        fd_vq_make_avail(flood_q, flood_head);
+    }
 }
 
 static struct vn_dev *new_dev(uint64_t features)
@@ -493,6 +505,7 @@ static int setup_cfx_event_idx(void **state)
 static int teardown_cfx(void **state)
 {
     struct cfx *x = *state;
+    flood_q = NULL;
     vn_dev_reset(x->dev); /* joins the worker before guest memory goes */
     fd_guest_destroy(&x->g);
     x->dev->vfu = NULL;
@@ -771,6 +784,88 @@ static void test_process_irq_failure(void **state)
     fd_irq_fail(false);
 }
 
+/* Nothing but the command eventfd's count (non-blocking: 0 when unset). */
+static uint64_t take_cmd_fd(struct cfx *x)
+{
+    eventfd_t v = 0;
+    if (eventfd_read(x->dev->cmd_fd, &v) < 0)
+        return 0;
+    return v;
+}
+
+/* A guest keeping the control queue busy (re-posting as fast as commands are
+ * answered) does not keep the context thread there: one doorbell answers
+ * VN_CTRL_BUDGET commands, publishes them with an interrupt, counts the
+ * budget hit and wakes the context thread's loop (cmd_fd), which serves its
+ * other work (messages, stop) first and then goes on with the queue by
+ * itself (vn_dev_ctrl_poll_kick), no new doorbell needed. Once the guest
+ * stops, the rest is answered and nothing stays pending. */
+static void test_process_budget(void **state)
+{
+    struct cfx *x = *state;
+    take_cmd_fd(x);
+    uint8_t cmd[3] = { VN_CTRL_RX, VN_CTRL_RX_PROMISC, 1 };
+    flood_head = x->q.next_desc;
+    uint64_t ack = queue_cmd(x, cmd, 3, 1);
+    flood_q = &x->q;
+    /* Bounded only so that a device without a budget comes back at all. */
+    flood_left = 100000;
+    doorbell(x);
+    assert_int_equal(n_events, VN_CTRL_BUDGET);
+    assert_int_equal(fd_vq_used_idx(&x->q), VN_CTRL_BUDGET);
+    assert_int_equal(fd_irq_count(CTRL_VECTOR), 1);
+    assert_int_equal(x->dev->st.ctrl_ok, VN_CTRL_BUDGET);
+    assert_int_equal(x->dev->st.ctrl_budget_exhausted, 1);
+    assert_true(atomic_load(&x->dev->ctrl_resume));
+    assert_int_equal(take_cmd_fd(x), 1);
+    assert_int_equal(ack_of(x, ack, 1), VN_CTRL_OK);
+    /* The context thread's loop, for cmd_fd: the next budget. */
+    vn_dev_ctrl_poll_kick(x->dev);
+    assert_int_equal(n_events, 2 * VN_CTRL_BUDGET);
+    assert_int_equal(fd_vq_used_idx(&x->q), 2 * VN_CTRL_BUDGET);
+    assert_int_equal(fd_irq_count(CTRL_VECTOR), 2);
+    assert_int_equal(x->dev->st.ctrl_budget_exhausted, 2);
+    assert_int_equal(take_cmd_fd(x), 1);
+    assert_int_equal(x->dev->ctrl_stats.doorbells, 1);
+    /* The guest stops after 10 more: the one posted last and those. */
+    flood_left = 10;
+    vn_dev_ctrl_poll_kick(x->dev);
+    assert_int_equal(n_events, 2 * VN_CTRL_BUDGET + 11);
+    assert_int_equal(fd_vq_used_idx(&x->q), 2 * VN_CTRL_BUDGET + 11);
+    assert_int_equal(x->dev->st.ctrl_budget_exhausted, 2);
+    assert_false(atomic_load(&x->dev->ctrl_resume));
+    assert_int_equal(take_cmd_fd(x), 0);
+    /* A stray wake-up finds nothing to do. */
+    vn_dev_ctrl_poll_kick(x->dev);
+    assert_int_equal(n_events, 2 * VN_CTRL_BUDGET + 11);
+    assert_int_equal(x->dev->st.ctrl_ok, 2 * VN_CTRL_BUDGET + 11);
+    assert_int_equal(x->dev->st.ctrl_err, 0);
+    assert_true(x->dev->filter.promisc);
+    assert_false(vn_dev_get_needs_reset(x->dev));
+    fd_assert_no_errors(&x->dev->ctrl_stats);
+}
+
+/* A device reset forgets a control queue left at its budget. */
+static void test_process_budget_then_reset(void **state)
+{
+    struct cfx *x = *state;
+    take_cmd_fd(x);
+    uint8_t cmd[3] = { VN_CTRL_RX, VN_CTRL_RX_PROMISC, 1 };
+    flood_head = x->q.next_desc;
+    queue_cmd(x, cmd, 3, 1);
+    flood_q = &x->q;
+    flood_left = 1000;
+    doorbell(x);
+    assert_int_equal(n_events, VN_CTRL_BUDGET);
+    assert_int_equal(take_cmd_fd(x), 1);
+    vn_dev_reset(x->dev);
+    assert_false(atomic_load(&x->dev->ctrl_resume));
+    unsigned logs = n_logs;
+    vn_dev_ctrl_poll_kick(x->dev);
+    assert_int_equal(n_events, VN_CTRL_BUDGET);
+    assert_int_equal(n_logs, logs);
+}
+
 #define D(fn) cmocka_unit_test_setup_teardown(fn, setup_dev, teardown_dev)
 #define Q(fn) cmocka_unit_test_setup_teardown(fn, setup_cfx, teardown_cfx)
 
@@ -803,6 +898,8 @@ int main(void)
                                         teardown_cfx),
         Q(test_process_corrupt_ring),
         Q(test_process_irq_failure),
+        Q(test_process_budget),
+        Q(test_process_budget_then_reset),
     };
     return cmocka_run_group_tests_name("ctrl", tests, group_setup, group_teardown);
 }

@@ -145,6 +145,7 @@ class _StubDevice:
                 "steering_drain_timeouts": 0,
                 "tap_failures": 1,
                 "tap_replacements": 1,
+                "ctrl_budget_exhausted": 0,
                 "ctrl_cmds": {"0": {"0": [1, 0]}, "4": {"0": [1, 1]}},
             },
         }

@@ -6,6 +6,7 @@
  * driver negotiated; anything else gets VIRTIO_NET_ERR and changes nothing. */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <syslog.h>
 
 #include "ctrl_coal.h"
@@ -220,7 +221,15 @@ void vn_ctrl_process(struct vn_dev *dev)
     }
     struct iovec iov[64];
     bool pushed = false;
+    unsigned handled = 0;
     for (;;) {
+        if (handled >= VN_CTRL_BUDGET && vn_vq_avail_count(vq) != 0) {
+            /* The rest after the context thread's other work (device.h). */
+            VN_STAT_INC(dev->st.ctrl_budget_exhausted);
+            atomic_store(&dev->ctrl_resume, true);
+            eventfd_write(dev->cmd_fd, 1);
+            break;
+        }
         struct vn_chain c;
         int err;
         int r = vn_vq_pop(vq, iov, 64, &c, &err);
@@ -236,6 +245,7 @@ void vn_ctrl_process(struct vn_dev *dev)
             break;
         }
         pushed = true;
+        handled++;
         if (r == VN_POP_BAD || c.nout == c.niov) {
             /* Malformed, or no byte to put the ack in: nothing to answer. */
             vn_log(dev, LOG_WARNING, "control queue: malformed command chain (%s)",

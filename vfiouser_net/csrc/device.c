@@ -432,6 +432,7 @@ void vn_dev_reset(struct vn_dev *dev)
     dev->coal_rx_all = dev->coal_tx_all = (struct vn_coal_params){ 0, 0 };
     vn_notify_page_clear(&dev->notify);
     atomic_store(&dev->ctrl_kicked, false);
+    atomic_store(&dev->ctrl_resume, false);
     atomic_store(&dev->old_inflight, 0);
     atomic_store(&dev->drain_pending, false);
     vn_steering_reset(&dev->steer);
@@ -675,8 +676,12 @@ void vn_dev_set_busy_poll(struct vn_dev *dev, uint32_t usecs)
 
 void vn_dev_ctrl_poll_kick(struct vn_dev *dev)
 {
+    bool resume = atomic_exchange(&dev->ctrl_resume, false);
     if (atomic_exchange(&dev->ctrl_kicked, false))
         vn_dev_doorbell(dev, 2 * vn_dev_driver_pairs(dev, dev->features));
+    else if (resume && dev->started && VN_HAS(dev->features, VN_F_CTRL_VQ) &&
+             vn_vq_ready(&dev->ctrl))
+        vn_ctrl_process(dev);
 }
 
 void vn_dev_set_coal(struct vn_dev *dev, unsigned qidx, struct vn_coal_params p)

@@ -135,6 +135,9 @@ struct vn_dev_stats {
     uint64_t steering_drain_timeouts;
     uint64_t tap_failures;       /* queues that found their TAP deleted */
     uint64_t tap_replacements;   /* TAPs re-attached after that */
+    /* The control queue still had commands after VN_CTRL_BUDGET of them:
+     * the context thread served its other work before going on. */
+    uint64_t ctrl_budget_exhausted;
     uint64_t dma_refused;
     uint64_t guest_mem_faults;
     /* Control commands by class and command (class/command >= 7 fold into
@@ -200,6 +203,9 @@ struct vn_dev {
     /* Doorbell polling mode when notify.map is set (notify_page.h). */
     struct vn_notify_page notify;
     _Atomic bool ctrl_kicked;    /* seen by pair 0's worker, for the context thread */
+    /* The control queue stopped at its budget with commands left: the
+     * context thread goes on with them from its loop (cmd_fd). */
+    _Atomic bool ctrl_resume;
     /* Bounded busy-poll before a worker sleeps (0: off). */
     uint64_t busy_poll_ns;
     struct vn_capture capture;
@@ -310,8 +316,9 @@ int vn_dev_enable_notify_polling(struct vn_dev *dev);
  * sleeps: under load that saves a doorbell and a wake-up per batch, when idle
  * it costs nothing (0: off). */
 void vn_dev_set_busy_poll(struct vn_dev *dev, uint32_t usecs);
-/* Pair 0's worker saw the control queue kicked in polling mode (context
- * thread, from its command eventfd). */
+/* The context thread's command eventfd fired: pair 0's worker saw the
+ * control queue kicked in polling mode, or the control queue stopped at its
+ * budget with commands left (ctrl_resume): serve it. */
 void vn_dev_ctrl_poll_kick(struct vn_dev *dev);
 
 /* Doorbell for queue qidx (context thread). */
@@ -352,7 +359,15 @@ void vn_log(struct vn_dev *dev, int level, const char *fmt, ...)
 /* Worker (worker.c). */
 void *vn_qp_worker(void *arg);
 
-/* Control queue (ctrl.c). */
+/* Control queue (ctrl.c). At most VN_CTRL_BUDGET commands per call: a guest
+ * re-posting commands as fast as they are answered would otherwise keep the
+ * context thread in the control queue for good (no vfio-user message, no
+ * interrupt flush, no stop request served). With commands left it sets
+ * ctrl_resume and writes cmd_fd, and the context thread's loop comes back
+ * (vn_dev_ctrl_poll_kick) after serving what else is pending, with no new
+ * doorbell needed. 64 is well above what Linux ever has outstanding (one
+ * command at a time, it waits for each ack). */
+#define VN_CTRL_BUDGET 64
 void vn_ctrl_process(struct vn_dev *dev);
 uint8_t vn_ctrl_handle(struct vn_dev *dev, const uint8_t *req, uint32_t len);
 

@@ -68,6 +68,7 @@ struct vn_dev_stats {
     uint64_t steering_drain_timeouts;
     uint64_t tap_failures;
     uint64_t tap_replacements;
+    uint64_t ctrl_budget_exhausted;
     uint64_t dma_refused;
     uint64_t guest_mem_faults;
     uint64_t ctrl_cmds[10][8][2];
