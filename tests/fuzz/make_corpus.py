@@ -1037,6 +1037,15 @@ def vfio_user_seeds() -> dict[str, bytes]:
             bytes([0, VU_DMA_UNMAP, 0, 24]) + struct.pack("<IIQQ", 64, 1, 0x10000, 0x1000) + b"\0",
             bytes([0, VU_DIRTY_PAGES, 0, 8]) + struct.pack("<II", 64, 4) + b"\0",
         ),
+        # Config space writes shorter than the register (patch 0012): a
+        # byte of the command register, two bytes of BAR0.
+        "config-short-writes": vu_seed(
+            0,
+            v,
+            vu_access(True, R_CFG, 2, 4, 0, bytes([6])),
+            vu_access(True, R_CFG, 2, 0x10, 1, bytes([0xFF, 0xFF])),
+            vu_access(True, R_CFG, 2, 0x30, 0, bytes([1])),
+        ),
         "dma-map-shrunk-after": vu_seed(0, v, ram[0], bytes([VU_SHRINK, 0, 2]), access[0]),
         "set-irqs-overflow": vu_seed(
             0,
