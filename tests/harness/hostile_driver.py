@@ -84,6 +84,8 @@ from tests.harness.virtio_pci_driver import (
     VIRTIO_NET_ERR,
     VIRTIO_NET_F_CTRL_MAC_ADDR,
     VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_RSS,
     VIRTIO_NET_OK,
     VRING_DESC_F_INDIRECT,
@@ -577,6 +579,7 @@ class AttackRun:
     expectations: list[Expectation] = field(default_factory=list)
     observed: dict[str, Any] = field(default_factory=dict)
     broken: bool = False  # the device needs a reset afterwards
+    reinit: bool = False  # the driver's own bookkeeping is off: bring the device up again
 
     def check(self, ok: bool, message: str) -> bool:
         if not ok:
@@ -632,6 +635,13 @@ class Traffic:
         self.counts = {p: PairCounts() for p in self.pairs}
         self.lock = threading.Lock()
         self.seen: deque[str] = deque(maxlen=20000)
+        # Frames from the device that carry no tag of ours (nothing the
+        # driver posted: e.g. the daemon's own memory sent out), and the
+        # whole frames of the attacks' tags ("x..."), to compare with what
+        # was posted.
+        self.untagged = 0
+        self.untagged_samples: deque[str] = deque(maxlen=4)
+        self.frames: dict[str, bytes] = {}
         self.last_error: str | None = None
         self._seq = 0
         self._stop = threading.Event()
@@ -742,9 +752,14 @@ class Traffic:
                 continue
             tag = tag_of(data)
             if tag is None:
+                with self.lock:
+                    self.untagged += 1
+                    self.untagged_samples.append(data[:48].hex())
                 continue
             got = True
             with self.lock:
+                if tag.startswith("x") and len(self.frames) < 1000:
+                    self.frames[tag] = data
                 if tag.startswith("g") and tag[1:].split(".")[0].isdigit():
                     p = int(tag[1:].split(".")[0])
                     if p in self.counts:
@@ -813,6 +828,7 @@ class HostileDriver:
         self.traffic = Traffic(self, HEALTHY)
         self.violations: list[Violation] = []  # found at re-initialisation
         self.ring_overrides: dict[tuple[int, str], int] = {}
+        self.foreign: list[ForeignRegion] = []  # the attacks' own DMA regions
         self._tags = 0
 
     # -- lifetime -------------------------------------------------------------
@@ -833,6 +849,9 @@ class HostileDriver:
 
     def close(self) -> None:
         self.traffic.stop()
+        for region in self.foreign:
+            region.mem.close()
+        self.foreign.clear()
         if self.drv is not None:
             with contextlib.suppress(Exception):
                 self.drv.transport.reset()
@@ -899,10 +918,12 @@ class HostileDriver:
 
     # -- (re)initialisation ----------------------------------------------------
 
-    def reinit(self) -> str | None:
+    def reinit(self, pairs: int = PAIRS, features: int = FEATURES) -> str | None:
         """Reset the device and bring it up from scratch (traffic paused
         meanwhile). Returns None, or why the bring-up failed (then the
-        traffic stays paused)."""
+        traffic stays paused). With fewer than PAIRS ``pairs`` only those are
+        set up (VQ_PAIRS_SET ``pairs``, no RSS table) and the traffic stays
+        paused."""
         assert self.client is not None
         self.traffic.pause()
         if self.drv is not None:
@@ -918,7 +939,7 @@ class HostileDriver:
         drv = VirtioNetDriver(
             self.client,
             self.mem,
-            features=FEATURES,
+            features=features,
             queue_size=QUEUE_SIZE,
             rx_buf_size=BUF_SIZE,
             tx_block_size=BUF_SIZE,
@@ -926,12 +947,14 @@ class HostileDriver:
         )
         self.drv = drv
         try:
-            drv.bring_up(pairs=PAIRS, rx_buffers=0, queue_hook=self._place_queue)
+            drv.bring_up(pairs=pairs, rx_buffers=0, queue_hook=self._place_queue)
         except (VirtioError, TimeoutError, vu.VfioUserError) as e:
             return f"{type(e).__name__}: {e}"
         if self.mem.allocated > A_END:
             raise AssertionError(f"driver allocations ({self.mem.allocated:#x}) overflow region A")
         self.mac = drv.read_config().mac
+        if pairs < PAIRS:
+            return None
         for p in HEALTHY:
             drv.post_rx_buffers(drv.pairs[p].rx.size, p)
         ack = drv.ctrl_command(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_RSS_CONFIG, rss_config())
@@ -1250,6 +1273,7 @@ class HostileDriver:
         recovered = None
         if (
             run.broken
+            or run.reinit
             or attack.scope == "device"
             or (status >= 0 and status & STATUS_DEVICE_NEEDS_RESET)
         ):
@@ -1965,6 +1989,1000 @@ def attack_message_flood(hd: HostileDriver, run: AttackRun) -> None:
     run.unchanged("device.needs_reset")
 
 
+# --------------------------------------------------------------------------
+# Issue #11: a hostile client (the vfio-user messages) and a hostile guest
+# --------------------------------------------------------------------------
+
+# IOVAs of the attacks' own DMA regions: above the guest memory (8 MiB) and
+# every region of it, each backed by its own memfd.
+FOREIGN_IOVA = 1 << 32
+DMA_REFUSED = "device.dma_refused"
+# A vfio-user message must be answered within this while a guest keeps the
+# control queue busy (QEMU's x-msg-timeout is 5 s by default; the device's
+# other work must not wait for the guest at all).
+MSG_REPLY_BOUND = 1.0
+CTRL_BUSY_SECONDS = 4.0
+CTRL_BUDGET = "device.ctrl_budget_exhausted"
+PAIR_NOT_READY = "queues.*.rx.drops.pair_not_ready"
+# Frames steered to pairs without rings: how much the daemon's heap (RssAnon)
+# may grow under a flood of 64 KiB frames. Unbounded it holds VN_INBOX_MAX
+# (512) frames per pair: 32 MiB a pair.
+STEER_RSS_BOUND_KIB = 16 * 1024
+FLOOD_FRAMES = 2000
+FLOOD_PAYLOAD = 65000  # UDP payload: 65042-byte frames
+TAP_FLOOD_MTU = 65521  # tun's largest
+DMA_REPEATS = 1000
+
+
+def daemon_fds(pid: int) -> int | None:
+    """Open descriptors of the daemon (None: gone)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def daemon_rss_anon_kib(pid: int) -> int | None:
+    """The daemon's anonymous resident memory (its heap; guest RAM is shared)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class ForeignRegion:
+    """A DMA region of its own memfd at ``iova``: ``size`` bytes declared at
+    file ``offset``, over a file of ``mem.size`` bytes. ``mem`` is our view of
+    the whole file with guest addresses: ``iova`` is file byte ``offset``."""
+
+    mem: GuestMemory
+    iova: int
+    size: int
+    offset: int
+    flags: int
+    error: int | None = None  # errno of the DMA_MAP reply; None: accepted
+    shadow: bytes = b""  # the file's bytes as the driver wrote them
+
+    @property
+    def accepted(self) -> bool:
+        return self.error is None
+
+
+def _map_foreign(
+    hd: HostileDriver,
+    run: AttackRun,
+    name: str,
+    *,
+    file_size: int,
+    size: int,
+    offset: int = 0,
+    flags: int = vu.DMA_RW,
+    iova: int = FOREIGN_IOVA,
+) -> ForeignRegion:
+    """DMA_MAP a canary-filled memfd as the hostile client chooses; the reply
+    (error or not) is recorded, never raised."""
+    mem = GuestMemory(file_size, base=iova - offset, name=f"hostile-{name}")
+    reps = file_size // len(CANARY) + 1
+    mem.write(mem.base, (CANARY * reps)[:file_size])
+    region = ForeignRegion(mem, iova, size, offset, flags, shadow=bytes(mem.buf))
+    hd.foreign.append(region)
+    reply = hd.c.request(
+        vu.Command.DMA_MAP, vu.pack_dma_map(iova, size, offset, flags), [mem.fd], check=False
+    )
+    assert reply is not None
+    reply.close_fds()
+    if reply.header.error:
+        region.error = reply.header.error_no or errno_mod.EINVAL
+    run.observed[f"{name}_dma_map"] = (
+        "accepted" if region.accepted else f"refused ({errno_mod.errorcode.get(region.error or 0)})"
+    )
+    return region
+
+
+def _unmap_foreign(hd: HostileDriver, region: ForeignRegion) -> None:
+    """DMA_UNMAP the region (if it was accepted) and close the memfd."""
+    if region in hd.foreign:
+        hd.foreign.remove(region)
+    try:
+        if region.accepted and hd.client is not None:
+            reply = hd.c.request(
+                vu.Command.DMA_UNMAP, vu.pack_dma_unmap(region.iova, region.size), check=False
+            )
+            if reply is not None:
+                reply.close_fds()
+    finally:
+        region.mem.close()
+
+
+def _check_refused(
+    hd: HostileDriver, run: AttackRun, region: ForeignRegion, base: dict[str, Any], what: str
+) -> None:
+    """The region was refused: an error reply, or counted in device.dma_refused."""
+    if not region.accepted:
+        return
+    b, a = counter_value(base, DMA_REFUSED), counter_value(hd.counters(), DMA_REFUSED)
+    delta = None if a is None or b is None else a - b
+    run.observed[f"{what}_dma_refused_delta"] = delta
+    run.check(
+        delta is not None and delta >= 1,
+        f"{what}: DMA_MAP answered without error and not counted as refused "
+        f"({DMA_REFUSED} moved {delta})",
+    )
+
+
+def _check_foreign_unchanged(
+    run: AttackRun,
+    region: ForeignRegion,
+    what: str,
+    allowed: Sequence[tuple[int, int]] = (),
+    upto: int | None = None,
+) -> None:
+    """Nothing changed in the region's file (its first ``upto`` bytes) except
+    in ``allowed`` (guest address, length) ranges."""
+    n = region.mem.size if upto is None else upto
+    real = bytes(region.mem.buf[:n])
+    shadow = bytearray(region.shadow[:n])
+    for addr, length in allowed:
+        a = max(0, addr - region.mem.base)
+        b = min(n, addr - region.mem.base + length)
+        if a < b:
+            shadow[a:b] = real[a:b]
+    if real != bytes(shadow):
+        runs = _merge(_diff_runs(real, bytes(shadow), 0, n))
+        first = runs[0][0]
+        run.check(
+            False,
+            f"{what}: the device wrote {sum(b - a for a, b in runs)} byte(s) into the region "
+            f"(first at file offset {first:#x}: {real[first : first + 16].hex()})",
+        )
+
+
+def _foreign_rings(base: int) -> dict[tuple[int, str], int]:
+    """Pair 0's rings (queue size 128) laid out from ``base`` (0x2c08 bytes)."""
+    rx, tx = 2 * ATTACKED, 2 * ATTACKED + 1
+    return {
+        (rx, "desc"): base,
+        (rx, "avail"): base + 0x800,
+        (rx, "used"): base + 0x1000,
+        (tx, "desc"): base + 0x1800,
+        (tx, "avail"): base + 0x2000,
+        (tx, "used"): base + 0x2800,
+    }
+
+
+def _rings_refused(hd: HostileDriver, run: AttackRun, base: int, what: str) -> None:
+    """Pair 0's rings in a region the device must not use, then DRIVER_OK:
+    DEVICE_NEEDS_RESET (rings outside usable guest memory), no crash. Last
+    step of an attack (the tool resets the device afterwards)."""
+    hd.ring_overrides = _foreign_rings(base)
+    try:
+        err = hd.reinit()
+    finally:
+        hd.ring_overrides = {}
+    run.observed[f"{what}_bring_up"] = err
+    run.check(hd.alive(), f"{what}: the device stopped answering after DRIVER_OK")
+    run.check(err is not None, f"{what}: the device accepted rings in the region")
+    hd.check_needs_reset(run)
+    run.expect(f"{RX}.errors.ring_addr", exactly=1)
+    run.expect(f"{TX}.errors.ring_addr", exactly=1)
+    run.expect("device.needs_reset", exactly=1)
+
+
+def _frame_at(mem: GuestMemory, addr: int, tag: str, mac: bytes) -> bytes:
+    frame = bytes(NET_HDR_SIZE) + guest_frame(mac, tag)
+    mem.write(addr, frame)
+    return frame
+
+
+def _tx_one(hd: HostileDriver, run: AttackRun, addr: int, length: int, what: str) -> int | None:
+    """One transmit chain on pair 0 with its buffer at ``addr``; the used length."""
+    tx = hd.d.pairs[ATTACKED].tx
+    head = tx.add_buf([(addr, length, False)], what, indirect=False)
+    tx.kick(force=True)
+    e = hd.wait_used(tx)
+    run.check(e is not None and e.id == head, f"{what}: transmit chain not returned")
+    return None if e is None else e.len
+
+
+def _tx_refused(
+    hd: HostileDriver, run: AttackRun, region: ForeignRegion, off: int, what: str
+) -> None:
+    """A frame in the region (``off`` bytes in) is not sent: used, never on the TAP."""
+    tag = hd.tag(f"x{what}-tx")
+    addr = region.iova + off
+    frame = (
+        _frame_at(region.mem, addr, tag, hd.mac)
+        if region.mem.contains(addr, NET_HDR_SIZE + 60)
+        else b"\0" * (NET_HDR_SIZE + 60)
+    )
+    region.shadow = bytes(region.mem.buf[: len(region.shadow)])
+    _tx_one(hd, run, addr, len(frame), what)
+    hd.check_not_on_tap(run, tag)
+
+
+def _tx_exact_or_dropped(
+    hd: HostileDriver, run: AttackRun, region: ForeignRegion, off: int, what: str
+) -> None:
+    """A frame in the region is sent exactly as the driver wrote it there, or
+    not at all (the region refused); never anything else."""
+    tag = hd.tag(f"x{what}-tx")
+    addr = region.iova + off
+    frame = _frame_at(region.mem, addr, tag, hd.mac)
+    region.shadow = bytes(region.mem.buf)
+    _tx_one(hd, run, addr, len(frame), what)
+    time.sleep(0.3)
+    with hd.traffic.lock:
+        got = hd.traffic.frames.get(tag)
+    run.observed[f"{what}_tx"] = "sent" if got is not None else "dropped"
+    if got is not None:
+        run.check(
+            got[: len(frame) - NET_HDR_SIZE] == frame[NET_HDR_SIZE:],
+            f"{what}: the frame on the TAP is not the one in the region: {got[:64].hex()}",
+        )
+
+
+def _rx_one(
+    hd: HostileDriver, run: AttackRun, region: ForeignRegion, off: int, length: int, what: str
+) -> tuple[int | None, str]:
+    """A receive buffer of pair 0 in the region, a frame for pair 0; returns
+    the used length and the tag."""
+    rx = hd.d.pairs[ATTACKED].rx
+    addr = region.iova + off
+    head = rx.add_buf([(addr, length, True)], ("foreign", addr), indirect=False)
+    rx.kick(force=True)
+    tag = hd.tag(f"x{what}-rx")
+    hd.host_send(hd.host_frame(ATTACKED, tag))
+    e = hd.wait_used(rx)
+    run.check(e is not None and e.id == head, f"{what}: receive buffer not returned")
+    return (None if e is None else e.len), tag
+
+
+def _ours(buf: bytes) -> bool:
+    """A received buffer holds one of the attacks' frames for pair 0 (a frame
+    held for a buffer refused earlier may fill a later one)."""
+    found = tag_of(buf[NET_HDR_SIZE:])
+    return found is not None and found.startswith("x")
+
+
+def _other_pairs_moving(hd: HostileDriver, run: AttackRun, what: str) -> None:
+    since = hd.traffic.snapshot()
+    now = hd.traffic.wait_min(since, MIN_FRAMES, TRAFFIC_WAIT)
+    for p in HEALTHY:
+        moved = (now[p].rx - since[p].rx, now[p].tx - since[p].tx)
+        run.check(min(moved) >= MIN_FRAMES, f"{what}: healthy pair {p} moved only {moved}")
+
+
+def _check_no_untagged(hd: HostileDriver, run: AttackRun, since: int) -> None:
+    with hd.traffic.lock:
+        n = hd.traffic.untagged - since
+        samples = list(hd.traffic.untagged_samples)
+    run.observed["untagged_frames_on_tap"] = n
+    run.check(n == 0, f"{n} frame(s) on the TAP that the driver never posted: {samples}")
+
+
+def attack_dma_map_no_access(hd: HostileDriver, run: AttackRun) -> None:
+    """DMA_MAP of a memfd with neither READ nor WRITE (flags 0): a transmit
+    and a receive buffer there, then pair 0's rings there and DRIVER_OK. The
+    region is refused (an error reply, or counted in dma_refused) and never
+    touched: buffers come back unused, nothing is sent or written, the rings
+    get DEVICE_NEEDS_RESET."""
+    base = hd.counters()
+    untagged = hd.traffic.untagged
+    region = _map_foreign(hd, run, "no_access", file_size=64 << 10, size=64 << 10, flags=0)
+    try:
+        _check_refused(hd, run, region, base, "no_access")
+        _tx_refused(hd, run, region, 0x8000, "no_access")
+        n, _ = _rx_one(hd, run, region, 0x9000, BUF_SIZE, "no_access")
+        run.check(n == 0, f"no_access: receive buffer used with length {n}")
+        _other_pairs_moving(hd, run, "no_access")
+        _check_no_untagged(hd, run, untagged)
+        _rings_refused(hd, run, region.iova, "no_access")
+        _check_foreign_unchanged(run, region, "no_access")
+    finally:
+        _unmap_foreign(hd, region)
+    run.expect(f"{TX}.errors.desc_addr", at_least=1)
+    run.expect(f"{RX}.errors.desc_addr", at_least=1)
+
+
+def attack_dma_map_write_only(hd: HostileDriver, run: AttackRun) -> None:
+    """DMA_MAP WRITE-only (the device may write the region, not read it): a
+    frame there is never read (not sent), pair 0's rings there are refused at
+    DRIVER_OK (DEVICE_NEEDS_RESET); a receive buffer there is either refused
+    or gets the frame, in the region."""
+    untagged = hd.traffic.untagged
+    region = _map_foreign(
+        hd, run, "write_only", file_size=64 << 10, size=64 << 10, flags=vu.DMA_WRITE
+    )
+    try:
+        _tx_refused(hd, run, region, 0x8000, "write_only")
+        n, _ = _rx_one(hd, run, region, 0x9000, BUF_SIZE, "write_only")
+        run.observed["write_only_rx_len"] = n
+        allowed: list[tuple[int, int]] = []
+        if n:
+            data = region.mem.read(region.iova + 0x9000, min(n, BUF_SIZE))
+            run.check(
+                _ours(data),
+                f"write_only: receive buffer used with length {n} but the frame is not in it",
+            )
+            allowed.append((region.iova + 0x9000, BUF_SIZE))
+        _other_pairs_moving(hd, run, "write_only")
+        _check_no_untagged(hd, run, untagged)
+        _rings_refused(hd, run, region.iova, "write_only")
+        _check_foreign_unchanged(run, region, "write_only", allowed)
+    finally:
+        _unmap_foreign(hd, region)
+    run.expect(f"{TX}.errors.desc_addr", at_least=1)
+
+
+def attack_dma_map_beyond_file(hd: HostileDriver, run: AttackRun) -> None:
+    """DMA_MAP of 1 GiB over a 4 KiB memfd: refused (error reply or
+    dma_refused); buffers and pair 0's rings past the end of the file are
+    never touched (no SIGBUS), a frame inside the file is sent exactly or not
+    at all."""
+    base = hd.counters()
+    untagged = hd.traffic.untagged
+    region = _map_foreign(hd, run, "beyond_file", file_size=4096, size=1 << 30)
+    try:
+        _check_refused(hd, run, region, base, "beyond_file")
+        _tx_refused(hd, run, region, 1 << 20, "beyond_file")
+        _tx_exact_or_dropped(hd, run, region, 0x100, "beyond_file_in_file")
+        n, _ = _rx_one(hd, run, region, 2 << 20, BUF_SIZE, "beyond_file")
+        run.check(n == 0, f"beyond_file: receive buffer past the file used with length {n}")
+        run.check(hd.alive(), "beyond_file: the device stopped answering")
+        _other_pairs_moving(hd, run, "beyond_file")
+        _check_no_untagged(hd, run, untagged)
+        _rings_refused(hd, run, region.iova + (64 << 20), "beyond_file")
+        _check_foreign_unchanged(run, region, "beyond_file")
+    finally:
+        _unmap_foreign(hd, region)
+    run.expect(f"{TX}.errors.desc_addr", at_least=1)
+    run.expect(f"{RX}.errors.desc_addr", at_least=1)
+
+
+def attack_dma_file_truncated(hd: HostileDriver, run: AttackRun) -> None:
+    """A 1 MiB memfd, DMA-mapped (legitimately) with pair 0's rings, a posted
+    receive buffer and a queued transmit frame in its upper half; the client
+    then ftruncates it to 4 KiB, rings the doorbells and frames for pair 0
+    arrive. The daemon must not die (SIGBUS): the pair may break
+    (DEVICE_NEEDS_RESET), the other pairs keep moving frames, the device keeps
+    answering."""
+    mb = 1 << 20
+    region = _map_foreign(hd, run, "truncated", file_size=mb, size=mb)
+    try:
+        run.check(region.accepted, "truncated: a valid DMA_MAP was refused")
+        if not region.accepted:
+            return
+        rings = region.iova + (mb // 2)
+        hd.ring_overrides = _foreign_rings(rings)
+        try:
+            err = hd.reinit()
+        finally:
+            hd.ring_overrides = {}
+        if not run.check(err is None, f"truncated: bring-up with rings in the region: {err}"):
+            run.broken = True
+            return
+        m = region.mem
+        rx_desc, rx_avail = rings, rings + 0x800
+        tx_desc, tx_avail = rings + 0x1800, rings + 0x2000
+        rx_buf, tx_buf = region.iova + (mb * 3 // 4), region.iova + (mb * 7 // 8)
+        m.write(rx_desc, struct.pack("<QIHH", rx_buf, BUF_SIZE, VRING_DESC_F_WRITE, 0))
+        m.write_u16(rx_avail + 4, 0)
+        m.write_u16(rx_avail + 2, 1)
+        frame = _frame_at(m, tx_buf, hd.tag("xtruncated-tx"), hd.mac)
+        m.write(tx_desc, struct.pack("<QIHH", tx_buf, len(frame), 0, 0))
+        m.write_u16(tx_avail + 4, 0)
+        m.write_u16(tx_avail + 2, 1)
+        os.ftruncate(m.fd, 4096)  # the rings and buffers are gone from the file
+        run.observed["truncated_to"] = 4096
+        q_rx, q_tx = hd.d.pairs[ATTACKED].rx, hd.d.pairs[ATTACKED].tx
+        q_rx.kick(force=True)
+        q_tx.kick(force=True)
+        for _ in range(5):
+            hd.host_send(hd.host_frame(ATTACKED, hd.tag("to-truncated")))
+        time.sleep(0.5)
+        run.check(hd.daemon_alive is None or hd.daemon_alive(), "truncated: the daemon died")
+        run.check(hd.alive(), "truncated: the device stopped answering")
+        status = hd.d.transport.status
+        run.observed["status"] = hex(status)
+        if status & STATUS_DEVICE_NEEDS_RESET:
+            run.broken = True  # an allowed reaction: the pair's memory is gone
+        run.reinit = True  # pair 0's rings are in the region: start over
+        _other_pairs_moving(hd, run, "truncated")
+        _check_foreign_unchanged(run, region, "truncated", upto=4096)
+    finally:
+        _unmap_foreign(hd, region)
+
+
+def attack_dma_map_unaligned_offset(hd: HostileDriver, run: AttackRun) -> None:
+    """DMA_MAP of 0x1000 bytes at file offset 0xff0 (not page aligned): a
+    transmit buffer there sends exactly the frame the driver wrote at that
+    file offset or nothing (never the daemon's own memory: no frame on the
+    TAP that the driver did not post), a receive buffer there either comes
+    back unused or holds the frame, in the file."""
+    untagged = hd.traffic.untagged
+    region = _map_foreign(hd, run, "unaligned", file_size=0x2000, size=0x1000, offset=0xFF0)
+    try:
+        for off in (0x0, 0x20, 0x400, 0xF00):
+            _tx_exact_or_dropped(hd, run, region, off, f"unaligned_{off:#x}")
+        # One frame that runs to the region's last byte.
+        tag = hd.tag("xunaligned-end-tx")
+        frame = bytes(NET_HDR_SIZE) + guest_frame(hd.mac, tag).ljust(0x200, b"\0")
+        end = region.iova + region.size - len(frame)
+        region.mem.write(end, frame)
+        region.shadow = bytes(region.mem.buf)
+        _tx_one(hd, run, end, len(frame), "unaligned_end")
+        time.sleep(0.3)
+        with hd.traffic.lock:
+            got = hd.traffic.frames.get(tag)
+        if got is not None:
+            run.check(
+                got[: len(frame) - NET_HDR_SIZE] == frame[NET_HDR_SIZE:],
+                f"unaligned_end: the frame on the TAP is not the one in the region: "
+                f"{got[:64].hex()}",
+            )
+        allowed: list[tuple[int, int]] = []
+        for off, length in ((0x10, 0x7F0), (0x800, 0x800)):
+            n, _ = _rx_one(hd, run, region, off, length, f"unaligned_rx_{off:#x}")
+            run.observed[f"unaligned_rx_{off:#x}_len"] = n
+            if n:
+                data = region.mem.read(region.iova + off, min(n, length))
+                run.check(
+                    _ours(data),
+                    f"unaligned: receive buffer at +{off:#x} used with length {n} but the "
+                    "frame is not in the region (written elsewhere)",
+                )
+                allowed.append((region.iova + off, length))
+        time.sleep(0.3)
+        _other_pairs_moving(hd, run, "unaligned")
+        _check_no_untagged(hd, run, untagged)
+        _check_foreign_unchanged(run, region, "unaligned", allowed)
+    finally:
+        _unmap_foreign(hd, region)
+
+
+def attack_dma_map_repeated(hd: HostileDriver, run: AttackRun) -> None:
+    """The same DMA_MAP (a fresh fd each time, as QEMU would send it) 1000
+    times, then 100 overlapping ones of other sizes and files: each is
+    answered (error or not), none keeps its fd or adds a region; after the
+    unmap the daemon holds exactly the descriptors it held before."""
+    pid = hd.daemon_pid
+    if not run.check(pid is not None, "dma_map_repeated needs the daemon's pid"):
+        return
+    assert pid is not None
+    fds0 = daemon_fds(pid)
+    base = hd.counters()
+    size = 64 << 10
+    region = _map_foreign(hd, run, "repeated", file_size=size, size=size)
+    fds1 = daemon_fds(pid)
+    replies = {"ok": 0, "error": 0}
+    try:
+        run.check(region.accepted, "repeated: the first (valid) DMA_MAP was refused")
+        others = [os.memfd_create("hostile-overlap", os.MFD_CLOEXEC) for _ in range(2)]
+        try:
+            for fd in others:
+                os.ftruncate(fd, 2 * size)
+            for i in range(DMA_REPEATS + 100):
+                if i < DMA_REPEATS - 1:
+                    fd, length, off = region.mem.fd, size, 0
+                else:
+                    fd, length, off = others[i % 2], (1 + i % 2) * size // 2, 4096 * (i % 3)
+                dup = os.dup(fd)  # another descriptor of the file, like a new message
+                try:
+                    reply = hd.c.request(
+                        vu.Command.DMA_MAP,
+                        vu.pack_dma_map(region.iova, length, off, vu.DMA_RW),
+                        [dup],
+                        check=False,
+                    )
+                finally:
+                    os.close(dup)
+                assert reply is not None
+                reply.close_fds()
+                replies["error" if reply.header.error else "ok"] += 1
+        finally:
+            for fd in others:
+                os.close(fd)
+        fds2 = daemon_fds(pid)
+        run.check(hd.alive(), "repeated: the device stopped answering")
+    finally:
+        _unmap_foreign(hd, region)
+    deadline = time.monotonic() + 3
+    while daemon_fds(pid) != fds0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    fds3 = daemon_fds(pid)
+    after = hd.counters()
+    maps = (counter_value(after, "device.dma_maps") or 0) - (
+        counter_value(base, "device.dma_maps") or 0
+    )
+    unmaps = (counter_value(after, "device.dma_unmaps") or 0) - (
+        counter_value(base, "device.dma_unmaps") or 0
+    )
+    run.observed["repeat_replies"] = replies
+    run.observed["daemon_fds"] = {
+        "before": fds0, "mapped": fds1, "after_repeats": fds2, "after_unmap": fds3
+    }  # fmt: skip
+    run.observed["dma_maps"] = maps
+    run.observed["dma_unmaps"] = unmaps
+    run.check(
+        fds2 is not None and fds1 is not None and fds2 <= fds1,
+        f"repeated DMA_MAPs left descriptors in the daemon: {fds1} -> {fds2}",
+    )
+    run.check(fds3 == fds0, f"daemon descriptors {fds0} before, {fds3} after the unmap")
+    run.check(maps == unmaps, f"{maps} regions registered, {unmaps} unregistered")
+
+
+def attack_set_irqs_overflow(hd: HostileDriver, run: AttackRun) -> None:
+    """SET_IRQS the server must refuse: start + count wrapping 32 bits, a
+    huge count (with eventfds and with booleans), an index past the device's,
+    more and fewer eventfds than the count says, a count of 0 with fds. Each
+    gets an error reply, keeps none of its fds, and the current vectors
+    still fire."""
+    c = hd.c
+    pid = hd.daemon_pid
+    fds0 = None if pid is None else daemon_fds(pid)
+    msix = vu.VFIO_PCI_MSIX_IRQ_INDEX
+    trig = vu.VFIO_IRQ_SET_ACTION_TRIGGER
+    ev, none, boolean = (
+        vu.VFIO_IRQ_SET_DATA_EVENTFD,
+        vu.VFIO_IRQ_SET_DATA_NONE,
+        vu.VFIO_IRQ_SET_DATA_BOOL,
+    )
+    cases: list[tuple[str, int, int, int, int, bytes, int]] = [
+        # name, index, start, count, flags, data, eventfds sent
+        ("wrap", msix, 0xFFFFFFF0, 0x20, trig | ev, b"", 0),
+        ("wrap_with_fds", msix, 0xFFFFFFFF, 2, trig | ev, b"", 2),
+        ("wrap_none", msix, 0xFFFFFFFF, 2, trig | none, b"", 0),
+        ("wrap_bool", msix, 0xFFFFFFFE, 4, trig | boolean, b"\x01" * 4, 0),
+        ("huge_count", msix, 0, 0xFFFFFFFF, trig | ev, b"", 1),
+        ("huge_count_bool", msix, 1, 0x10000000, trig | boolean, b"\x01" * 16, 0),
+        ("huge_start", msix, 0x7FFFFFFF, 1, trig | ev, b"", 1),
+        ("index_out_of_range", 0xFFFFFFFF, 0, 1, trig | ev, b"", 1),
+        ("index_past_device", 9, 0, 1, trig | none, b"", 0),
+        ("more_fds_than_count", msix, 1, 1, trig | ev, b"", 3),
+        ("fewer_fds_than_count", msix, 1, 4, trig | ev, b"", 2),
+        ("fds_with_count_0", msix, 0, 0, trig | ev, b"", 2),
+        ("fds_with_data_none", msix, 1, 1, trig | none, b"", 1),
+    ]
+    accepted: list[str] = []
+    for name, index, start, count, flags, data, nfds in cases:
+        fds = [vu.new_eventfd() for _ in range(nfds)]
+        try:
+            reply = c.request(
+                vu.Command.DEVICE_SET_IRQS,
+                vu.pack_set_irqs(index, start, count, flags, data),
+                fds,
+                check=False,
+            )
+            assert reply is not None
+            reply.close_fds()
+            if not reply.header.error:
+                accepted.append(name)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    run.observed["accepted"] = accepted
+    run.check(not accepted, f"malformed SET_IRQS accepted: {accepted}")
+    run.check(hd.alive(), "the device stopped answering")
+    if pid is not None:
+        time.sleep(0.2)
+        fds1 = daemon_fds(pid)
+        run.observed["daemon_fds"] = {"before": fds0, "after": fds1}
+        run.check(fds1 == fds0, f"the daemon kept descriptors: {fds0} -> {fds1}")
+    # The vectors in place still fire.
+    t = hd.d.transport
+    healthy = [1 + 2 * p for p in HEALTHY]
+    for v in healthy:
+        t.irq_count(v)
+    deadline = time.monotonic() + 3
+    fired: set[int] = set()
+    while time.monotonic() < deadline and not fired:
+        fired = {v for v in healthy if t.irq_count(v)}
+        time.sleep(0.05)
+    run.observed["vectors_firing_after"] = sorted(fired)
+    run.check(bool(fired), "no interrupt on the healthy pairs' vectors afterwards")
+    run.unchanged("device.needs_reset")
+
+
+def _region_sizes(hd: HostileDriver) -> dict[int, int]:
+    out = {}
+    for idx in (vu.VFU_PCI_DEV_BAR0_REGION_IDX, vu.VFU_PCI_DEV_CFG_REGION_IDX):
+        info = hd.c.region_info(idx)
+        info.close_fds()
+        out[idx] = info.size
+    return out
+
+
+def attack_region_access_out_of_range(hd: HostileDriver, run: AttackRun) -> None:
+    """REGION_READ and REGION_WRITE at odd offsets and sizes: across and past
+    a region's end, offset + count wrapping 64 bits, a count far larger than
+    the data (or than a message), a missing region; and 0 bytes. Each is
+    refused with an error reply (0 bytes: an error or an empty success),
+    the device's identity and state are unchanged, it keeps answering."""
+    c = hd.c
+    sizes = _region_sizes(hd)
+    bar0 = vu.VFU_PCI_DEV_BAR0_REGION_IDX
+    ident = c.config_read(0, 8)
+    status = hd.d.transport.status
+    bad: list[tuple[str, int, int, int, bytes]] = []  # name, region, offset, count, data
+    for reg, size in sizes.items():
+        r = "bar0" if reg == bar0 else "cfg"
+        bad += [
+            (f"{r}_across_end", reg, size - 2, 4, b"\xaa" * 4),
+            (f"{r}_past_end", reg, size, 4, b"\xaa" * 4),
+            (f"{r}_far_past_end", reg, 1 << 40, 4, b"\xaa" * 4),
+            (f"{r}_wrap", reg, 2**64 - 2, 4, b"\xaa" * 4),
+            (f"{r}_wrap_far", reg, 2**64 - 1, 0xFFFFFFFF, b"\xaa" * 4),
+            (f"{r}_huge_count", reg, 0, 0xFFFFFFFF, b"\xaa" * 8),
+            (f"{r}_count_over_region", reg, 0, size + 8, b"\xaa" * 8),
+        ]
+    bad += [
+        ("missing_region", 42, 0, 4, b"\xaa" * 4),
+        ("region_index_huge", 0xFFFFFFFF, 0, 4, b"\xaa" * 4),
+        ("migration_region", vu.VFU_PCI_DEV_MIGR_REGION_IDX, 0, 4, b"\xaa" * 4),
+    ]
+    # Write-only: a write whose count says more than the data it carries.
+    short = [(f"{'bar0' if reg == bar0 else 'cfg'}_count_over_data", reg) for reg in sizes]
+    accepted: list[str] = []
+    for name, reg in short:
+        reply = c.request(
+            vu.Command.REGION_WRITE, vu.REGION_ACCESS.pack(0, reg, 64) + b"\xaa" * 4, check=False
+        )
+        assert reply is not None
+        reply.close_fds()
+        if not reply.header.error:
+            accepted.append(f"REGION_WRITE {name}")
+    for name, reg, off, count, data in bad:
+        for cmd in (vu.Command.REGION_READ, vu.Command.REGION_WRITE):
+            payload = vu.REGION_ACCESS.pack(off, reg, count)
+            if cmd == vu.Command.REGION_WRITE:
+                payload += data
+            reply = c.request(cmd, payload, check=False)
+            assert reply is not None
+            reply.close_fds()
+            if not reply.header.error:
+                accepted.append(f"{cmd.name} {name}")
+    zero: dict[str, str] = {}
+    for reg in sizes:
+        for cmd in (vu.Command.REGION_READ, vu.Command.REGION_WRITE):
+            reply = c.request(cmd, vu.REGION_ACCESS.pack(0, reg, 0), check=False)
+            assert reply is not None
+            reply.close_fds()
+            ok = not reply.header.error
+            if ok and cmd == vu.Command.REGION_READ:
+                run.check(
+                    len(reply.payload) <= vu.REGION_ACCESS.size,
+                    f"{cmd.name} of 0 bytes returned {len(reply.payload)} bytes",
+                )
+            zero[f"{cmd.name} region {reg}"] = "ok" if ok else f"errno {reply.header.error_no}"
+    run.observed["refused"] = 2 * len(bad) + len(short) - len(accepted)
+    run.observed["accepted"] = accepted
+    run.observed["zero_length"] = zero
+    run.check(not accepted, f"out-of-range accesses accepted: {accepted}")
+    run.check(hd.alive(), "the device stopped answering")
+    run.check(c.config_read(0, 8) == ident, "the PCI identity changed")
+    run.check(
+        hd.d.transport.status == status,
+        f"device status {status:#x} -> {hd.d.transport.status:#x}",
+    )
+    run.unchanged("device.needs_reset")
+
+
+def attack_region_info_small_argsz(hd: HostileDriver, run: AttackRun) -> None:
+    """DEVICE_GET_REGION_INFO with argsz smaller than struct vfio_region_info
+    (0, 8, 31), with a payload shorter than its argsz, and with argsz 4 GiB - 1:
+    refused with an error reply (the last: an error or a reply of sane size,
+    no fds kept); the device keeps answering."""
+    c = hd.c
+    pid = hd.daemon_pid
+    fds0 = None if pid is None else daemon_fds(pid)
+    refused: dict[str, str] = {}
+    accepted: list[str] = []
+    for idx in (vu.VFU_PCI_DEV_BAR0_REGION_IDX, vu.VFU_PCI_DEV_CFG_REGION_IDX):
+        cases = [
+            (f"argsz_{n}_region_{idx}", vu.pack_region_info_request(idx, n)) for n in (0, 8, 31)
+        ]
+        cases.append((f"short_payload_region_{idx}", vu.pack_region_info_request(idx)[:12]))
+        for name, payload in cases:
+            reply = c.request(vu.Command.DEVICE_GET_REGION_INFO, payload, check=False)
+            assert reply is not None
+            reply.close_fds()
+            if reply.header.error:
+                refused[name] = errno_mod.errorcode.get(reply.header.error_no, "?")
+            else:
+                accepted.append(name)
+        reply = c.request(
+            vu.Command.DEVICE_GET_REGION_INFO,
+            vu.pack_region_info_request(idx, 0xFFFFFFFF),
+            check=False,
+        )
+        assert reply is not None
+        reply.close_fds()
+        run.check(
+            len(reply.payload) <= 64 << 10,
+            f"region {idx}: argsz 4 GiB - 1 answered with {len(reply.payload)} bytes",
+        )
+    run.observed["refused"] = refused
+    run.observed["accepted"] = accepted
+    run.check(not accepted, f"GET_REGION_INFO with a short argsz accepted: {accepted}")
+    run.check(hd.alive(), "the device stopped answering")
+    info = c.region_info(vu.VFU_PCI_DEV_CFG_REGION_IDX)
+    info.close_fds()
+    run.check(info.size >= 256, f"config space region now {info.size} bytes")
+    if pid is not None:
+        fds1 = daemon_fds(pid)
+        run.check(fds1 == fds0, f"the daemon kept descriptors: {fds0} -> {fds1}")
+    run.unchanged("device.needs_reset")
+
+
+def attack_ctrl_queue_busy(hd: HostileDriver, run: AttackRun) -> None:
+    """The guest keeps the control queue busy for seconds: 16 commands
+    (VQ_PAIRS_SET to the same pairs, RX_PROMISC off) re-posted the moment the
+    device acks each one, with a doorbell each time. Meanwhile every other
+    vfio-user message is answered within MSG_REPLY_BOUND, the other pairs
+    keep moving frames, and the device leaves the control queue after its
+    budget (ctrl_budget_exhausted) and comes back to it (commands keep being
+    acked)."""
+    q = hd.d.ctrl
+    assert q is not None
+    cmds = [
+        (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", PAIRS)),
+        (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\x00"),
+    ]
+    slots: list[tuple[int, int]] = []  # (head, ack address)
+    for i in range(min(16, q.size // 3)):
+        cls, cmd, data = cmds[i % len(cmds)]
+        blk = hd.zone_c.alloc(64)
+        hd.mem.write(blk, bytes([cls, cmd]) + data)
+        ack = blk + 48
+        hd.mem.write_u8(ack, 0xFF)
+        head = q.add_buf(
+            [(blk, 2, False), (blk + 2, len(data), False), (ack, 1, True)],
+            ("busy", i),
+            indirect=False,
+            publish=False,
+        )
+        slots.append((head, ack))
+    run.reinit = True  # the control queue's bookkeeping is the attack's
+    stop = threading.Event()
+    acked = [0]
+    poster_error: list[str] = []
+
+    def poster() -> None:
+        idx = q.avail_idx
+        hd.mem.write_u16(q.avail_idx_addr, idx)
+        q.kick(force=True)
+        try:
+            while not stop.is_set():
+                n = 0
+                for head, ack in slots:
+                    if hd.mem.read_u8(ack) != 0xFF:
+                        hd.mem.write_u8(ack, 0xFF)
+                        hd.mem.write_u16(q.avail_ring_addr(idx), head)
+                        idx = (idx + 1) & 0xFFFF
+                        n += 1
+                if n:
+                    hd.mem.write_u16(q.avail_idx_addr, idx)
+                    acked[0] += n
+                    # A vCPU does not wait for QEMU's socket: no doorbell
+                    # while another message holds it (the ring moved anyway).
+                    if hd.c.lock.acquire(blocking=False):
+                        try:
+                            q.kick(force=True)
+                        finally:
+                            hd.c.lock.release()
+        except Exception as e:  # the socket is stuck or gone: reported below
+            poster_error.append(f"{type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=poster, name="ctrl-busy", daemon=True)
+    latencies: list[float] = []
+    timeouts = 0
+    thread.start()
+    try:
+        end = time.monotonic() + CTRL_BUSY_SECONDS
+        i = 0
+        while time.monotonic() < end and thread.is_alive():
+            t0 = time.monotonic()
+            try:
+                if i % 2:
+                    hd.c.config_read(0, 4)
+                else:
+                    hd.c.device_info()
+            except vu.VfioUserTimeout:
+                timeouts += 1
+                break
+            latencies.append(time.monotonic() - t0)
+            i += 1
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        thread.join(10)
+    run.observed["commands_acked"] = acked[0]
+    run.observed["messages"] = len(latencies)
+    run.observed["max_reply_s"] = round(max(latencies, default=0.0), 3)
+    run.observed["median_reply_s"] = (
+        round(sorted(latencies)[len(latencies) // 2], 4) if latencies else None
+    )
+    run.check(not poster_error, f"the guest's doorbells: {poster_error}")
+    run.check(timeouts == 0, "a vfio-user message got no reply while the control queue was busy")
+    run.check(
+        bool(latencies) and max(latencies) <= MSG_REPLY_BOUND,
+        f"replies took up to {max(latencies, default=0.0):.3f} s (bound {MSG_REPLY_BOUND} s)",
+    )
+    run.check(acked[0] > 100, f"only {acked[0]} control commands acked in {CTRL_BUSY_SECONDS} s")
+    # Every command posted is eventually acked: the device went back to the queue.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(hd.mem.read_u8(a) == 0xFF for _, a in slots):
+        time.sleep(0.01)
+    left = sum(1 for _, a in slots if hd.mem.read_u8(a) == 0xFF)
+    run.check(left == 0, f"{left} control commands never acked after the guest stopped")
+    run.expect(CTRL_BUDGET, at_least=1)
+    run.expect("device.ctrl_ok", at_least=100)
+    run.unchanged("device.needs_reset")
+
+
+def _set_mtu(sock: socket.socket, mtu: int) -> int:
+    """Set the MTU of the interface ``sock`` (AF_PACKET) is bound to, in its
+    namespace; returns the old one."""
+    import fcntl
+
+    ifname = sock.getsockname()[0]
+    siocgifmtu, siocsifmtu = 0x8921, 0x8922
+    req = struct.pack("16si20x", ifname.encode(), 0)
+    old = struct.unpack_from("16si", fcntl.ioctl(sock.fileno(), siocgifmtu, req))[1]
+    fcntl.ioctl(sock.fileno(), siocsifmtu, struct.pack("16si20x", ifname.encode(), mtu))
+    return int(old)
+
+
+def _flood(hd: HostileDriver, n: int, sports: Sequence[int]) -> None:
+    payload = b"VNT:xflood:" + bytes(FLOOD_PAYLOAD - 11)
+    frames = [
+        hd.mac + PEER_MAC + struct.pack("!H", ETH_P_IP)
+        + _ipv4_udp(FLOW_SRC, FLOW_DST, sport, FLOW_DPORT, payload)
+        for sport in sports
+    ]  # fmt: skip
+    for i in range(n):
+        with contextlib.suppress(OSError):
+            hd.host_send(frames[i % len(frames)])
+
+
+def _recv_recycling(hd: HostileDriver, run: AttackRun, tag: str, timeout: float) -> bool:
+    """Receive ``tag`` on pair 0, giving every used buffer back to the ring
+    (frames held from a flood come first)."""
+    rx = hd.d.pairs[ATTACKED].rx
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        e = hd.wait_used(rx, 0.2)
+        if e is None:
+            continue
+        if not isinstance(e.token, tuple):
+            continue
+        addr = int(e.token[1])
+        if e.len >= NET_HDR_SIZE and tag_of(hd.mem.read(addr, e.len)[NET_HDR_SIZE:]) == tag:
+            return True
+        rx.add_buf([(addr, BUF_SIZE, True)], e.token, indirect=False)
+        rx.kick(force=True)
+    return run.check(False, f"pair {ATTACKED} did not receive {tag!r}")
+
+
+def attack_steering_to_unconfigured_pairs(hd: HostileDriver, run: AttackRun) -> None:
+    """MQ negotiated, only pair 0 set up (with TSO: 64 KiB frames), then
+    VQ_PAIRS_SET 4 and a flood of 64 KiB frames from the TAP, then an RSS
+    table naming only pairs 1-3 and another flood. The device refuses the
+    commands (VIRTIO_NET_ERR) or drops the frames for the pairs without
+    rings (drops.pair_not_ready); the daemon's heap stays within
+    STEER_RSS_BOUND_KIB; after VQ_PAIRS_SET 1, pair 0 receives."""
+    pid = hd.daemon_pid
+    if not run.check(pid is not None, "steering_to_unconfigured_pairs needs the daemon's pid"):
+        return
+    assert pid is not None
+    tso = FEATURES | bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4)
+    err = hd.reinit(pairs=1, features=tso)
+    if not run.check(err is None, f"bring-up with pair 0 only: {err}"):
+        return
+    run.observed["tso"] = hd.d.has(VIRTIO_NET_F_GUEST_TSO4)
+    hd.pair0_buffers(QUEUE_SIZE)
+    base = hd.counters()
+    old_mtu = _set_mtu(hd.packet_sock, TAP_FLOOD_MTU)
+    rss: list[int | None] = [daemon_rss_anon_kib(pid)]
+    acks: list[int] = []
+    try:
+        acks.append(hd.d.set_queue_pairs(PAIRS))
+        _flood(hd, FLOOD_FRAMES, [hd.sports[p] for p in range(PAIRS)] + list(range(30000, 30013)))
+        time.sleep(0.5)
+        rss.append(daemon_rss_anon_kib(pid))
+        acks.append(
+            hd.d.ctrl_command(
+                VIRTIO_NET_CTRL_MQ,
+                VIRTIO_NET_CTRL_MQ_RSS_CONFIG,
+                rss_config((1, 2, 3, 1), unclassified=1),
+            )
+        )
+        _flood(hd, FLOOD_FRAMES, [hd.sports[p] for p in range(PAIRS)])
+        time.sleep(0.5)
+        rss.append(daemon_rss_anon_kib(pid))
+    finally:
+        _set_mtu(hd.packet_sock, old_mtu)
+    run.observed["acks"] = acks
+    run.observed["daemon_rss_anon_kib"] = rss
+    run.check(hd.daemon_alive is None or hd.daemon_alive(), "the daemon died")
+    if None not in rss:
+        grown = max(int(r or 0) for r in rss[1:]) - int(rss[0] or 0)
+        run.observed["rss_anon_growth_kib"] = grown
+        run.check(
+            grown <= STEER_RSS_BOUND_KIB,
+            f"the daemon's heap grew {grown} KiB under the flood (bound {STEER_RSS_BOUND_KIB})",
+        )
+    after = hd.counters()
+    b, a = counter_value(base, PAIR_NOT_READY), counter_value(after, PAIR_NOT_READY)
+    not_ready = None if a is None or b is None else a - b
+    run.observed["pair_not_ready_drops"] = not_ready
+    if VIRTIO_NET_OK in acks:
+        run.check(
+            not_ready is not None and not_ready >= 1,
+            f"frames steered to pairs without rings not counted ({PAIR_NOT_READY}: {not_ready})",
+        )
+    # Back to one pair: pair 0 receives.
+    ack = hd.d.set_queue_pairs(1)
+    run.observed["back_to_one_pair"] = ack
+    run.check(ack == VIRTIO_NET_OK, f"VQ_PAIRS_SET 1 answered {ack}")
+    tag = hd.tag("p0back")
+    hd.host_send(hd.host_frame(ATTACKED, tag))
+    _recv_recycling(hd, run, tag, timeout=10)
+    run.unchanged("device.needs_reset")
+
+
+# The attacks of issue #11 (a hostile client, a hostile guest): scope and
+# expected reaction. Before the fixes several of them take the daemon down.
+SECURITY_ENTRIES: list[tuple[Callable[[HostileDriver, AttackRun], None], str, str]] = [
+    (
+        attack_dma_map_no_access,
+        "device",
+        "refused (error reply or dma_refused); buffers unused, rings DEVICE_NEEDS_RESET",
+    ),
+    (
+        attack_dma_map_write_only,
+        "device",
+        "never read: frame not sent, rings DEVICE_NEEDS_RESET; rx refused or in the region",
+    ),
+    (
+        attack_dma_map_beyond_file,
+        "device",
+        "refused (error reply or dma_refused); no SIGBUS, rings DEVICE_NEEDS_RESET",
+    ),
+    (
+        attack_dma_file_truncated,
+        "queue",
+        "no SIGBUS: the daemon lives, the pair may break, the other pairs go on",
+    ),
+    (
+        attack_dma_map_unaligned_offset,
+        "queue",
+        "exactly the frame in the file or nothing; rx in the file or unused",
+    ),
+    (attack_dma_map_repeated, "queue", "answered, no fd kept, no region added"),
+    (attack_set_irqs_overflow, "queue", "error replies, no fd kept, vectors still fire"),
+    (attack_region_access_out_of_range, "queue", "error replies, nothing changed"),
+    (attack_region_info_small_argsz, "queue", "error replies, nothing changed"),
+    (
+        attack_ctrl_queue_busy,
+        "queue",
+        f"messages answered within {MSG_REPLY_BOUND} s, ctrl_budget_exhausted, others go on",
+    ),
+    (
+        attack_steering_to_unconfigured_pairs,
+        "device",
+        "VIRTIO_NET_ERR or drops.pair_not_ready; heap bounded; pair 0 receives after",
+    ),
+]
+SECURITY_ATTACKS: tuple[str, ...] = tuple(
+    fn.__name__.removeprefix("attack_") for fn, _, _ in SECURITY_ENTRIES
+)
+
+
 def _catalogue() -> dict[str, Attack]:
     entries = [
         (
@@ -2030,6 +3048,7 @@ def _catalogue() -> dict[str, Attack]:
             "no interrupt to a replaced eventfd, irq_errors while disabled",
         ),
         (attack_message_flood, "queue", "keeps serving, bounded memory, doorbells_invalid"),
+        *SECURITY_ENTRIES,
     ]
     out = {}
     for fn, scope, reaction in entries:
