@@ -1023,6 +1023,12 @@ class HostileDriver:
                 return None
             time.sleep(0.001)
 
+    def wait_used_idx_change(self, q: SplitQueue, timeout: float) -> None:
+        """Until the device used more of ``q`` than the driver took (or timeout)."""
+        deadline = time.monotonic() + timeout
+        while not q.has_used() and time.monotonic() < deadline:
+            time.sleep(0.001)
+
     def expect_returned_empty(self, run: AttackRun, q: SplitQueue, heads: Sequence[int]) -> None:
         """Every chain in ``heads`` comes back unused (length 0)."""
         left = set(heads)
@@ -2154,10 +2160,24 @@ def _foreign_rings(base: int) -> dict[tuple[int, str], int]:
     }
 
 
-def _rings_refused(hd: HostileDriver, run: AttackRun, base: int, what: str) -> None:
-    """Pair 0's rings in a region the device must not use, then DRIVER_OK:
-    DEVICE_NEEDS_RESET (rings outside usable guest memory), no crash. Last
-    step of an attack (the tool resets the device afterwards)."""
+RINGS_SPAN = 0x3000
+
+
+def _zero_rings(region: ForeignRegion, base: int) -> None:
+    """Zeroed ring memory (where the file has it): rings a device would take
+    as freshly set up."""
+    if region.mem.contains(base, RINGS_SPAN):
+        region.mem.write(base, bytes(RINGS_SPAN))
+        region.shadow = bytes(region.mem.buf)
+
+
+def _rings_refused(
+    hd: HostileDriver, run: AttackRun, region: ForeignRegion, base: int, what: str
+) -> None:
+    """Pair 0's rings (zeroed) in a region the device must not use, then
+    DRIVER_OK: DEVICE_NEEDS_RESET (rings outside usable guest memory), no
+    crash. Last step of an attack (the tool resets the device afterwards)."""
+    _zero_rings(region, base)
     hd.ring_overrides = _foreign_rings(base)
     try:
         err = hd.reinit()
@@ -2280,7 +2300,7 @@ def attack_dma_map_no_access(hd: HostileDriver, run: AttackRun) -> None:
         run.check(n == 0, f"no_access: receive buffer used with length {n}")
         _other_pairs_moving(hd, run, "no_access")
         _check_no_untagged(hd, run, untagged)
-        _rings_refused(hd, run, region.iova, "no_access")
+        _rings_refused(hd, run, region, region.iova, "no_access")
         _check_foreign_unchanged(run, region, "no_access")
     finally:
         _unmap_foreign(hd, region)
@@ -2311,7 +2331,7 @@ def attack_dma_map_write_only(hd: HostileDriver, run: AttackRun) -> None:
             allowed.append((region.iova + 0x9000, BUF_SIZE))
         _other_pairs_moving(hd, run, "write_only")
         _check_no_untagged(hd, run, untagged)
-        _rings_refused(hd, run, region.iova, "write_only")
+        _rings_refused(hd, run, region, region.iova, "write_only")
         _check_foreign_unchanged(run, region, "write_only", allowed)
     finally:
         _unmap_foreign(hd, region)
@@ -2335,7 +2355,7 @@ def attack_dma_map_beyond_file(hd: HostileDriver, run: AttackRun) -> None:
         run.check(hd.alive(), "beyond_file: the device stopped answering")
         _other_pairs_moving(hd, run, "beyond_file")
         _check_no_untagged(hd, run, untagged)
-        _rings_refused(hd, run, region.iova + (64 << 20), "beyond_file")
+        _rings_refused(hd, run, region, region.iova + (64 << 20), "beyond_file")
         _check_foreign_unchanged(run, region, "beyond_file")
     finally:
         _unmap_foreign(hd, region)
@@ -2357,6 +2377,7 @@ def attack_dma_file_truncated(hd: HostileDriver, run: AttackRun) -> None:
         if not region.accepted:
             return
         rings = region.iova + (mb // 2)
+        _zero_rings(region, rings)
         hd.ring_overrides = _foreign_rings(rings)
         try:
             err = hd.reinit()
@@ -2755,6 +2776,7 @@ def attack_ctrl_queue_busy(hd: HostileDriver, run: AttackRun) -> None:
         idx = q.avail_idx
         hd.mem.write_u16(q.avail_idx_addr, idx)
         q.kick(force=True)
+        kick_due = False
         try:
             while not stop.is_set():
                 n = 0
@@ -2767,13 +2789,16 @@ def attack_ctrl_queue_busy(hd: HostileDriver, run: AttackRun) -> None:
                 if n:
                     hd.mem.write_u16(q.avail_idx_addr, idx)
                     acked[0] += n
-                    # A vCPU does not wait for QEMU's socket: no doorbell
-                    # while another message holds it (the ring moved anyway).
-                    if hd.c.lock.acquire(blocking=False):
-                        try:
-                            q.kick(force=True)
-                        finally:
-                            hd.c.lock.release()
+                    kick_due = True
+                # A vCPU does not wait for QEMU's socket: the doorbell goes
+                # when no other message holds it (the ring moved anyway).
+                if kick_due and hd.c.lock.acquire(blocking=False):
+                    try:
+                        q.kick(force=True)
+                        kick_due = False
+                    finally:
+                        hd.c.lock.release()
+            q.kick(force=True)  # the last commands posted
         except Exception as e:  # the socket is stuck or gone: reported below
             poster_error.append(f"{type(e).__name__}: {e}")
 
@@ -2849,23 +2874,35 @@ def _flood(hd: HostileDriver, n: int, sports: Sequence[int]) -> None:
             hd.host_send(frames[i % len(frames)])
 
 
-def _recv_recycling(hd: HostileDriver, run: AttackRun, tag: str, timeout: float) -> bool:
-    """Receive ``tag`` on pair 0, giving every used buffer back to the ring
-    (frames held from a flood come first)."""
+def _recv_recycling(hd: HostileDriver, run: AttackRun, timeout: float) -> bool:
+    """Pair 0 receives a frame sent now: every used buffer goes back to the
+    ring in batches (the frames held from a flood, in the device and in the
+    TAP's queues, come first), and a new frame is sent every 0.5 s (the TAP
+    drops what its full queues cannot take)."""
     rx = hd.d.pairs[ATTACKED].rx
     deadline = time.monotonic() + timeout
+    tags: set[str] = set()
+    next_send = 0.0
     while time.monotonic() < deadline:
-        e = hd.wait_used(rx, 0.2)
-        if e is None:
+        if time.monotonic() >= next_send:
+            tag = hd.tag("p0back")
+            tags.add(tag)
+            hd.host_send(hd.host_frame(ATTACKED, tag))
+            next_send = time.monotonic() + 0.5
+        used = rx.poll_used()
+        if not used:
+            hd.wait_used_idx_change(rx, 0.1)
             continue
-        if not isinstance(e.token, tuple):
-            continue
-        addr = int(e.token[1])
-        if e.len >= NET_HDR_SIZE and tag_of(hd.mem.read(addr, e.len)[NET_HDR_SIZE:]) == tag:
-            return True
-        rx.add_buf([(addr, BUF_SIZE, True)], e.token, indirect=False)
-        rx.kick(force=True)
-    return run.check(False, f"pair {ATTACKED} did not receive {tag!r}")
+        for e in used:
+            if not isinstance(e.token, tuple):
+                continue
+            addr = int(e.token[1])
+            if e.len >= NET_HDR_SIZE and tag_of(hd.mem.read(addr, e.len)[NET_HDR_SIZE:]) in tags:
+                run.observed["frames_sent_until_received"] = len(tags)
+                return True
+            rx.add_buf([(addr, BUF_SIZE, True)], e.token, indirect=False, publish=False)
+        hd.publish_kick(rx)
+    return run.check(False, f"pair {ATTACKED} received none of {len(tags)} frames in {timeout} s")
 
 
 def attack_steering_to_unconfigured_pairs(hd: HostileDriver, run: AttackRun) -> None:
@@ -2929,9 +2966,7 @@ def attack_steering_to_unconfigured_pairs(hd: HostileDriver, run: AttackRun) -> 
     ack = hd.d.set_queue_pairs(1)
     run.observed["back_to_one_pair"] = ack
     run.check(ack == VIRTIO_NET_OK, f"VQ_PAIRS_SET 1 answered {ack}")
-    tag = hd.tag("p0back")
-    hd.host_send(hd.host_frame(ATTACKED, tag))
-    _recv_recycling(hd, run, tag, timeout=10)
+    _recv_recycling(hd, run, timeout=30)
     run.unchanged("device.needs_reset")
 
 
