@@ -338,5 +338,5 @@ def test_hostile_client_beside_two_vms(
         assert stop_s <= SIGTERM_BOUND, f"the daemon took {stop_s:.2f} s to stop on SIGTERM"
         assert code == 0, daemon.log()[-3000:]
         assert "Traceback" not in daemon.log()
-        for p in [*(vm.socket for vm in vms), hostile_sock, admin]:
-            assert not p.exists(), p
+        for leftover in [*(vm.socket for vm in vms), hostile_sock, admin]:
+            assert not leftover.exists(), leftover
