@@ -80,6 +80,14 @@ static void log_hook(void *py, int level, const char *msg)
 /* The vendor capability's bytes (vn_dev_update_steer_cap). */
 static uint8_t steer_cap[32];
 
+/* What vn_dev_start finds when the driver set up every pair's receive ring
+ * (these tests have no rings; test_pairs_not_ready covers pairs without). */
+static void all_pairs_ready(struct vn_dev *dev)
+{
+    for (unsigned i = 0; i < dev->max_qps; i++)
+        atomic_store(&dev->qp[i].rx_ready, true);
+}
+
 static int setup_dev(void **state)
 {
     struct vn_dev *dev = vn_dev_new(MAX_QPS, MAC, 1500);
@@ -92,6 +100,7 @@ static int setup_dev(void **state)
     vn_dev_set_steer_cap(dev, steer_cap);
     dev->features = ALL_MQ;
     dev->active_qps = 1; /* what vn_dev_start sets */
+    all_pairs_ready(dev);
     *state = dev;
     return 0;
 }
@@ -478,6 +487,7 @@ static void test_drain_grace(void **state)
     dev->drain_grace_ns = 20ull * 1000 * 1000;
     dev->active_qps = 0;
     assert_int_equal(vn_dev_start(dev, ALL_MQ), 0);
+    all_pairs_ready(dev);
     uint8_t r[4];
     assert_int_equal(handle(dev, r, pairs_req(r, 2)), VN_CTRL_OK);
     assert_true(vn_dev_steering_hold(dev));
@@ -495,7 +505,10 @@ static void test_switch_on_started_device(void **state)
     dev->active_qps = 0;
     assert_int_equal(vn_dev_start(dev, ALL_MQ), 0);
     assert_int_equal(dev->active_qps, 1);
+    /* No ring set up: no pair to switch to. */
     uint8_t r[4];
+    EXPECT_ERR_UNCHANGED(dev, r, pairs_req(r, 2));
+    all_pairs_ready(dev);
     uint64_t switches = dev->st.steering_switches;
     assert_int_equal(handle(dev, r, pairs_req(r, 4)), VN_CTRL_OK);
     assert_int_equal(dev->active_qps, 4);
@@ -556,6 +569,45 @@ static void test_requested_policy(void **state)
     }
 }
 
+/* ---- pairs the driver did not set up ------------------------------------------ */
+
+/* Steering to a pair without receive ring (or a broken one) is refused:
+ * VQ_PAIRS_SET naming it, an RSS table, unclassified queue or max_tx_vq
+ * naming it. Commands within the ready pairs still work. */
+static void test_pairs_not_ready(void **state)
+{
+    struct vn_dev *dev = *state;
+    atomic_store(&dev->qp[2].rx_ready, false);
+    uint8_t r[512];
+    EXPECT_ERR_UNCHANGED(dev, r, pairs_req(r, 3));
+    EXPECT_ERR_UNCHANGED(dev, r, pairs_req(r, 4));
+    struct snap before = snap_of(dev);
+    assert_int_equal(handle(dev, r, pairs_req(r, 2)), VN_CTRL_OK);
+    assert_int_equal(dev->active_qps, 2);
+    assert_switched(dev, &before);
+    /* TABLE names pair 2. */
+    EXPECT_ERR_UNCHANGED(dev, r, rss_req(r, VN_HASH_TYPES_SUPPORTED, 8, TABLE, 0, 4, 40, 0));
+    EXPECT_ERR_UNCHANGED(dev, r, rss_req(r, VN_HASH_TYPES_SUPPORTED, 8, TABLE, 0, 2, 40, 0));
+    static const uint16_t t01[4] = { 0, 1, 0, 1 };
+    static const uint16_t t03[4] = { 0, 3, 0, 3 };
+    /* The unclassified queue, max_tx_vq. */
+    EXPECT_ERR_UNCHANGED(dev, r, rss_req(r, VN_HASH_TYPES_SUPPORTED, 4, t01, 2, 2, 40, 0));
+    EXPECT_ERR_UNCHANGED(dev, r, rss_req(r, VN_HASH_TYPES_SUPPORTED, 4, t01, 0, 3, 40, 0));
+    before = snap_of(dev);
+    assert_int_equal(handle(dev, r, rss_req(r, VN_HASH_TYPES_SUPPORTED, 4, t03, 1, 2, 40, 0)),
+                     VN_CTRL_OK);
+    assert_switched(dev, &before);
+    assert_true(dev->steer.rss.configured);
+    /* HASH_CONFIG steers nothing anew. */
+    assert_int_equal(handle(dev, r, hash_req(r, VN_HASH_TYPES_SUPPORTED, 40, 0)), VN_CTRL_OK);
+    /* A broken receive ring is no target either. */
+    dev->qp[1].rx.broken = true;
+    EXPECT_ERR_UNCHANGED(dev, r, pairs_req(r, 2));
+    before = snap_of(dev);
+    assert_int_equal(handle(dev, r, pairs_req(r, 1)), VN_CTRL_OK);
+    assert_switched(dev, &before);
+}
+
 #define D(fn) cmocka_unit_test_setup_teardown(fn, setup_dev, teardown_dev)
 
 int main(void)
@@ -573,6 +625,7 @@ int main(void)
         D(test_switch_on_started_device),
         D(test_drain_grace),
         D(test_requested_policy),
+        D(test_pairs_not_ready),
     };
     return cmocka_run_group_tests_name("ctrl_mq", tests, group_setup, group_teardown);
 }

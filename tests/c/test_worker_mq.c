@@ -103,9 +103,9 @@ static void sleep_ms(unsigned ms)
         }                                                                      \
     } while (0)
 
-/* A device with `pairs` queue pairs, every rx ring configured (no buffers
- * posted yet), no tx ring, not started. */
-static struct mq *mq_new(unsigned pairs)
+/* A device with `pairs` queue pairs, the first `configured` rx rings set up
+ * by the driver (no buffers posted yet), no tx ring, not started. */
+static struct mq *mq_new_partial(unsigned pairs, unsigned configured)
 {
     struct mq *m = calloc(1, sizeof(*m));
     assert_non_null(m);
@@ -135,12 +135,19 @@ static struct mq *mq_new(unsigned pairs)
         setsockopt(m->sock[q][0], SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
         setsockopt(m->sock[q][1], SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
         vn_dev_set_tap(m->dev, q, m->sock[q][0]);
-        assert_int_equal(vn_dev_config_queue(m->dev, 2 * q, QSIZE, m->rxq[q].desc,
-                                             m->rxq[q].avail, m->rxq[q].used, (uint16_t)(1 + q)),
-                         0);
+        if (q < configured)
+            assert_int_equal(vn_dev_config_queue(m->dev, 2 * q, QSIZE, m->rxq[q].desc,
+                                                 m->rxq[q].avail, m->rxq[q].used,
+                                                 (uint16_t)(1 + q)),
+                             0);
     }
     vn_dev_set_config_vector(m->dev, 0);
     return m;
+}
+
+static struct mq *mq_new(unsigned pairs)
+{
+    return mq_new_partial(pairs, pairs);
 }
 
 static void mq_start(struct mq *m, uint64_t features)
@@ -1072,6 +1079,146 @@ static void test_frames_for_broken_pair_dropped(void **state)
     assert_accounted(m, 5);
 }
 
+static uint64_t inbox_bytes(struct mq *m, unsigned q)
+{
+    pthread_mutex_lock(&m->dev->qp[q].inbox.lock);
+    uint64_t n = m->dev->qp[q].inbox.bytes;
+    pthread_mutex_unlock(&m->dev->qp[q].inbox.lock);
+    return n;
+}
+
+/* RSS over `pairs` pairs with this table, whatever the control queue would
+ * say (it refuses tables naming pairs without rings): what the datapath
+ * does if steering ever names such a pair anyway. */
+static void force_rss(struct mq *m, const uint16_t *table, unsigned len, uint16_t pairs)
+{
+    uint8_t d[8 + 2 * VN_RSS_MAX_TABLE + 3 + 40];
+    vn_le32_put(d, VN_HASH_TYPES_SUPPORTED);
+    vn_le16_put(d + 4, (uint16_t)(len - 1));
+    vn_le16_put(d + 6, 0);
+    size_t off = 8;
+    for (unsigned i = 0; i < len; i++, off += 2)
+        vn_le16_put(d + off, table[i]);
+    vn_le16_put(d + off, pairs);
+    d[off + 2] = 40;
+    memcpy(d + off + 3, KEY, 40);
+    struct vn_rss_config cfg;
+    uint16_t tx;
+    assert_int_equal(vn_rss_config_parse(d, (uint32_t)(off + 3 + 40), m->pairs, &cfg, &tx), 0);
+    vn_dev_steering_begin(m->dev);
+    m->dev->steer.rss = cfg;
+    vn_dev_steering_commit(m->dev, tx);
+}
+
+/* MQ negotiated, only pair 0's rings set up (issue #11, finding 6): the
+ * control queue refuses to steer to the other pairs; and were the steering
+ * to name them anyway, their frames are dropped (pair_not_ready), never
+ * held in an inbox no worker reads; a later switch does not wait for them,
+ * and pair 0 keeps receiving, with 4 pairs in use and after going back to
+ * one. */
+static void test_pairs_not_set_up(void **state)
+{
+    struct mq *m = *state = mq_new_partial(4, 1);
+    m->fixed_size = 100;
+    post(m, 0, QSIZE);
+    mq_start(m, BASE_FEATURES);
+    for (unsigned q = 1; q < 4; q++)
+        assert_false(m->dev->qp[q].thread_started);
+    assert_int_equal(pairs_set(m, 4), VN_CTRL_ERR);
+    assert_int_equal(steer_all_to(m, 2, 4), VN_CTRL_ERR);
+    uint16_t t01[4] = { 0, 1, 0, 1 };
+    assert_int_equal(rss_config(m, t01, 4, 1), VN_CTRL_ERR);
+    assert_int_equal(m->dev->active_qps, 1);
+
+    uint16_t t0123[4] = { 0, 1, 2, 3 };
+    force_rss(m, t0123, 4, 4);
+    assert_int_equal(m->dev->active_qps, 4);
+    uint32_t to0 = UINT32_MAX;
+    unsigned sent_to[4] = { 0 };
+    for (uint32_t flow = 1; flow <= 32; flow++) {
+        unsigned q = target_of(m, flow, 4);
+        if (q == 0 && to0 == UINT32_MAX)
+            to0 = flow;
+        for (uint32_t i = 0; i < 4; i++)
+            host_send(m, 0, flow, i);
+        sent_to[q] += 4;
+    }
+    assert_true(to0 != UINT32_MAX && sent_to[1] + sent_to[2] + sent_to[3] > 0);
+    uint64_t not_ready = sent_to[1] + sent_to[2] + sent_to[3];
+    WAIT_FOR(qstats(m, 0).rx.packets + qstats(m, 0).rx.drops[VN_DROP_PAIR_NOT_READY] ==
+             m->sent);
+    assert_int_equal(qstats(m, 0).rx.packets, sent_to[0]);
+    assert_int_equal(qstats(m, 0).rx.drops[VN_DROP_PAIR_NOT_READY], not_ready);
+    for (unsigned q = 1; q < 4; q++) {
+        assert_int_equal(inbox_count(m, q), 0);
+        assert_int_equal(inbox_bytes(m, q), 0);
+    }
+    for (uint32_t n = sent_to[0]; n > 0; n--) {
+        struct rx_frame f;
+        WAIT_FOR(get_frame(m, 0, &f));
+    }
+    ack_ring(m, 0);
+
+    /* Another switch with the same pairs: nothing old to wait for. */
+    force_rss(m, t0123, 4, 4);
+    assert_int_equal(atomic_load(&m->dev->old_inflight), 0);
+    for (uint32_t i = 4; i < 12; i++)
+        host_send(m, 0, to0, i);
+    expect_frames(m, 0, to0, 4, 8);
+    ack_ring(m, 0);
+    /* Back to one pair (the control queue takes that): every frame. */
+    assert_int_equal(pairs_set(m, 1), VN_CTRL_OK);
+    for (uint32_t i = 0; i < 8; i++)
+        host_send(m, 0, 1000, i);
+    expect_frames(m, 0, 1000, 0, 8);
+    assert_accounted(m, not_ready);
+}
+
+/* A frame up to 64 KiB (a TSO burst) for a pair whose ring has no room
+ * waits in its inbox: the inbox holds at most VN_INBOX_MAX_BYTES of them,
+ * the reader drops the rest (steer_backlog), long before VN_INBOX_MAX. */
+static void test_inbox_byte_budget(void **state)
+{
+    struct mq *m = *state = mq_new(2);
+    mq_start(m, BASE_FEATURES); /* no buffers on either ring */
+    assert_int_equal(steer_all_to(m, 0, 2), VN_CTRL_OK);
+    const size_t size = 60000;
+    static uint8_t big[VN_NET_HDR_MAX_LEN + 60000];
+    uint8_t first[MAX_FRAME_BYTES];
+    size_t flen = build(m, first, 5, 0, 100);
+    memset(big, 0x5a, sizeof(big));
+    memcpy(big, first, flen);
+    const unsigned n = 100;
+    for (unsigned i = 0; i < n; i++) {
+        if (!try_send(m, 1, big, m->hdr + size, TIMEOUT_MS))
+            fail_msg("cannot send frame %u", i);
+        m->sent++;
+    }
+    WAIT_FOR(qstats(m, 1).rx.steered_out + qstats(m, 1).rx.drops[VN_DROP_STEER_BACKLOG] == n);
+    const size_t each = sizeof(struct vn_pkt) + m->hdr + size;
+    const unsigned held = VN_INBOX_MAX_BYTES / each;
+    assert_true(held < n && held < VN_INBOX_MAX);
+    assert_int_equal(inbox_count(m, 0), held);
+    assert_int_equal(inbox_bytes(m, 0), held * each);
+    assert_int_equal(qstats(m, 1).rx.drops[VN_DROP_STEER_BACKLOG], n - held);
+    /* Bounced frames (pair 0's own, read off its TAP queue while its ring
+     * has no room) go to the same inbox, under the same budget. */
+    for (unsigned i = 0; i < 10; i++) {
+        if (!try_send(m, 0, big, m->hdr + size, TIMEOUT_MS))
+            fail_msg("cannot send frame %u", i);
+        m->sent++;
+    }
+    WAIT_FOR(qstats(m, 0).rx.drops[VN_DROP_STEER_BACKLOG] == 10);
+    assert_int_equal(qstats(m, 0).rx.bounced, 10);
+    assert_int_equal(inbox_count(m, 0), held);
+    assert_int_equal(inbox_bytes(m, 0), held * each);
+    /* A reset drops every frame held. */
+    vn_dev_reset(m->dev);
+    assert_int_equal(inbox_count(m, 0), 0);
+    assert_int_equal(inbox_bytes(m, 0), 0);
+    assert_int_equal(qstats(m, 0).rx.drops[VN_DROP_RESET], held);
+}
+
 static void test_switch_under_load_keeps_order(void **state)
 {
     struct mq *m = *state = mq_new(2);
@@ -1101,6 +1248,8 @@ int main(void)
         T(test_inbox_skips_bad_buffer),
         T(test_starved_pair_does_not_block_others),
         T(test_frames_for_broken_pair_dropped),
+        T(test_pairs_not_set_up),
+        T(test_inbox_byte_budget),
         T(test_switch_under_load_keeps_order),
         T(test_switch_under_load_keeps_order_4_pairs),
     };

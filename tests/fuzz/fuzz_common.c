@@ -105,6 +105,10 @@ bool fz_dev_start(struct vn_dev *dev, uint64_t features)
     if (!ok)
         return false;
     dev->learn_tx = vn_steering_effective(&dev->steer) == VN_POLICY_RX_FOLLOWS_TX;
+    /* As vn_dev_start: frames may be queued for a pair whose receive ring
+     * is usable (the target runs its "worker" itself). */
+    for (unsigned i = 0; i < pairs; i++)
+        atomic_store(&dev->qp[i].rx_ready, vn_vq_ready(&dev->qp[i].rx));
     dev->started = true;
     return true;
 }

@@ -20,7 +20,8 @@
  *
  * Checked: a refused command (VIRTIO_NET_ERR) changes nothing and has no
  * result; an accepted one had the exact length and the features it needs
- * and did what it says; results fit their buffer and are well formed; the
+ * and did what it says; no accepted command steers to a pair whose
+ * receive ring the driver did not enable; results fit their buffer and are well formed; the
  * steering state stays valid; through the queue, every chain is answered in
  * order with a used length that fits its device-writable part. */
 #include <stdlib.h>
@@ -168,8 +169,20 @@ static void check_accepted(struct vn_dev *dev, const uint8_t *req, uint32_t len,
             FZ_CHECK(VN_HAS(f, VN_F_MQ) && dlen == 2, "VQ_PAIRS_SET of %u", dlen);
             FZ_CHECK(dev->active_qps == vn_le16_get(d), "pairs %u, asked %u", dev->active_qps,
                      vn_le16_get(d));
+            for (unsigned i = 0; i < dev->active_qps; i++)
+                FZ_CHECK(vn_qp_takes_frames(&dev->qp[i]), "pair %u of %u has no receive ring", i,
+                         dev->active_qps);
         } else if (cmd == VN_CTRL_MQ_RSS_CONFIG) {
             FZ_CHECK(VN_HAS(f, VN_F_RSS) && dev->steer.rss.configured, "RSS_CONFIG");
+            const struct vn_rss_config *r = &dev->steer.rss;
+            for (unsigned i = 0; i < dev->active_qps; i++)
+                FZ_CHECK(vn_qp_takes_frames(&dev->qp[i]), "pair %u of %u has no receive ring", i,
+                         dev->active_qps);
+            FZ_CHECK(vn_qp_takes_frames(&dev->qp[r->unclassified]), "unclassified queue %u "
+                     "has no receive ring", r->unclassified);
+            for (unsigned i = 0; i < r->table_len; i++)
+                FZ_CHECK(vn_qp_takes_frames(&dev->qp[r->table[i]]), "table[%u] = %u has no "
+                         "receive ring", i, r->table[i]);
         } else {
             FZ_CHECK(cmd == VN_CTRL_MQ_HASH_CONFIG && VN_HAS(f, VN_F_HASH_REPORT), "MQ cmd %u",
                      cmd);
@@ -269,13 +282,16 @@ static bool overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
 }
 
 /* After the start: which rx/tx queues the driver enabled (only their size
- * matters to the control queue), and whether an announcement is pending. */
+ * matters to the control queue, and for an rx ring that the device may steer
+ * to it, as vn_dev_start finds), and whether an announcement is pending. */
 static void enable_queues(struct vn_dev *dev, uint8_t devb)
 {
     for (unsigned q = 0; q < 4 && q < 2 * dev->max_qps; q++) {
         struct vn_qp *qp = &dev->qp[q / 2];
         if (devb & (4u << q))
             (q % 2 == 0 ? &qp->rx : &qp->tx)->size = 64;
+        if (q % 2 == 0)
+            atomic_store(&qp->rx_ready, (devb & (4u << q)) != 0);
     }
     atomic_store(&dev->announce, (devb & 0x80) != 0);
 }

@@ -223,6 +223,14 @@ static void check_rx_state(struct vn_qp *qp)
     FZ_CHECK(bytes == qp->rx_prefetched_bytes, "prefetched %llu, buffers hold %llu",
              (unsigned long long)qp->rx_prefetched_bytes, (unsigned long long)bytes);
     FZ_CHECK(qp->inbox.count <= VN_INBOX_MAX, "inbox %u", qp->inbox.count);
+    uint64_t held = 0;
+    for (const struct vn_pkt *p = qp->inbox.head; p != NULL; p = p->next)
+        held += sizeof(*p) + p->len;
+    FZ_CHECK(held == qp->inbox.bytes && held <= VN_INBOX_MAX_BYTES,
+             "inbox holds %llu bytes, counted %zu", (unsigned long long)held, qp->inbox.bytes);
+    /* Frames for a pair without receive ring are dropped, never held. */
+    FZ_CHECK(qp->inbox.count == 0 || atomic_load(&qp->rx_ready),
+             "pair %u without receive ring holds %u frames", qp->index, qp->inbox.count);
     FZ_CHECK(qp->st.rx.errors[VN_ERR_CHAIN_TOO_LONG] <= too_long[qp->index],
              "%llu rx chains counted as too long, %llu are: a chain within the limits was "
              "refused for want of iovecs the worker had used before (rx_first %u, rx_count %u, "

@@ -108,6 +108,33 @@ static uint8_t ctrl_guest_offloads(struct vn_dev *dev, uint8_t cmd, const uint8_
     return VN_CTRL_OK;
 }
 
+/* Steering to a pair whose receive ring the driver did not set up (or that
+ * broke) would hand its frames to no one: they would only be dropped
+ * (pair_not_ready, worker.c). Such a VQ_PAIRS_SET or RSS_CONFIG is refused
+ * instead (VIRTIO_NET_ERR, allowed for an invalid command, virtio 1.3
+ * 5.1.6.5) and the previous steering stays: the driver learns at once that
+ * it asked for something it had not prepared, rather than losing a share of
+ * its traffic silently. Linux enables every queue it creates before
+ * DRIVER_OK, so it never meets this. */
+static bool pairs_ready(const struct vn_dev *dev, unsigned pairs)
+{
+    for (unsigned i = 0; i < pairs; i++)
+        if (!vn_qp_takes_frames(&dev->qp[i]))
+            return false;
+    return true;
+}
+
+static bool rss_targets_ready(const struct vn_dev *dev, const struct vn_rss_config *cfg,
+                              uint16_t pairs)
+{
+    if (!pairs_ready(dev, pairs) || !vn_qp_takes_frames(&dev->qp[cfg->unclassified]))
+        return false;
+    for (unsigned i = 0; i < cfg->table_len; i++)
+        if (!vn_qp_takes_frames(&dev->qp[cfg->table[i]]))
+            return false;
+    return true;
+}
+
 /* VIRTIO_NET_CTRL_MQ: the number of pairs, RSS and hash reporting. Each
  * accepted command is a steering switch: transmit queues drain, frames
  * already steered are placed first, the new rule applies after. */
@@ -120,6 +147,11 @@ static uint8_t ctrl_mq(struct vn_dev *dev, uint8_t cmd, const uint8_t *data, uin
         uint16_t pairs = vn_le16_get(data);
         if (pairs == 0 || pairs > dev->max_qps)
             return VN_CTRL_ERR;
+        if (!pairs_ready(dev, pairs)) {
+            vn_log(dev, LOG_WARNING, "VQ_PAIRS_SET %u refused: not every pair has a receive ring",
+                   pairs);
+            return VN_CTRL_ERR;
+        }
         /* A table the guest set stays in force (Linux sends VQ_PAIRS_SET for
          * `ethtool -L` once the user set the table with `ethtool -X`); its
          * entries past the active pairs wrap around. */
@@ -134,6 +166,10 @@ static uint8_t ctrl_mq(struct vn_dev *dev, uint8_t cmd, const uint8_t *data, uin
         if (!VN_HAS(dev->features, VN_F_RSS) ||
             vn_rss_config_parse(data, len, dev->max_qps, &cfg, &tx) < 0)
             return VN_CTRL_ERR;
+        if (!rss_targets_ready(dev, &cfg, tx)) {
+            vn_log(dev, LOG_WARNING, "RSS_CONFIG refused: it names a pair without receive ring");
+            return VN_CTRL_ERR;
+        }
         vn_dev_steering_begin(dev);
         dev->steer.rss = cfg;
         vn_dev_steering_commit(dev, tx);

@@ -28,6 +28,7 @@ static const char *const drop_names[VN_DROP__COUNT] = {
     [VN_DROP_RESET] = "reset",
     [VN_DROP_STEER_BACKLOG] = "steer_backlog",
     [VN_DROP_QUEUE_DISABLED] = "queue_disabled",
+    [VN_DROP_PAIR_NOT_READY] = "pair_not_ready",
 };
 
 static const char *const error_names[VN_ERR__COUNT] = {
@@ -354,9 +355,16 @@ int vn_dev_start(struct vn_dev *dev, uint64_t features)
     if (ret != 0)
         return ret;
     dev->learn_tx = vn_dev_learns_tx(dev);
+    /* Set before any worker runs: pair 0's own worker may bounce a frame
+     * to itself at once. */
     for (unsigned i = 0; i < pairs; i++)
+        atomic_store(&dev->qp[i].rx_ready, vn_vq_ready(&dev->qp[i].rx));
+    for (unsigned i = 0; i < pairs; i++) {
         if (dev->qp[i].rx.size != 0 || dev->qp[i].tx.size != 0)
             start_worker(&dev->qp[i]);
+        if (!dev->qp[i].thread_started)
+            atomic_store(&dev->qp[i].rx_ready, false);
+    }
     /* A TAP queue without a worker (a driver without MQ, a pair it left
      * unconfigured) would still get its share of the host's frames, and
      * nobody would read them. */
@@ -394,6 +402,7 @@ void vn_dev_reset(struct vn_dev *dev)
     for (unsigned i = 0; i < dev->max_qps; i++) {
         struct vn_qp *qp = &dev->qp[i];
         stop_worker(qp);
+        atomic_store(&qp->rx_ready, false);
         eventfd_t v;
         eventfd_read(qp->kick_fd, &v);
         vn_vq_reset_state(&qp->rx);
@@ -498,12 +507,17 @@ void vn_dev_steering_commit(struct vn_dev *dev, unsigned active_qps)
 {
     /* Workers are parked: the inboxes are ours. Frames for pairs the driver
      * no longer uses must not be placed there (spec); the rest keep their old
-     * epoch and hold back every TAP read until they are placed. */
+     * epoch and hold back every TAP read until they are placed. Frames no
+     * worker will place (a ring that broke since they were queued) would
+     * hold them back for good: dropped. */
     int old = 0;
     for (unsigned i = 0; i < dev->max_qps; i++) {
         struct vn_qp *qp = &dev->qp[i];
         if (i >= active_qps)
             vn_inbox_drain(dev, qp, VN_DROP_QUEUE_DISABLED);
+        else if (!vn_qp_takes_frames(qp))
+            vn_inbox_drain(dev, qp, atomic_load(&qp->rx_ready) ? VN_DROP_QUEUE_BROKEN
+                                                               : VN_DROP_PAIR_NOT_READY);
         old += (int)qp->inbox.count;
     }
     /* Wait for every ring that may hold old frames: pairs just disabled
@@ -535,9 +549,11 @@ bool vn_dev_steering_hold(struct vn_dev *dev)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     uint64_t now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    /* Only rings the device places frames in: a ring the driver did not set
+     * up, or that broke, will never show the driver caught up. */
     bool caught_up = true;
     for (unsigned i = 0; i < dev->drain_qps && i < dev->max_qps && caught_up; i++)
-        caught_up = vn_vq_driver_caught_up(&dev->qp[i].rx);
+        caught_up = !vn_qp_takes_frames(&dev->qp[i]) || vn_vq_driver_caught_up(&dev->qp[i].rx);
     if (now < dev->drain_deadline_ns) {
         if (!caught_up) {
             atomic_store(&dev->drained_since_ns, 0);

@@ -55,9 +55,16 @@ struct vn_inbox {
     pthread_mutex_t lock;
     struct vn_pkt *head, *tail;
     unsigned count;
+    size_t bytes;            /* memory the frames hold, struct vn_pkt included */
 };
 
+/* What one inbox may hold (beyond, frames are dropped as steer_backlog): by
+ * frames, and by bytes, since a frame may be 64 KiB (TSO) and 512 of them
+ * per pair would be 32 MiB, 512 MiB for 16 pairs, held for a guest that need
+ * not drain them. 4 MiB still takes 64 full-size frames or every 1500-byte
+ * frame up to VN_INBOX_MAX. */
 #define VN_INBOX_MAX 512
+#define VN_INBOX_MAX_BYTES (4u << 20)
 
 /* An rx buffer (one descriptor chain) popped ahead of the packet it will hold. */
 struct vn_rx_buf {
@@ -72,6 +79,12 @@ struct vn_qp {
     struct vn_dev *dev;
     unsigned index;
     struct vn_vq rx, tx;
+    /* Frames may be queued for this pair (steered, or bounced by its own
+     * worker): it has a worker and its receive ring was usable at DRIVER_OK.
+     * Else no one would ever place them. Written by the context thread only
+     * while no worker runs (vn_dev_start, vn_dev_reset); see
+     * vn_qp_takes_frames. */
+    _Atomic bool rx_ready;
     int tap_fd;
     bool tap_detached; /* TUNSETQUEUE'd off while it has no worker */
     /* The TAP queue answered EBADFD: the interface was deleted. The worker
@@ -218,6 +231,14 @@ struct vn_dev {
     _Atomic int log_budget;
     _Atomic unsigned log_suppressed;
 };
+
+/* May frames be queued for pair qp (any thread)? Not for a pair without
+ * worker or receive ring, nor one whose ring broke. */
+static inline bool vn_qp_takes_frames(const struct vn_qp *qp)
+{
+    return atomic_load_explicit(&qp->rx_ready, memory_order_relaxed) &&
+           !__atomic_load_n(&qp->rx.broken, __ATOMIC_RELAXED);
+}
 
 /* Queue pairs the driver can see: all of them with MQ or RSS (virtio 1.x
  * 5.1.2: the control queue is then 2 * max_virtqueue_pairs), else one. */

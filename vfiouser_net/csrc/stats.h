@@ -20,8 +20,9 @@ enum vn_drop_reason {
     VN_DROP_TAP_ERROR,        /* TAP read/write failed */
     VN_DROP_QUEUE_BROKEN,     /* ring unusable until the device is reset */
     VN_DROP_RESET,            /* held by the device when the driver reset it */
-    VN_DROP_STEER_BACKLOG,    /* target queue's backlog full */
+    VN_DROP_STEER_BACKLOG,    /* target queue's backlog full (frames or bytes) */
     VN_DROP_QUEUE_DISABLED,   /* steered to a queue the driver then disabled */
+    VN_DROP_PAIR_NOT_READY,   /* steered to a pair without worker or receive ring */
     VN_DROP__COUNT
 };
 

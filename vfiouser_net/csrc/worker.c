@@ -413,6 +413,7 @@ static struct vn_pkt *inbox_pop(struct vn_qp *qp, bool peek)
         if (qp->inbox.head == NULL)
             qp->inbox.tail = NULL;
         qp->inbox.count--;
+        qp->inbox.bytes -= sizeof(*p) + p->len;
     }
     pthread_mutex_unlock(&qp->inbox.lock);
     return p;
@@ -438,10 +439,18 @@ static void steer_to(struct vn_qp *from, unsigned to, struct vn_pkt *pkt)
         free(pkt);
         return;
     }
+    if (!atomic_load_explicit(&t->rx_ready, memory_order_relaxed)) {
+        /* No worker or no receive ring (a pair the driver did not set up,
+         * steered to anyway): held, it would never be placed nor freed. */
+        VN_STAT_INC(from->st.rx.drops[VN_DROP_PAIR_NOT_READY]);
+        free(pkt);
+        return;
+    }
     pkt->next = NULL;
     pkt->epoch = atomic_load(&dev->epoch);
+    size_t size = sizeof(*pkt) + pkt->len;
     pthread_mutex_lock(&t->inbox.lock);
-    bool full = t->inbox.count >= VN_INBOX_MAX;
+    bool full = t->inbox.count >= VN_INBOX_MAX || t->inbox.bytes + size > VN_INBOX_MAX_BYTES;
     if (!full) {
         if (t->inbox.tail != NULL)
             t->inbox.tail->next = pkt;
@@ -449,6 +458,7 @@ static void steer_to(struct vn_qp *from, unsigned to, struct vn_pkt *pkt)
             t->inbox.head = pkt;
         t->inbox.tail = pkt;
         t->inbox.count++;
+        t->inbox.bytes += size;
     }
     pthread_mutex_unlock(&t->inbox.lock);
     if (full) {

@@ -26,7 +26,7 @@
 enum vn_drop_reason {
     VN_DROP_BAD_CHAIN, VN_DROP_HEADER_TOO_SHORT, VN_DROP_FRAME_TOO_BIG, VN_DROP_BUFFER_TOO_SMALL,
     VN_DROP_MAC_FILTER, VN_DROP_LINK_DOWN, VN_DROP_TAP_ERROR, VN_DROP_QUEUE_BROKEN, VN_DROP_RESET,
-    VN_DROP_STEER_BACKLOG, VN_DROP_QUEUE_DISABLED, VN_DROP__COUNT
+    VN_DROP_STEER_BACKLOG, VN_DROP_QUEUE_DISABLED, VN_DROP_PAIR_NOT_READY, VN_DROP__COUNT
 };
 enum vn_error_reason {
     VN_ERR_DESC_ADDR, VN_ERR_DESC_NEXT, VN_ERR_DESC_LOOP, VN_ERR_DESC_ORDER, VN_ERR_INDIRECT,
@@ -47,7 +47,7 @@ struct vn_dir_stats {
     uint64_t batches;
     uint64_t bounced;
     uint64_t steered_out;
-    uint64_t drops[11];
+    uint64_t drops[12];
     uint64_t errors[10];
     uint64_t avail_seen;
     uint64_t used_idx;
