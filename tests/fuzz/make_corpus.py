@@ -961,7 +961,9 @@ def vfio_user_seeds() -> dict[str, bytes]:
             bytes([VU_RECONNECT]),
             ram[0],
         ),
-        "polling-mode": vu_seed(4 | four, v, vu_region_info(0), vu_words(VU_REGION_IO_FDS, 0, 0, 0)),
+        "polling-mode": vu_seed(
+            4 | four, v, vu_region_info(0), vu_words(VU_REGION_IO_FDS, 0, 0, 0)
+        ),
         "dma-map": vu_seed(0, v, ram[0]),
         "dma-unmap": vu_seed(0, v, ram[0], vu_dma_unmap(16, 8)),
         "dma-unmap-all": vu_seed(0, v, *ram, vu_dma_unmap(0, 0, 2)),
@@ -993,7 +995,9 @@ def vfio_user_seeds() -> dict[str, bytes]:
             bytes([VU_DMA_WRITE | MOD_NOT_CMD << 4]) + vu_addr(16) + struct.pack("<H", 8) + b"\x01",
         ),
         "device-reset": vu_seed(0, v, ram[0], bytes([VU_RESET])),
-        "dirty-pages": vu_seed(0, vu_version(6), *(vu_dirty(i) for i in range(3)), vu_dirty(2, True)),
+        "dirty-pages": vu_seed(
+            0, vu_version(6), *(vu_dirty(i) for i in range(3)), vu_dirty(2, True)
+        ),
         "migration-region": vu_seed(0, v, vu_region_info(9), vu_access(False, R_MIGR, 2, 0, 3)),
         "version-bad-major": vu_seed(0, bytes([0x22]) + struct.pack("<HH", 1, 0) + b"\0", info[0]),
         "version-with-fd": vu_seed(0, vu_version(0x42) + bytes([FD_EVENTFD]), info[0]),
@@ -1061,7 +1065,8 @@ def vfio_user_seeds() -> dict[str, bytes]:
             bytes([VU_GET_INFO | MOD_SIZE << 4, 0, 0, 0, 0, 0xF8]),
             bytes([VU_GET_INFO | MOD_SIZE << 4, 0, 0, 0, 0, 0x08]),
             bytes([VU_GET_INFO | MOD_NO_REPLY << 4, 0, 0, 0, 0]),
-            bytes([VU_REGION_WRITE | MOD_CUT << 4, R_CFG | 2 << 3, 4, 0, 1, 6, 0]) + struct.pack("<H", 5),
+            bytes([VU_REGION_WRITE | MOD_CUT << 4, R_CFG | 2 << 3, 4, 0, 1, 6, 0])
+            + struct.pack("<H", 5),
         ),
         "version-lies": vu_seed(0, vu_version(2, mods=MOD_SIZE) + b"\x10", info[0]),
     }
