@@ -151,8 +151,8 @@ struct vn_dev_stats {
     /* The control queue still had commands after VN_CTRL_BUDGET of them:
      * the context thread served its other work before going on. */
     uint64_t ctrl_budget_exhausted;
-    uint64_t dma_refused;
-    uint64_t guest_mem_faults;
+    uint64_t dma_refused;        /* DMA_MAPs refused (libvfio-user's and ours) */
+    uint64_t guest_mem_faults;   /* accesses to guest memory its file no longer had */
     /* Control commands by class and command (class/command >= 7 fold into
      * 7) and result (0 ok, 1 error). */
     uint64_t ctrl_cmds[VN_CTRL_CLASS_SLOTS][VN_CTRL_CMD_SLOTS][2];
@@ -223,6 +223,8 @@ struct vn_dev {
     uint64_t busy_poll_ns;
     struct vn_capture capture;
     struct vn_dev_stats st;
+    /* Context thread: DMA regions server.c refused itself (the rest are
+     * libvfio-user's count), and guest_mem_faults already acted on. */
     uint64_t dma_refused_own;
     uint64_t mem_faults_seen;
     /* Warnings and errors logged in the current second (vn_log): a client or
