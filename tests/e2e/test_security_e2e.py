@@ -57,6 +57,10 @@ REPO = Path(__file__).resolve().parents[2]
 GUEST_MEMORY_MB = 256
 PING_INTERVAL = 0.2
 RSS_MARGIN_KIB = 8 * 1024  # the daemon's heap after a hostile client, over its baseline
+# Under ASan (scripts/test-asan.sh) freed memory stays in its quarantine (up
+# to 256 MiB), so the heap says nothing there: the memory check is made by the
+# run with the production build (scripts/test.sh runs this file again).
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 SIGTERM_BOUND = 2.0
 MIN_PHASE_S = 3.0  # the guests ping at least this long around each hostile client
 HOSTILE_PAIRS = 4
@@ -133,8 +137,12 @@ class Daemon:
             time.sleep(0.05)
         want = os.environ.get("VN_EXPECT_NATIVE_IN")
         if want:
-            maps = Path(f"/proc/{self.pid}/maps").read_text()
-            assert f"{want}/vfiouser_net/_native" in maps, "not the datapath in VN_EXPECT_NATIVE_IN"
+            # The supervisor may bind the sockets a moment before the last
+            # import settles; give the maps a little time.
+            deadline = time.monotonic() + 5
+            while f"{want}/vfiouser_net/_native" not in Path(f"/proc/{self.pid}/maps").read_text():
+                assert time.monotonic() < deadline, "not the datapath in VN_EXPECT_NATIVE_IN"
+                time.sleep(0.05)
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
@@ -314,7 +322,7 @@ def test_hostile_client_beside_two_vms(
                 problems.append(
                     f"{phase}: daemon fds {fds0} -> {fds}:\n" + "\n".join(fd_targets(daemon.pid))
                 )
-            if rss - rss0 > RSS_MARGIN_KIB:
+            if not UNDER_ASAN and rss - rss0 > RSS_MARGIN_KIB:
                 problems.append(f"{phase}: daemon RssAnon {rss0} -> {rss} KiB")
             if served != 0x1AF4:
                 problems.append(f"{phase}: the hostile socket answered vendor {served:#x}")
