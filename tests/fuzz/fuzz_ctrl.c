@@ -386,6 +386,14 @@ static void chains(struct vn_dev *dev, struct fz_in *in, uint8_t devb)
     enable_queues(dev, devb);
     vn_ctrl_process(dev);
     struct vn_vq *vq = &dev->ctrl;
+    /* One turn answers at most VN_CTRL_BUDGET commands; the context thread
+     * comes back for the rest by itself (cmd_fd -> vn_dev_ctrl_poll_kick),
+     * as this loop does. */
+    FZ_CHECK(vq->used_idx <= VN_CTRL_BUDGET, "%u commands answered in one turn", vq->used_idx);
+    for (unsigned turn = 0; atomic_load(&dev->ctrl_resume); turn++) {
+        FZ_CHECK(turn <= 1024 / VN_CTRL_BUDGET + 1, "the control queue is never done");
+        vn_dev_ctrl_poll_kick(dev);
+    }
     if (vq->broken || !exact)
         return;
     fz_check_used(vq, 0, vq->used_idx);
