@@ -15,6 +15,8 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from tests.harness import vfio_user_client as vu  # noqa: E402
+from tests.protocol.lvu_sample import SampleServer  # noqa: E402
 from tests.protocol.support import (  # noqa: E402
     DeviceEnv,
     GuestSession,
@@ -69,3 +71,26 @@ def session(env: DeviceEnv) -> Iterator[GuestSession]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+def sample_server(tmp_path: Path) -> Iterator[SampleServer]:
+    """libvfio-user's sample server (tests/protocol/lvu_sample.py)."""
+    s = SampleServer(tmp_path)
+    try:
+        yield s
+    finally:
+        if s.proc.poll() is None:
+            s.proc.terminate()
+        s.stop()
+
+
+@pytest.fixture
+def sample_client(sample_server: SampleServer) -> Iterator[vu.VfioUserClient]:
+    """A negotiated client of the sample server."""
+    c = vu.VfioUserClient(sample_server.sock, timeout=5)
+    try:
+        c.negotiate()
+        yield c
+    finally:
+        c.close()

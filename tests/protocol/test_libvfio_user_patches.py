@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,32 +22,12 @@ import pytest
 
 from tests.harness import vfio_user_client as vu
 from tests.harness.virtio_pci_driver import STATUS_DEVICE_NEEDS_RESET
+from tests.protocol.lvu_sample import SampleServer
 from tests.protocol.support import DeviceEnv, open_session
-from tests.protocol.test_client_against_libvfio_user_sample import SampleServer
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.fixture
-def sample(tmp_path: Path) -> Iterator[SampleServer]:
-    """libvfio-user's sample server, on the library the set-up built."""
-    s = SampleServer(tmp_path)
-    try:
-        yield s
-    finally:
-        if s.proc.poll() is None:
-            s.proc.terminate()
-        s.stop()
-
-
-@pytest.fixture
-def client(sample: SampleServer) -> Iterator[vu.VfioUserClient]:
-    c = vu.VfioUserClient(sample.sock, timeout=5)
-    try:
-        c.negotiate()
-        yield c
-    finally:
-        c.close()
 
 
 def fd_count(pid: int) -> int:
@@ -70,37 +49,39 @@ def refused(c: vu.VfioUserClient, iova: int, size: int, fd: int, offset: int = 0
 
 
 # 0001-dma-map-repeat-closes-new-fd
-def test_repeated_dma_map_keeps_no_fd(sample: SampleServer, client: vu.VfioUserClient) -> None:
+def test_repeated_dma_map_keeps_no_fd(
+    sample_server: SampleServer, sample_client: vu.VfioUserClient
+) -> None:
     fd = memfd(1 << 20)
     try:
-        client.dma_map(0x100000, 1 << 20, fd)
-        before = fd_count(sample.proc.pid)
+        sample_client.dma_map(0x100000, 1 << 20, fd)
+        before = fd_count(sample_server.proc.pid)
         for _ in range(200):
-            client.dma_map(0x100000, 1 << 20, fd)
-        assert fd_count(sample.proc.pid) == before
+            sample_client.dma_map(0x100000, 1 << 20, fd)
+        assert fd_count(sample_server.proc.pid) == before
     finally:
         os.close(fd)
 
 
 # 0002-dma-map-validate-region
 def test_dma_map_refuses_regions_the_device_could_not_use(
-    sample: SampleServer, client: vu.VfioUserClient
+    sample_server: SampleServer, sample_client: vu.VfioUserClient
 ) -> None:
     small = memfd(PAGE)
     ev = os.eventfd(0)
     try:
-        before = fd_count(sample.proc.pid)
-        assert refused(client, 0x100000, PAGE, small, prot=0) == 13  # EACCES
-        assert refused(client, 0x100000, PAGE, small, prot=vu.DMA_WRITE) == 13
+        before = fd_count(sample_server.proc.pid)
+        assert refused(sample_client, 0x100000, PAGE, small, prot=0) == 13  # EACCES
+        assert refused(sample_client, 0x100000, PAGE, small, prot=vu.DMA_WRITE) == 13
         # Longer than its file, and past its end by the offset alone.
-        assert refused(client, 0x100000, 1 << 30, small) == 22
-        assert refused(client, 0x100000, PAGE, small, offset=PAGE) == 22
+        assert refused(sample_client, 0x100000, 1 << 30, small) == 22
+        assert refused(sample_client, 0x100000, PAGE, small, offset=PAGE) == 22
         # Not a file that can back memory.
-        assert refused(client, 0x100000, PAGE, ev) == 22
+        assert refused(sample_client, 0x100000, PAGE, ev) == 22
         # None of them kept its fd.
-        assert fd_count(sample.proc.pid) == before
+        assert fd_count(sample_server.proc.pid) == before
         # The same range with a proper file still maps.
-        client.dma_map(0x100000, PAGE, small)
+        sample_client.dma_map(0x100000, PAGE, small)
     finally:
         os.close(small)
         os.close(ev)
@@ -118,15 +99,15 @@ def _mappings_of(pid: int, name: str) -> list[tuple[int, int, int]]:
 
 
 def test_dma_map_unaligned_offset_is_mapped_in_full(
-    sample: SampleServer, client: vu.VfioUserClient
+    sample_server: SampleServer, sample_client: vu.VfioUserClient
 ) -> None:
     # Region [0xff0, 0x1ff0) of the file: the mapping must start at 0 (the
     # page below) and so reach 0x2000; without the patch it ended at 0x1000,
     # 4080 bytes short of the registered range.
     fd = memfd(2 * PAGE, name="unaligned")
     try:
-        client.dma_map(0x100000, PAGE, fd, offset=PAGE - 0x10)
-        maps = _mappings_of(sample.proc.pid, "unaligned")
+        sample_client.dma_map(0x100000, PAGE, fd, offset=PAGE - 0x10)
+        maps = _mappings_of(sample_server.proc.pid, "unaligned")
         assert maps, "the server has no mapping of the memfd"
         lo, hi, off = maps[0]
         assert off == 0
@@ -250,10 +231,12 @@ def _closed_by_peer(sock: socket.socket, within: float) -> bool:
         return True
 
 
-def test_half_a_message_drops_the_client(sample: SampleServer, client: vu.VfioUserClient) -> None:
-    _send_half_a_message(client)
+def test_half_a_message_drops_the_client(
+    sample_server: SampleServer, sample_client: vu.VfioUserClient
+) -> None:
+    _send_half_a_message(sample_client)
     t0 = time.monotonic()
-    assert _closed_by_peer(socket.socket(fileno=os.dup(client.fileno())), within=5)
+    assert _closed_by_peer(socket.socket(fileno=os.dup(sample_client.fileno())), within=5)
     assert time.monotonic() - t0 < 3
 
 
