@@ -131,6 +131,22 @@ def vfiouser_net_binary() -> Path:
 
 
 @pytest.fixture(scope="module", autouse=True)
+def pythonpath_restored() -> Iterator[None]:
+    """service_runtime() may point PYTHONPATH at a copy of the package that
+    nobody can read, for this module's daemons; the modules after this one
+    start theirs from the package the run chose (test-asan.sh checks which)."""
+    before = os.environ.get("PYTHONPATH")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
+        service_runtime.cache_clear()
+
+
+@pytest.fixture(scope="module", autouse=True)
 def tun_device_for_everyone() -> Iterator[None]:
     """/dev/net/tun as udev's default rule makes it (0666): opening it is how an
     unprivileged daemon attaches to a TAP it owns. Some machines (this kind of

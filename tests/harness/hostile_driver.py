@@ -2532,7 +2532,12 @@ def attack_dma_map_repeated(hd: HostileDriver, run: AttackRun) -> None:
         fds2 is not None and fds1 is not None and fds2 <= fds1,
         f"repeated DMA_MAPs left descriptors in the daemon: {fds1} -> {fds2}",
     )
-    run.check(fds3 == fds0, f"daemon descriptors {fds0} before, {fds3} after the unmap")
+    # At most: fds0 may have caught a descriptor on its way out (the previous
+    # client's connection being torn down); what matters is that none stayed.
+    run.check(
+        fds3 is not None and fds0 is not None and fds3 <= fds0,
+        f"daemon descriptors {fds0} before, {fds3} after the unmap",
+    )
     run.check(maps == unmaps, f"{maps} regions registered, {unmaps} unregistered")
 
 
