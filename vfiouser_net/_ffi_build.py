@@ -24,7 +24,7 @@ SANITIZE = os.environ.get("VN_SANITIZE") == "1"
 
 def _decls() -> str:
     return "\n".join(
-        (HERE / "decl" / name).read_text() for name in ("libvfio_user.h", "datapath.h")
+        (HERE / "decl" / name).read_text() for name in ("libvfio_user.h", "datapath.h", "sandbox.h")
     )
 
 
@@ -56,6 +56,7 @@ ffibuilder.set_source(
     #include "layout.h"
     #include "server.h"
     #include "rss_hash.h"
+    #include "sandbox.h"
     #include "steering.h"
     #include "tap.h"
     """,
