@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ from vfiouser_net.device import (
 )
 from vfiouser_net.metrics import DEFAULT_METRICS_PORT, parse_metrics_addr, serve_metrics
 from vfiouser_net.native import lib
+from vfiouser_net.sandbox import SandboxError, SandboxLimits
+from vfiouser_net.sandbox import enter as enter_sandbox
 from vfiouser_net.tap import TapError
 from vfiouser_net.virtio_spec import feature_names
 
@@ -157,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_CAPTURE_DIR})",
     )
     serve.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="once the devices' sockets and TAPs are open, drop every capability, set no new "
+        "privileges and a seccomp allow-list (other calls fail with EPERM and are logged), "
+        "before any thread starts. Without capabilities the kernel lets only a TAP's owner "
+        "attach its queues (as the device does when the guest changes its queue pairs), so "
+        "create the TAP for the daemon's user (ip tuntap add ... user U)",
+    )
+    serve.add_argument(
+        "--sandbox-nofile",
+        type=_positive_int,
+        default=4096,
+        help="with --sandbox: the process's file descriptor limit (default 4096)",
+    )
+    serve.add_argument(
         "--speed",
         type=_positive_int,
         default=10000,
@@ -263,6 +281,15 @@ def capture_hook(directory: str) -> CaptureHook:
     return hook
 
 
+def tap_owner(name: str) -> int | None:
+    """The uid a TAP belongs to (ip tuntap ... user U), or None."""
+    try:
+        uid = int(Path(f"/sys/class/net/{name}/owner").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return None if uid < 0 else uid
+
+
 def capture_dir(cfg: DaemonConfig) -> str:
     """The capture directory, absolute: the reply to a capture names the full path."""
     return os.path.abspath(cfg.capture_dir or default_capture_dir())
@@ -302,14 +329,11 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGUSR2, on_usr2)
     admin = None
     try:
+        # With --sandbox nothing may start a thread before the sandbox is
+        # entered (capabilities belong to threads): devices and the admin
+        # socket are set up first and started after.
         for opts in cfg.devices:
-            daemon.add_device(opts)
-        if cfg.metrics_addr != "none":
-            try:
-                serve_metrics(cfg.metrics_addr, daemon.devices)
-            except OSError as exc:
-                # The devices matter more than their metrics: serve them anyway.
-                log.error("metrics: cannot listen on %s: %s", cfg.metrics_addr, exc)
+            daemon.add_device(opts, start=not args.sandbox)
         if cfg.admin_socket:
             from vfiouser_net.admin.server import start_admin_server
 
@@ -325,7 +349,31 @@ def serve(args: argparse.Namespace) -> int:
                 daemon,
                 group=cfg.admin_group,
                 capture=capture_hook(captures),
+                start=not args.sandbox,
             )
+        if args.sandbox:
+            for dev in daemon.devices():
+                owner = tap_owner(dev.opts.tap)
+                if owner != os.geteuid():
+                    log.warning(
+                        "device %s: TAP %s is owned by %s, not by the daemon's user %d: "
+                        "in the sandbox its queues cannot be attached again after a "
+                        "change of queue pairs",
+                        dev.name,
+                        dev.opts.tap,
+                        "nobody" if owner is None else f"user {owner}",
+                        os.geteuid(),
+                    )
+            enter_sandbox(SandboxLimits(nofile=args.sandbox_nofile))
+            daemon.start_devices()
+            if admin is not None:
+                admin.start()
+        if cfg.metrics_addr != "none":
+            try:
+                serve_metrics(cfg.metrics_addr, daemon.devices)
+            except OSError as exc:
+                # The devices matter more than their metrics: serve them anyway.
+                log.error("metrics: cannot listen on %s: %s", cfg.metrics_addr, exc)
         daemon.run()
     finally:
         if admin is not None:
@@ -355,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return serve(args)
-    except (DeviceError, TapError, ConfigError, DaemonError) as exc:
+    except (DeviceError, TapError, ConfigError, DaemonError, SandboxError) as exc:
         print(f"vfiouser-net: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -46,8 +46,9 @@ class Daemon:
             raise DaemonError(f"no device named {name!r}")
         return dev
 
-    def add_device(self, opts: DeviceOptions) -> VirtioNetDevice:
-        """Create and start a device; its name and socket must be new."""
+    def add_device(self, opts: DeviceOptions, *, start: bool = True) -> VirtioNetDevice:
+        """Create and (unless start=False: see start_devices) start a device;
+        its name and socket must be new."""
         with self._lock:
             name = opts.name or opts.socket_path.rsplit("/", 1)[-1] or f"fd{opts.listen_fd}"
             if name in self._devices:
@@ -62,12 +63,18 @@ class Daemon:
             opts.name = name
             dev = VirtioNetDevice(opts, log_level=self.log_level)
             try:
-                dev.start()
+                if start:
+                    dev.start()
             except Exception:
                 dev.stop()
                 raise
             self._devices[name] = dev
             return dev
+
+    def start_devices(self) -> None:
+        """Start the devices added with start=False (their context threads)."""
+        for dev in self.devices():
+            dev.start()
 
     def remove_device(self, name: str) -> None:
         with self._lock:

@@ -332,8 +332,14 @@ class VirtioNetDevice:
 
     # -- lifecycle ------------------------------------------------------------
 
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
     def start(self) -> None:
         """Serve clients on the context thread until stop()."""
+        if self._thread is not None:
+            return
         self._thread = threading.Thread(target=self._serve, name=f"vfu-{self.name}", daemon=True)
         self._thread.start()
         log.info(

@@ -96,6 +96,7 @@ class AdminServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         capture: CaptureHook | None = None,
+        start: bool = True,
     ) -> None:
         self.path = path
         self.commands = Commands(daemon, capture)
@@ -110,13 +111,20 @@ class AdminServer:
         self._inode = os.stat(path).st_ino
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._accept_loop, name="admin-accept", daemon=True)
-        self._thread.start()
+        if start:
+            self.start()
         log.info(
             "admin socket: listening on %s (mode %s%s)",
             path,
             "0660" if self.group_gid is not None else "0600",
             f", group {group}" if group is not None else "",
         )
+
+    def start(self) -> None:
+        """Accept connections (a server made with start=False listens, but
+        answers nobody until this)."""
+        if not self._thread.is_alive() and self._thread.ident is None:
+            self._thread.start()
 
     # -- setup -------------------------------------------------------------------------
 
@@ -313,7 +321,8 @@ class AdminServer:
             conns = dict(self._conns)
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
         self._listener.close()
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._inode:
@@ -342,6 +351,7 @@ def start_admin_server(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
     capture: CaptureHook | None = None,
+    start: bool = True,
 ) -> AdminServer:
     """Listen on path and serve the admin protocol on background threads.
 
@@ -355,6 +365,7 @@ def start_admin_server(
         max_connections=max_connections,
         read_timeout=read_timeout,
         capture=capture,
+        start=start,
     )
 
 
