@@ -684,15 +684,20 @@ def test_socket_activated_instance(
         assert activator.activations == 1
         # Least privilege, as the kernel sees the running daemon: the service's
         # user, and no capability beyond the unit's (none at all on a TAP the
-        # user owns).
+        # user owns); with --sandbox (the per-VM unit's) none at all once it
+        # serves, no new privileges and its seccomp filter.
         status = Path(f"/proc/{daemon.proc.pid}/status").read_text()
         uid = re.search(r"^Uid:\s+(\d+)\s+(\d+)", status, re.M)
         cap_eff = re.search(r"^CapEff:\s+([0-9a-f]+)$", status, re.M)
         assert uid is not None and cap_eff is not None, status
         assert int(uid.group(1)) == int(uid.group(2)) == sandbox.uid, status
         assert sandbox.uid != 0 or not IN_CI, "the daemon runs as root"
-        want_caps = 0 if no_caps else 1 << CAP_NET_ADMIN
+        sandboxed = "--sandbox" in command
+        want_caps = 0 if no_caps or sandboxed else 1 << CAP_NET_ADMIN
         assert int(cap_eff.group(1), 16) == want_caps, status
+        if sandboxed:
+            assert re.search(r"^NoNewPrivs:\s+1$", status, re.M), status
+            assert re.search(r"^Seccomp:\s+2$", status, re.M), status
         configure_guest(guest, ns.guest_addr(), ns.prefix_len, ns.host_addr)
         assert guest.check("cat /sys/class/net/eth0/address").strip() == INSTANCE_MAC
         assert guest_ping(guest, ns.host_addr).lossless
@@ -716,6 +721,8 @@ def test_socket_activated_instance(
         guest.close()
         assert daemon.stop() == 0, daemon.log()[-3000:]
         assert "Traceback" not in daemon.log()
+        # The allow-list held everything the device did (a refusal is logged).
+        assert "sandbox refused" not in daemon.log(), daemon.log()[-3000:]
         assert sock_path.exists() and stat.S_ISSOCK(sock_path.stat().st_mode)
         assert not admin.exists()
         if no_caps:
