@@ -474,3 +474,18 @@ __all__ = [
     "wait_used",
     "wait_used_idx",
 ]
+
+
+def exchange_tagged(env: DeviceEnv, drv: VirtioNetDriver, label: str, frames: int) -> None:
+    """``frames`` tagged frames from the guest to the TAP, then as many back,
+    each checked byte for byte on arrival (the driver is up and promiscuous)."""
+    for i in range(frames):
+        tag = f"{label}-tx{i}".encode()
+        frame = tagged_frame(BROADCAST, tag, src=GUEST_MAC, size=200)
+        drv.send_packet(frame)
+        assert env.port.recv(lambda f, t=tag: has_tag(f, t)) == frame
+    for i in range(frames):
+        tag = f"{label}-rx{i}".encode()
+        frame = tagged_frame(GUEST_MAC, tag, size=300)
+        env.port.send(frame)
+        assert recv_tagged(drv, tag) == frame

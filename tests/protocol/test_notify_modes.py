@@ -5,7 +5,6 @@ own vfio-user client and virtio driver."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 from tests.harness.virtio_pci_driver import (
@@ -19,9 +18,8 @@ from tests.protocol.support import (
     GUEST_FEATURES,
     GUEST_MAC,
     DeviceEnv,
-    has_tag,
+    exchange_tagged,
     open_session,
-    recv_tagged,
     tagged_frame,
 )
 
@@ -60,16 +58,7 @@ def test_poll_mode_moves_traffic_and_control_commands(
         drv.bring_up()  # its control commands go through the polled page too
         assert drv.ctrl_command(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\1") == 0
         sent = 40
-        for i in range(sent):
-            tag = f"poll-tx{i}".encode()
-            frame = tagged_frame(BROADCAST, tag, src=GUEST_MAC, size=200)
-            drv.send_packet(frame)
-            assert env.port.recv(functools.partial(has_tag, tag=tag)) == frame
-        for i in range(sent):
-            tag = f"poll-rx{i}".encode()
-            frame = tagged_frame(GUEST_MAC, tag, size=300)
-            env.port.send(frame)
-            assert recv_tagged(drv, tag) == frame
+        exchange_tagged(env, drv, "poll", sent)
         assert drv.ctrl_command(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\0") == 0
     finally:
         s.close()

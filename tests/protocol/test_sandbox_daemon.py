@@ -6,7 +6,6 @@ that takes (a refusal is logged as "sandbox refused system call N")."""
 
 from __future__ import annotations
 
-import functools
 import subprocess
 import sys
 import tempfile
@@ -16,13 +15,9 @@ from pathlib import Path
 from tests.harness.metrics import scrape_text
 from tests.harness.virtio_pci_driver import VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC
 from tests.protocol.support import (
-    BROADCAST,
-    GUEST_MAC,
     DeviceEnv,
-    has_tag,
+    exchange_tagged,
     open_session,
-    recv_tagged,
-    tagged_frame,
 )
 
 
@@ -40,16 +35,7 @@ def traffic(env: DeviceEnv, label: str, frames: int = 10) -> None:
         drv = s.driver
         drv.bring_up()
         assert drv.ctrl_command(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\1") == 0
-        for i in range(frames):
-            tag = f"{label}-tx{i}".encode()
-            frame = tagged_frame(BROADCAST, tag, src=GUEST_MAC, size=200)
-            drv.send_packet(frame)
-            assert env.port.recv(functools.partial(has_tag, tag=tag)) == frame
-        for i in range(frames):
-            tag = f"{label}-rx{i}".encode()
-            frame = tagged_frame(GUEST_MAC, tag, size=300)
-            env.port.send(frame)
-            assert recv_tagged(drv, tag) == frame
+        exchange_tagged(env, drv, label, frames)
     finally:
         s.close()
 
