@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         "create the TAP for the daemon's user (ip tuntap add ... user U)",
     )
     serve.add_argument(
+        "--isolate",
+        action="store_true",
+        help="each device in a process of its own (started with --sandbox) on the socket "
+        "this daemon keeps; a device process that dies is reported and started again "
+        "(also: isolate = true in [daemon])",
+    )
+    serve.add_argument(
         "--sandbox-nofile",
         type=_positive_int,
         default=4096,
@@ -243,6 +250,8 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         cfg.admin_group = args.admin_group
     if args.capture_dir:
         cfg.capture_dir = args.capture_dir
+    if args.isolate:
+        cfg.isolate = True
     if cfg.metrics_addr != "none":
         try:
             parse_metrics_addr(cfg.metrics_addr)
@@ -300,7 +309,14 @@ def serve(args: argparse.Namespace) -> int:
     if args.config and args.log_level == "info":
         # The file's level applies unless --log-level says otherwise.
         logging.getLogger().setLevel(LOG_LEVELS[cfg.log_level])
-    daemon = Daemon(log_level=logging.getLogger().getEffectiveLevel())
+    daemon = Daemon(
+        log_level=logging.getLogger().getEffectiveLevel(),
+        isolate=cfg.isolate,
+        capture_dir=capture_dir(cfg),
+    )
+    # With isolate the device processes enter the sandbox, not this one: it
+    # starts them, and they open their TAPs with its capabilities first.
+    sandbox_self = args.sandbox and not cfg.isolate
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
@@ -333,7 +349,7 @@ def serve(args: argparse.Namespace) -> int:
         # entered (capabilities belong to threads): devices and the admin
         # socket are set up first and started after.
         for opts in cfg.devices:
-            daemon.add_device(opts, start=not args.sandbox)
+            daemon.add_device(opts, start=not sandbox_self)
         if cfg.admin_socket:
             from vfiouser_net.admin.server import start_admin_server
 
@@ -349,9 +365,9 @@ def serve(args: argparse.Namespace) -> int:
                 daemon,
                 group=cfg.admin_group,
                 capture=capture_hook(captures),
-                start=not args.sandbox,
+                start=not sandbox_self,
             )
-        if args.sandbox:
+        if sandbox_self:
             for dev in daemon.devices():
                 owner = tap_owner(dev.opts.tap)
                 if owner != os.geteuid():

@@ -46,6 +46,8 @@ class DaemonConfig:
     capture_dir: str | None = None
     metrics_addr: str = "127.0.0.1:9742"
     log_level: str = "info"
+    # Each device in a sandboxed process of its own (device_process.py).
+    isolate: bool = False
     devices: list[DeviceOptions] = field(default_factory=list)
 
 
@@ -61,6 +63,7 @@ _DAEMON_KEYS: dict[str, type] = {
     "capture_dir": str,
     "metrics_addr": str,
     "log_level": str,
+    "isolate": bool,
 }
 _DEVICE_KEYS: dict[str, type] = {
     "name": str,

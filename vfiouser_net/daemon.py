@@ -9,9 +9,15 @@ daemon's own loop only polls links, catching whatever one device raises.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import threading
 
 from vfiouser_net.device import DeviceError, DeviceOptions, VirtioNetDevice
+from vfiouser_net.device_process import DeviceProcess
+
+# A device served in this process, or in a process of its own.
+Device = VirtioNetDevice | DeviceProcess
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +35,34 @@ class DaemonError(RuntimeError):
 
 
 class Daemon:
-    def __init__(self, log_level: int = logging.INFO) -> None:
+    def __init__(
+        self,
+        log_level: int = logging.INFO,
+        *,
+        isolate: bool = False,
+        capture_dir: str = "",
+    ) -> None:
         self.log_level = log_level
+        self.isolate = isolate
+        self.capture_dir = capture_dir
         self.stop_event = threading.Event()
         self._lock = threading.RLock()
-        self._devices: dict[str, VirtioNetDevice] = {}
+        self._devices: dict[str, Device] = {}
+        # The device processes' admin sockets: the supervisor's alone.
+        self._run_dir = tempfile.mkdtemp(prefix="vfiouser-net-devices-") if isolate else ""
 
-    def devices(self) -> list[VirtioNetDevice]:
+    def devices(self) -> list[Device]:
         with self._lock:
             return list(self._devices.values())
 
-    def get(self, name: str) -> VirtioNetDevice:
+    def get(self, name: str) -> Device:
         with self._lock:
             dev = self._devices.get(name)
         if dev is None:
             raise DaemonError(f"no device named {name!r}")
         return dev
 
-    def add_device(self, opts: DeviceOptions, *, start: bool = True) -> VirtioNetDevice:
+    def add_device(self, opts: DeviceOptions, *, start: bool = True) -> Device:
         """Create and (unless start=False: see start_devices) start a device;
         its name and socket must be new."""
         with self._lock:
@@ -61,7 +77,16 @@ class Daemon:
                 if other.opts.tap == opts.tap:
                     raise DaemonError(f"TAP {opts.tap} is already used by {other.name}")
             opts.name = name
-            dev = VirtioNetDevice(opts, log_level=self.log_level)
+            dev: Device
+            if self.isolate:
+                dev = DeviceProcess(
+                    opts,
+                    run_dir=self._run_dir,
+                    capture_dir=self.capture_dir,
+                    log_level=self.log_level,
+                )
+            else:
+                dev = VirtioNetDevice(opts, log_level=self.log_level)
             try:
                 if start:
                     dev.start()
@@ -89,6 +114,12 @@ class Daemon:
         logging.getLogger().setLevel(LOG_LEVELS[level])
         self.log_level = LOG_LEVELS[level]
         log.info("log level %s", level)
+        for dev in self.devices():
+            if isinstance(dev, DeviceProcess):
+                try:
+                    dev.set_log_level(level)
+                except DeviceError as exc:
+                    log.warning("%s", exc)
 
     def run(self) -> None:
         """Until stop(): follow every device's link (the TAP's IFF_UP)."""
@@ -109,3 +140,5 @@ class Daemon:
                 self.remove_device(dev.name)
             except (DaemonError, DeviceError):
                 log.exception("device %s: stop failed", dev.name)
+        if self._run_dir:
+            shutil.rmtree(self._run_dir, ignore_errors=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import start_http_server
 from prometheus_client.core import (
@@ -23,7 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from vfiouser_net.device import VirtioNetDevice, format_mac
+from vfiouser_net.device import DeviceOptions, format_mac
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,25 @@ def _cumulative(counts: list[int], bounds: list[int]) -> list[tuple[str, float]]
     return buckets
 
 
+class _Transport(Protocol):
+    @property
+    def driver_resets(self) -> int: ...
+
+
+class MetricsDevice(Protocol):
+    """What a scrape reads of a device, in this process or in its own."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def opts(self) -> DeviceOptions: ...
+    @property
+    def resets(self) -> dict[str, int]: ...
+    @property
+    def transport(self) -> _Transport: ...
+    def snapshot(self) -> dict[str, Any]: ...
+
+
 # vn_dev_stats fields exported as vfiouser_net_device_events_total{event=...}.
 DEVICE_EVENTS = (
     "needs_reset",
@@ -87,7 +106,7 @@ DEVICE_EVENTS = (
 class DeviceCollector(Collector):
     """All devices of this daemon, as metric families."""
 
-    def __init__(self, devices: Callable[[], Iterable[VirtioNetDevice]]) -> None:
+    def __init__(self, devices: Callable[[], Iterable[MetricsDevice]]) -> None:
         self.devices = devices
 
     def describe(self) -> list[Metric]:
@@ -194,8 +213,14 @@ class _Families:
             "drains that timed out, TAP deletions and re-attachments.",
             [*d, "event"],
         )
+        self.process_exits = counter(
+            "device_process_exits",
+            "Device processes (serve --isolate) that ended without being asked to, by "
+            "reason (a signal such as SIGKILL or SIGSEGV, or exit N); each was started again.",
+            [*d, "reason"],
+        )
 
-    def add_device(self, dev: VirtioNetDevice) -> None:
+    def add_device(self, dev: MetricsDevice) -> None:
         snap: dict[str, Any] = dev.snapshot()
         name = dev.name
         for qp, queue in enumerate(snap["queues"]):
@@ -260,6 +285,10 @@ class _Families:
         self.dma.add_metric([name], max(0, device["dma_maps"] - device["dma_unmaps"]))
         for event in DEVICE_EVENTS:
             self.events.add_metric([name, event], device[event])
+        process = getattr(dev, "process", None)
+        if process is not None:
+            for reason, n in process.exits.items():
+                self.process_exits.add_metric([name, reason], n)
 
     def all(self) -> Iterator[Metric]:
         yield from (v for v in vars(self).values() if isinstance(v, Metric))
@@ -280,7 +309,7 @@ def parse_metrics_addr(text: str) -> tuple[str, int]:
     return host, number
 
 
-def serve_metrics(addr: str, devices: Callable[[], Iterable[VirtioNetDevice]]) -> CollectorRegistry:
+def serve_metrics(addr: str, devices: Callable[[], Iterable[MetricsDevice]]) -> CollectorRegistry:
     """Serve /metrics on addr (a thread of prometheus_client)."""
     host, port = parse_metrics_addr(addr)
     registry = CollectorRegistry()

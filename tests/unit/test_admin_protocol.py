@@ -286,6 +286,7 @@ def test_every_command_has_a_handler_and_help() -> None:
         "show",
         "queues",
         "stats",
+        "snapshot",
         "link",
         "steering",
         "log-level",

@@ -195,7 +195,14 @@ def _summary(dev: DeviceLike, snap: Mapping[str, Any]) -> dict[str, Any]:
         "max_queue_pairs": steer["max_queue_pairs"],
         "policy": steer["policy"],
         "effective": steer["effective"],
+        **_process(dev),
     }
+
+
+def _process(dev: DeviceLike) -> dict[str, Any]:
+    """Its process, when the device runs in one of its own (serve --isolate)."""
+    process = getattr(dev, "process", None)
+    return {} if process is None else {"process": process.as_dict()}
 
 
 @_command("help")
@@ -216,7 +223,33 @@ def _version(cmds: Commands, args: dict[str, Any], peer: Peer) -> Any:
 
 @_command("list")
 def _list(cmds: Commands, args: dict[str, Any], peer: Peer) -> Any:
-    return {"devices": [_summary(dev, dev.snapshot()) for dev in cmds.daemon.devices()]}
+    out = []
+    for dev in cmds.daemon.devices():
+        try:
+            out.append(_summary(dev, dev.snapshot()))
+        except DeviceError as exc:
+            # A device process being started again is listed, not an error
+            # for the whole list.
+            out.append(_unanswered(dev, str(exc)))
+    return {"devices": out}
+
+
+def _unanswered(dev: DeviceLike, why: str) -> dict[str, Any]:
+    return {
+        "name": dev.name,
+        "socket": dev.opts.socket_path,
+        "tap": dev.opts.tap,
+        "connected": False,
+        "link_up": False,
+        "status": 0,
+        "status_names": [],
+        "active_queue_pairs": 0,
+        "max_queue_pairs": dev.opts.queue_pairs,
+        "policy": dev.opts.steering,
+        "effective": "?",
+        "error": why,
+        **_process(dev),
+    }
 
 
 @_command("show")
@@ -269,6 +302,20 @@ def _stats(cmds: Commands, args: dict[str, Any], peer: Peer) -> Any:
         "ctrl": snap["ctrl"],
         "counters": snap["device"],
         "resets": dict(getattr(dev, "resets", {})),
+    }
+
+
+@_command("snapshot")
+def _snapshot(cmds: Commands, args: dict[str, Any], peer: Peer) -> Any:
+    dev = cmds.device(args["device"])
+    transport = getattr(dev, "transport", None)
+    resets = dict(getattr(dev, "resets", {}))
+    if transport is not None:
+        resets["driver"] = transport.driver_resets
+    return {
+        "snapshot": dev.snapshot(),
+        "resets": resets,
+        "operator_link_up": bool(getattr(dev, "operator_link_up", True)),
     }
 
 

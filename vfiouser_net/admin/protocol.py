@@ -498,6 +498,12 @@ COMMANDS: dict[str, CommandSpec] = {
             (_device_arg(),),
         ),
         CommandSpec(
+            "snapshot",
+            "everything the daemon knows of the device as one map, the metrics' source "
+            "(what a supervising daemon reads from a device process)",
+            (_device_arg(),),
+        ),
+        CommandSpec(
             "link",
             "the operator's link switch (the guest gets a config interrupt; the link is up "
             "only while the switch and the TAP are both up)",
