@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 RESTART_DELAY_SECONDS = 0.5
 START_TIMEOUT_SECONDS = 30.0
 CALL_TIMEOUT_SECONDS = 10.0
+# Exported at 0 for every device until one happens (Prometheus sees a series
+# start at 0, so an increase over any window is right, also the first one).
+COMMON_EXIT_REASONS = ("SIGKILL", "SIGSEGV", "SIGBUS", "SIGABRT", "SIGSYS")
 
 
 @dataclass

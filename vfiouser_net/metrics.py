@@ -24,6 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from vfiouser_net.device import DeviceOptions, format_mac
+from vfiouser_net.device_process import COMMON_EXIT_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -285,10 +286,13 @@ class _Families:
         self.dma.add_metric([name], max(0, device["dma_maps"] - device["dma_unmaps"]))
         for event in DEVICE_EVENTS:
             self.events.add_metric([name, event], device[event])
+        # A device in the daemon's own process has none: its series stay at 0.
+        exits = dict.fromkeys(COMMON_EXIT_REASONS, 0)
         process = getattr(dev, "process", None)
         if process is not None:
-            for reason, n in process.exits.items():
-                self.process_exits.add_metric([name, reason], n)
+            exits.update(process.exits)
+        for reason, n in exits.items():
+            self.process_exits.add_metric([name, reason], n)
 
     def all(self) -> Iterator[Metric]:
         yield from (v for v in vars(self).values() if isinstance(v, Metric))
