@@ -11,7 +11,6 @@ SIGTERM then stops the daemon and every device process within 2 s.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import json
 import os
@@ -27,17 +26,18 @@ import pytest
 
 from tests.e2e.device_fixtures import check_prerequisites
 from tests.e2e.test_security_e2e import (
-    GUEST_MEMORY_MB,
     SIGTERM_BOUND,
     Daemon,
     Vm,
+    boot_guests,
     probe,
     start_ping,
     stop_ping,
 )
-from tests.harness.guest import Guest, GuestPaths, vfio_user_pci_args
+from tests.harness.guest import GuestPaths
 from tests.harness.metrics import scrape_text
 from tests.harness.netns import NetNS, create_netns
+from tests.harness.procstat import proc_status
 
 VIRTIO_VENDOR = 0x1AF4
 PHASE_S = 3.0
@@ -61,14 +61,6 @@ def ctl_list(admin: Path) -> dict[str, Any]:
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout  # fmt: skip
     return {d["name"]: d for d in json.loads(out)["devices"]}
-
-
-def proc_status(pid: int) -> dict[str, str]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        out[key] = value.strip()
-    return out
 
 
 def test_device_processes_die_alone(ns: NetNS, tmp_path: Path) -> None:
@@ -110,24 +102,7 @@ def test_device_processes_die_alone(ns: NetNS, tmp_path: Path) -> None:
             assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2", (name, st)
             assert int(st["CapEff"], 16) == 0 and int(st["CapPrm"], 16) == 0, (name, st)
 
-        for vm in vms:
-            vm.guest = Guest(
-                paths=paths,
-                cpus=1,
-                memory_mb=GUEST_MEMORY_MB,
-                extra_args=vfio_user_pci_args(vm.socket, "vn0"),
-                workdir=tmp_path / vm.name,
-                name=vm.name,
-            )
-            stack.callback(vm.guest.close)
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            for fut in [pool.submit(vm.guest.start) for vm in vms if vm.guest]:
-                fut.result()
-        for vm in vms:
-            assert vm.guest is not None
-            vm.guest.check(f"ip addr add {vm.guest_addr}/26 dev eth0 && ip link set eth0 up")
-            vm.guest.wait_until("grep -qx 1 /sys/class/net/eth0/carrier", timeout=30)
-            vm.guest.wait_until(f"ping -c 1 -W 1 {vm.host}", timeout=30)
+        boot_guests(vms, paths, tmp_path, stack)
 
         metrics_url = ""
         for _ in range(100):

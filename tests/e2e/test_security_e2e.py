@@ -186,6 +186,31 @@ def probe(socket_path: Path) -> int:
         return c.config_read16(0)
 
 
+def boot_guests(
+    vms: list[Vm], paths: GuestPaths, tmp_path: Path, stack: contextlib.ExitStack
+) -> None:
+    """Boot a guest for each VM (in parallel), address it and wait until it
+    reaches the host side of its TAP; each is closed when ``stack`` unwinds."""
+    for vm in vms:
+        vm.guest = Guest(
+            paths=paths,
+            cpus=1,
+            memory_mb=GUEST_MEMORY_MB,
+            extra_args=vfio_user_pci_args(vm.socket, "vn0"),
+            workdir=tmp_path / vm.name,
+            name=vm.name,
+        )
+        stack.callback(vm.guest.close)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for fut in [pool.submit(vm.guest.start) for vm in vms if vm.guest]:
+            fut.result()
+    for vm in vms:
+        assert vm.guest is not None
+        vm.guest.check(f"ip addr add {vm.guest_addr}/26 dev eth0 && ip link set eth0 up")
+        vm.guest.wait_until("grep -qx 1 /sys/class/net/eth0/carrier", timeout=30)
+        vm.guest.wait_until(f"ping -c 1 -W 1 {vm.host}", timeout=30)
+
+
 @pytest.fixture
 def netns_for_test() -> Iterator[NetNS]:
     ns = create_netns()
@@ -233,24 +258,7 @@ def test_hostile_client_beside_two_vms(
         stack.callback(daemon.kill)
         daemon.wait_paths([vm.socket for vm in vms] + [hostile_sock, admin])
 
-        for vm in vms:
-            vm.guest = Guest(
-                paths=paths,
-                cpus=1,
-                memory_mb=GUEST_MEMORY_MB,
-                extra_args=vfio_user_pci_args(vm.socket, "vn0"),
-                workdir=tmp_path / vm.name,
-                name=vm.name,
-            )
-            stack.callback(vm.guest.close)
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            for fut in [pool.submit(vm.guest.start) for vm in vms if vm.guest]:
-                fut.result()
-        for vm in vms:
-            assert vm.guest is not None
-            vm.guest.check(f"ip addr add {vm.guest_addr}/26 dev eth0 && ip link set eth0 up")
-            vm.guest.wait_until("grep -qx 1 /sys/class/net/eth0/carrier", timeout=30)
-            vm.guest.wait_until(f"ping -c 1 -W 1 {vm.host}", timeout=30)
+        boot_guests(vms, paths, tmp_path, stack)
         figures["boot_s"] = round(time.monotonic() - t_start, 1)
 
         packet_sock = open_packet_socket(ns, "tap-hostile")

@@ -55,3 +55,12 @@ def proc_stat(pid: int) -> ProcStat:
         rss_anon_kib=int(status["RssAnon"][0]),
         cpu_seconds=cpu,
     )
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a map (NoNewPrivs, Seccomp, CapEff, ... as the kernel writes them)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out

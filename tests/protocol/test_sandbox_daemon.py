@@ -13,20 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.harness.metrics import scrape_text
+from tests.harness.procstat import proc_status
 from tests.harness.virtio_pci_driver import VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC
 from tests.protocol.support import (
     DeviceEnv,
     exchange_tagged,
     open_session,
 )
-
-
-def proc_status(pid: int) -> dict[str, str]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        out[key] = value.strip()
-    return out
 
 
 def traffic(env: DeviceEnv, label: str, frames: int = 10) -> None:
