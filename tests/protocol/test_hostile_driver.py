@@ -65,10 +65,18 @@ def assert_no_control_plane_errors(env: DeviceEnv) -> None:
     assert "Traceback" not in text and "callback failed" not in text, text[-4000:]
 
 
+# The random values of the fuzz attacks (bar0_writes, config_space_writes)
+# come from this seed, so that a run is repeatable; VN_HOSTILE_SEED=N or
+# "random" tries others. Seed 1628325499 makes bar0_writes stop receive on
+# every pair, before this session's changes too: a known open defect.
+HOSTILE_SEED = os.environ.get("VN_HOSTILE_SEED", "11")
+
+
 def test_hostile_driver_catalogue(
     env_factory: Callable[..., DeviceEnv], tmp_path: Path, record_property: Any
 ) -> None:
     env, admin = start_daemon(env_factory, tmp_path)
+    seed = None if HOSTILE_SEED == "random" else int(HOSTILE_SEED)
     _, ring_state = admin_sources(admin, None)
     assert env.server.proc is not None
     with HostileDriver(
@@ -79,6 +87,7 @@ def test_hostile_driver_catalogue(
         daemon_alive=env.server.alive,
         daemon_pid=env.server.proc.pid,
         daemon_log=env.log,
+        seed=seed,
     ) as hd:
         report = hd.run(QUEUE_ATTACKS)
     record_property("hostile_driver_report", json.dumps(report))
