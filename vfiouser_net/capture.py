@@ -23,6 +23,10 @@ from vfiouser_net.native import ffi, lib
 # The capture directory without --capture-dir or capture_dir: systemd's
 # StateDirectory= when it set one ($STATE_DIRECTORY), else this.
 DEFAULT_CAPTURE_DIR = "/var/lib/vfiouser-net"
+# A capture asked for by count alone still ends; one asked by time alone
+# takes whatever arrives.
+CAPTURE_MAX_SECONDS = 600.0
+CAPTURE_MAX_FRAMES = 10_000_000
 PCAP_MAGIC_NS = 0xA1B23C4D  # nanosecond timestamps
 LINKTYPE_ETHERNET = 1
 _HDR = struct.Struct("<IIQII")

@@ -13,7 +13,22 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from vfiouser_net.capture import DEFAULT_CAPTURE_DIR, default_capture_dir
+from vfiouser_net.budget import (
+    DATA_HEADROOM_MIB,
+    DEFAULT_MEMORY_MIB,
+    DEFAULT_NOFILE,
+    EXIT_MEMORY,
+    EXIT_NOFILE,
+    NOFILE_HEADROOM,
+    Budget,
+)
+from vfiouser_net.budget import watch as watch_budget
+from vfiouser_net.capture import (
+    CAPTURE_MAX_FRAMES,
+    CAPTURE_MAX_SECONDS,
+    DEFAULT_CAPTURE_DIR,
+    default_capture_dir,
+)
 from vfiouser_net.config import ConfigError, DaemonConfig, default_mac
 from vfiouser_net.config import load as load_config
 from vfiouser_net.daemon import LOG_LEVELS, Daemon, DaemonError
@@ -29,7 +44,7 @@ from vfiouser_net.device import (
 )
 from vfiouser_net.metrics import DEFAULT_METRICS_PORT, parse_metrics_addr, serve_metrics
 from vfiouser_net.native import lib
-from vfiouser_net.sandbox import SandboxError, SandboxLimits
+from vfiouser_net.sandbox import SandboxError, SandboxLimits, sanitizer_loaded
 from vfiouser_net.sandbox import enter as enter_sandbox
 from vfiouser_net.tap import TapError
 from vfiouser_net.virtio_spec import feature_names
@@ -178,8 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--sandbox-nofile",
         type=_positive_int,
-        default=4096,
-        help="with --sandbox: the process's file descriptor limit (default 4096)",
+        default=DEFAULT_NOFILE,
+        help="with --sandbox: open files the process may hold; over it, the process ends "
+        f"(exit {EXIT_NOFILE}) for a fresh one to start (default {DEFAULT_NOFILE}; the kernel's "
+        f"limit is {NOFILE_HEADROOM} above)",
+    )
+    serve.add_argument(
+        "--sandbox-memory",
+        type=_positive_int,
+        default=DEFAULT_MEMORY_MIB,
+        metavar="MIB",
+        help="with --sandbox: private memory (RssAnon) the process may use, in MiB; over it, "
+        f"the process ends (exit {EXIT_MEMORY}) (default {DEFAULT_MEMORY_MIB}; RLIMIT_DATA is "
+        f"{DATA_HEADROOM_MIB} MiB above)",
     )
     serve.add_argument(
         "--speed",
@@ -225,6 +251,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         mac_seed = socket_path or args.name or args.tap
         mac = parse_mac(args.mac) if args.mac else default_mac(mac_seed)
         cfg = DaemonConfig(
+            isolate=False,
             devices=[
                 DeviceOptions(
                     socket_path=socket_path,
@@ -240,7 +267,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
                     name=args.name,
                     listen_fd=fd,
                 )
-            ]
+            ],
         )
     if args.metrics_addr is not None:
         cfg.metrics_addr = args.metrics_addr
@@ -260,12 +287,6 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
     for opts in cfg.devices:
         opts.validate()
     return cfg
-
-
-# A capture asked for by count alone still ends; one asked by time alone
-# takes whatever arrives.
-CAPTURE_MAX_SECONDS = 600.0
-CAPTURE_MAX_FRAMES = 10_000_000
 
 
 def capture_hook(directory: str) -> CaptureHook:
@@ -313,6 +334,7 @@ def serve(args: argparse.Namespace) -> int:
         log_level=logging.getLogger().getEffectiveLevel(),
         isolate=cfg.isolate,
         capture_dir=capture_dir(cfg),
+        device_budget=Budget(cfg.device_nofile, cfg.device_memory_max),
     )
     # With isolate the device processes enter the sandbox, not this one: it
     # starts them, and they open their TAPs with its capabilities first.
@@ -380,7 +402,21 @@ def serve(args: argparse.Namespace) -> int:
                         "nobody" if owner is None else f"user {owner}",
                         os.geteuid(),
                     )
-            enter_sandbox(SandboxLimits(nofile=args.sandbox_nofile))
+            budget = Budget(args.sandbox_nofile, args.sandbox_memory)
+            try:
+                budget.validate()
+            except ValueError as exc:
+                raise ConfigError(f"--sandbox: {exc}") from exc
+            enter_sandbox(
+                SandboxLimits(
+                    nofile=budget.nofile + NOFILE_HEADROOM,
+                    # ASan's shadow is private data of terabytes: no limit there.
+                    data_bytes=0
+                    if sanitizer_loaded()
+                    else (budget.memory_mib + DATA_HEADROOM_MIB) << 20,
+                )
+            )
+            watch_budget(budget, ", ".join(f"device {d.name}" for d in daemon.devices()))
             daemon.start_devices()
             if admin is not None:
                 admin.start()

@@ -6,6 +6,9 @@
     capture_dir = "/var/lib/vfiouser-net"            # optional: where ctl capture writes
     metrics_addr = "127.0.0.1:9742"                  # or "none"
     log_level = "info"
+    isolate = true                                   # optional: a sandboxed process per device
+    device_nofile = 1024                             # optional: a device process's open files
+    device_memory_max = 256                          # optional: ... and private memory, MiB
 
     [[device]]
     name = "vm1"                                     # optional: default from the socket name
@@ -19,6 +22,8 @@
     notify_mode = "message"                          # optional: or "poll" (a core per pair)
     busy_poll_us = 50                                # optional: 0 turns it off
     speed = 10000                                    # optional, Mbit/s
+    nofile = 1024                                    # optional: device_nofile for this one
+    memory_max = 256                                 # optional: device_memory_max, MiB
 
 Every error names the file, the entry and the key.
 """
@@ -31,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vfiouser_net.budget import DEFAULT_MEMORY_MIB, DEFAULT_NOFILE, Budget
 from vfiouser_net.device import DEFAULT_BUSY_POLL_US, DeviceError, DeviceOptions, parse_mac
 
 
@@ -46,8 +52,13 @@ class DaemonConfig:
     capture_dir: str | None = None
     metrics_addr: str = "127.0.0.1:9742"
     log_level: str = "info"
-    # Each device in a sandboxed process of its own (device_process.py).
-    isolate: bool = False
+    # Each device in a sandboxed process of its own (device_process.py): the
+    # default for a configuration file; `serve` of one device from flags runs
+    # it in its own process already (--sandbox for the sandbox).
+    isolate: bool = True
+    # A device process's budget (budget.py), unless its entry says otherwise.
+    device_nofile: int = DEFAULT_NOFILE
+    device_memory_max: int = DEFAULT_MEMORY_MIB
     devices: list[DeviceOptions] = field(default_factory=list)
 
 
@@ -64,6 +75,8 @@ _DAEMON_KEYS: dict[str, type] = {
     "metrics_addr": str,
     "log_level": str,
     "isolate": bool,
+    "device_nofile": int,
+    "device_memory_max": int,
 }
 _DEVICE_KEYS: dict[str, type] = {
     "name": str,
@@ -77,6 +90,8 @@ _DEVICE_KEYS: dict[str, type] = {
     "speed": int,
     "notify_mode": str,
     "busy_poll_us": int,
+    "nofile": int,
+    "memory_max": int,
 }
 
 
@@ -108,8 +123,16 @@ def device_options(where: str, entry: dict[str, Any]) -> DeviceOptions:
             busy_poll_us=entry.get("busy_poll_us", DEFAULT_BUSY_POLL_US),
             speed_mbps=entry.get("speed", 10000),
             name=entry.get("name", ""),
+            nofile=entry.get("nofile", 0),
+            memory_max_mib=entry.get("memory_max", 0),
         )
         opts.validate()
+        if opts.nofile or opts.memory_max_mib:
+            Budget(
+                opts.nofile or DEFAULT_NOFILE, opts.memory_max_mib or DEFAULT_MEMORY_MIB
+            ).validate()
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
     except DeviceError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
     return opts
@@ -139,6 +162,10 @@ def load(path: str | Path) -> DaemonConfig:
             f"{path}: [daemon] log_level must be debug, info, warning or error, "
             f"not {cfg.log_level!r}"
         )
+    try:
+        Budget(cfg.device_nofile, cfg.device_memory_max).validate()
+    except ValueError as exc:
+        raise ConfigError(f"{path}: [daemon] {exc}") from exc
     devices = raw.get("device", [])
     if not isinstance(devices, list):
         raise ConfigError(f"{path}: devices are [[device]] tables")

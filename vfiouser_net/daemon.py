@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 
+from vfiouser_net.budget import Budget
 from vfiouser_net.device import DeviceError, DeviceOptions, VirtioNetDevice
 from vfiouser_net.device_process import DeviceProcess
 
@@ -41,10 +42,12 @@ class Daemon:
         *,
         isolate: bool = False,
         capture_dir: str = "",
+        device_budget: Budget | None = None,
     ) -> None:
         self.log_level = log_level
         self.isolate = isolate
         self.capture_dir = capture_dir
+        self.device_budget = device_budget or Budget()
         self.stop_event = threading.Event()
         self._lock = threading.RLock()
         self._devices: dict[str, Device] = {}
@@ -84,6 +87,10 @@ class Daemon:
                     run_dir=self._run_dir,
                     capture_dir=self.capture_dir,
                     log_level=self.log_level,
+                    budget=Budget(
+                        opts.nofile or self.device_budget.nofile,
+                        opts.memory_max_mib or self.device_budget.memory_mib,
+                    ),
                 )
             else:
                 dev = VirtioNetDevice(opts, log_level=self.log_level)

@@ -101,6 +101,10 @@ class DeviceOptions:
     # A listening socket handed to us (--fd, systemd socket activation)
     # instead of a path to bind.
     listen_fd: int | None = None
+    # Its process's budget when it runs in one of its own (isolate); 0: the
+    # daemon's default (budget.py).
+    nofile: int = 0
+    memory_max_mib: int = 0
 
     def validate(self) -> None:
         if not self.socket_path and self.listen_fd is None:

@@ -30,17 +30,38 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vfiouser_net.admin.protocol import AdminClient, ProtocolError, RemoteError, Unreachable
+from vfiouser_net.budget import EXIT_REASONS, Budget
+from vfiouser_net.capture import CAPTURE_MAX_FRAMES
 from vfiouser_net.device import DeviceError, DeviceOptions, format_mac
 
 log = logging.getLogger(__name__)
 
-# A child that keeps dying is started again at most this often.
+# A child that keeps dying is started again after a delay that doubles with
+# each death that follows a short life, up to the maximum; one that lived
+# RESTART_RESET_SECONDS starts the count again.
 RESTART_DELAY_SECONDS = 0.5
+RESTART_DELAY_MAX_SECONDS = 30.0
+RESTART_RESET_SECONDS = 60.0
 START_TIMEOUT_SECONDS = 30.0
 CALL_TIMEOUT_SECONDS = 10.0
+# The health check: a snapshot asked every HEALTH_SECONDS; a process that
+# answers none for HANG_SECONDS is killed as hung ("hang"). Scrapes read the
+# last answer, so a hung child never holds a scrape.
+HEALTH_SECONDS = 1.0
+HEALTH_TIMEOUT_SECONDS = 2.0
+HANG_SECONDS = 6.0
+STALE_SECONDS = 5.0
 # Exported at 0 for every device until one happens (Prometheus sees a series
 # start at 0, so an increase over any window is right, also the first one).
-COMMON_EXIT_REASONS = ("SIGKILL", "SIGSEGV", "SIGBUS", "SIGABRT", "SIGSYS")
+COMMON_EXIT_REASONS = (
+    "SIGKILL",
+    "SIGSEGV",
+    "SIGBUS",
+    "SIGABRT",
+    "SIGSYS",
+    "hang",
+    *EXIT_REASONS.values(),
+)
 
 
 @dataclass
@@ -67,7 +88,10 @@ class ProcessInfo:
 
 
 def exit_reason(returncode: int) -> str:
-    """"SIGKILL", "SIGSEGV", ... for a signal, "exit N" otherwise."""
+    """ "SIGKILL", "SIGSEGV", ... for a signal, "nofile" or "memory" for a
+    process over its budget, "exit N" otherwise."""
+    if returncode in EXIT_REASONS:
+        return EXIT_REASONS[returncode]
     if returncode < 0:
         try:
             return signal.Signals(-returncode).name
@@ -87,6 +111,7 @@ class DeviceProcess:
         run_dir: str,
         capture_dir: str,
         log_level: int = logging.INFO,
+        budget: Budget | None = None,
     ) -> None:
         if not opts.socket_path and opts.listen_fd is None:
             raise DeviceError(f"device {opts.name}: a process needs a socket path or fd")
@@ -94,6 +119,7 @@ class DeviceProcess:
         self.name = opts.name
         self.capture_dir = capture_dir
         self.log_level = log_level
+        self.budget = budget or Budget()
         self.admin_path = os.path.join(run_dir, f"{self.name}.device.sock")
         self.process = ProcessInfo()
         self.transport = _Driver()
@@ -103,6 +129,12 @@ class DeviceProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._health: threading.Thread | None = None
+        self._started_at = 0.0
+        self._restart_delay = RESTART_DELAY_SECONDS
+        # What the health check killed the process for (its exit's reason).
+        self._kill_reason: str | None = None
+        self._last_reply: tuple[float, dict[str, Any]] | None = None
         self._listener: socket.socket | None = None
         if opts.listen_fd is not None:
             self._listen_fd = opts.listen_fd
@@ -138,6 +170,8 @@ class DeviceProcess:
             "--notify-mode", o.notify_mode, "--busy-poll-us", str(o.busy_poll_us),
             "--speed", str(o.speed_mbps), "--metrics-addr", "none",
             "--admin-socket", self.admin_path, "--capture-dir", self.capture_dir, "--sandbox",
+            "--sandbox-nofile", str(self.budget.nofile),
+            "--sandbox-memory", str(self.budget.memory_mib),
         ]  # fmt: skip
 
     def _spawn(self) -> None:
@@ -146,6 +180,9 @@ class DeviceProcess:
         proc = subprocess.Popen(self._argv(), pass_fds=[self._listen_fd], stdin=subprocess.DEVNULL)
         with self._lock:
             self._proc = proc
+            self._kill_reason = None
+            self._last_reply = None
+            self._started_at = time.monotonic()
             self.process.pid = proc.pid
             self.process.starts += 1
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
@@ -162,10 +199,12 @@ class DeviceProcess:
             code = None if proc is None else proc.returncode
             self.stop()
             raise DeviceError(f"device {self.name}: its process did not start (exit {code})")
-        self._watcher = threading.Thread(
-            target=self._watch, name=f"watch-{self.name}", daemon=True
-        )
+        self._watcher = threading.Thread(target=self._watch, name=f"watch-{self.name}", daemon=True)
         self._watcher.start()
+        self._health = threading.Thread(
+            target=self._check_health, name=f"health-{self.name}", daemon=True
+        )
+        self._health.start()
 
     def _watch(self) -> None:
         while not self._stopping.is_set():
@@ -175,24 +214,65 @@ class DeviceProcess:
             rc = proc.wait()
             if self._stopping.is_set():
                 return
-            reason = exit_reason(rc)
             with self._lock:
+                reason = self._kill_reason or exit_reason(rc)
                 self.process.exits[reason] = self.process.exits.get(reason, 0) + 1
                 self.process.last_exit = reason
+                lived = time.monotonic() - self._started_at
+            if lived >= RESTART_RESET_SECONDS:
+                self._restart_delay = RESTART_DELAY_SECONDS
+            delay = self._restart_delay
+            self._restart_delay = min(delay * 2, RESTART_DELAY_MAX_SECONDS)
             log.error(
-                "device %s: its process %d ended (%s); starting a new one on %s",
+                "device %s: its process %d ended (%s) after %.1f s; starting a new one on %s "
+                "in %.1f s",
                 self.name,
                 proc.pid,
                 reason,
+                lived,
                 self.opts.socket_path or f"fd {self._listen_fd}",
+                delay,
             )
-            if self._stopping.wait(RESTART_DELAY_SECONDS):
+            if self._stopping.wait(delay):
                 return
             try:
                 self._spawn()
             except OSError:
                 log.exception("device %s: starting its process failed", self.name)
                 self._stopping.wait(RESTART_DELAY_SECONDS)
+
+    def _check_health(self) -> None:
+        silent_since: float | None = None
+        while not self._stopping.wait(HEALTH_SECONDS):
+            proc = self._proc
+            if proc is None or proc.poll() is not None:
+                silent_since = None
+                continue
+            try:
+                self._snapshot_call(HEALTH_TIMEOUT_SECONDS)
+                silent_since = None
+                continue
+            except DeviceError as exc:
+                now = time.monotonic()
+                if now - self._started_at < START_TIMEOUT_SECONDS and self._last_reply is None:
+                    continue  # still starting
+                if silent_since is None:
+                    silent_since = now
+                    log.warning("%s", exc)
+                if now - silent_since < HANG_SECONDS:
+                    continue
+            log.error(
+                "device %s: its process %d answered nothing for %.0f s: killing it as hung",
+                self.name,
+                proc.pid,
+                HANG_SECONDS,
+            )
+            with self._lock:
+                if self._proc is proc:
+                    self._kill_reason = "hang"
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            silent_since = None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -204,8 +284,9 @@ class DeviceProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if self._watcher is not None and self._watcher is not threading.current_thread():
-            self._watcher.join(5)
+        for t in (self._watcher, self._health):
+            if t is not None and t is not threading.current_thread():
+                t.join(5)
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -228,11 +309,25 @@ class DeviceProcess:
         return bool(self.snapshot()["connected"])
 
     def snapshot(self) -> dict[str, Any]:
-        reply = self._call("snapshot", device=self.name)
+        return self._snapshot_call(CALL_TIMEOUT_SECONDS)
+
+    def cached_snapshot(self) -> dict[str, Any]:
+        """The health check's last snapshot (at most STALE_SECONDS old): what a
+        scrape reads, never waiting for the process."""
+        with self._lock:
+            last = self._last_reply
+        if last is None or time.monotonic() - last[0] > STALE_SECONDS:
+            raise DeviceError(f"device {self.name}: its process has not answered lately")
+        return last[1]
+
+    def _snapshot_call(self, timeout: float) -> dict[str, Any]:
+        reply = self._call("snapshot", timeout=timeout, device=self.name)
         self.resets = {k: v for k, v in reply["resets"].items() if k != "driver"}
         self.transport.driver_resets = int(reply["resets"].get("driver", 0))
         self.operator_link_up = bool(reply["operator_link_up"])
         snap: dict[str, Any] = reply["snapshot"]
+        with self._lock:
+            self._last_reply = (time.monotonic(), snap)
         return snap
 
     def steering(self) -> dict[str, Any]:
@@ -255,8 +350,13 @@ class DeviceProcess:
         self, directory: str, name: str, *, queue: int, count: int, seconds: float
     ) -> dict[str, Any]:
         # The child writes the file itself, in the same capture directory.
-        args: dict[str, Any] = {"device": self.name, "file": name, "count": count}
-        args["seconds"] = seconds
+        # The admin protocol takes one of count and seconds; the other is the
+        # default maximum, as the child's own hook would fill it.
+        args: dict[str, Any] = {"device": self.name, "file": name}
+        if count < CAPTURE_MAX_FRAMES:
+            args["count"] = count
+        else:
+            args["seconds"] = seconds
         if queue >= 0:
             args["queue"] = queue
         result: dict[str, Any] = self._call("capture", timeout=seconds + 30, **args)

@@ -222,8 +222,18 @@ class _Families:
         )
 
     def add_device(self, dev: MetricsDevice) -> None:
-        snap: dict[str, Any] = dev.snapshot()
         name = dev.name
+        # First: a device process that does not answer still has its exits.
+        # A device in the daemon's own process has none: its series stay at 0.
+        exits = dict.fromkeys(COMMON_EXIT_REASONS, 0)
+        process = getattr(dev, "process", None)
+        if process is not None:
+            exits.update(process.exits)
+        for reason, n in exits.items():
+            self.process_exits.add_metric([name, reason], n)
+        # A device process's last answer to the health check: a scrape never
+        # waits for a process.
+        snap: dict[str, Any] = getattr(dev, "cached_snapshot", dev.snapshot)()
         for qp, queue in enumerate(snap["queues"]):
             for direction in ("rx", "tx"):
                 s = queue[direction]
@@ -286,13 +296,6 @@ class _Families:
         self.dma.add_metric([name], max(0, device["dma_maps"] - device["dma_unmaps"]))
         for event in DEVICE_EVENTS:
             self.events.add_metric([name, event], device[event])
-        # A device in the daemon's own process has none: its series stay at 0.
-        exits = dict.fromkeys(COMMON_EXIT_REASONS, 0)
-        process = getattr(dev, "process", None)
-        if process is not None:
-            exits.update(process.exits)
-        for reason, n in exits.items():
-            self.process_exits.add_metric([name, reason], n)
 
     def all(self) -> Iterator[Metric]:
         yield from (v for v in vars(self).values() if isinstance(v, Metric))

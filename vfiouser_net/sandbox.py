@@ -54,3 +54,13 @@ def enter(limits: SandboxLimits) -> None:
 def refused_syscalls() -> int:
     """System calls the sandbox refused so far (each also logged on stderr)."""
     return int(lib.vn_sandbox_refused())
+
+
+def sanitizer_loaded() -> bool:
+    """Whether AddressSanitizer runs in this process (its shadow memory is
+    terabytes of private data: RLIMIT_DATA cannot apply)."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            return any("libasan" in line for line in f)
+    except OSError:
+        return False

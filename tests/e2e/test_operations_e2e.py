@@ -71,6 +71,7 @@ import vfiouser_net
 from tests.e2e.device_fixtures import PingResult, check_prerequisites, require
 from tests.harness.guest import Guest, GuestPaths, vfio_user_pci_args
 from tests.harness.netns import NetNS, netns
+from tests.harness.procstat import proc_status
 from tests.harness.systemd_unit import (
     UnitFile,
     exec_argv,
@@ -809,6 +810,14 @@ def test_host_daemon_two_devices(guest_paths: GuestPaths, tmp_path: Path) -> Non
         assert set(devices) == {"vm1", "vm2"}
         assert all(d["connected"] for d in devices.values()), devices
         assert devices["vm2"]["max_queue_pairs"] == 2
+        # isolate is the default: each device in a sandboxed process of its own,
+        # under the unit's user, started by the daemon.
+        for name, d in devices.items():
+            pid = d["process"]["pid"]
+            assert pid != daemon.pid and proc_status(pid)["PPid"] == str(daemon.pid), (name, d)
+            st = proc_status(pid)
+            assert st["Seccomp"] == "2" and int(st["CapEff"], 16) == 0, (name, st)
+            assert st["Uid"].split()[0] == str(sandbox.uid), (name, st)
         metrics = scrape(ns, daemon.metrics_url())
         for name in nets:
             assert re.search(rf'vfiouser_net_device_info\{{[^}}]*device="{name}"', metrics)

@@ -681,9 +681,7 @@ def admin_seeds() -> dict[str, bytes]:
             },
         ),
         "remove": request(11, "remove", {"device": "vm2"}),
-        "capture-count": request(
-            12, "capture", {"device": "vm1", "count": 10, "file": "a.pcap"}
-        ),
+        "capture-count": request(12, "capture", {"device": "vm1", "count": 10, "file": "a.pcap"}),
         "capture-seconds": request(
             13, "capture", {"device": "vm1", "seconds": 1.5, "queue": 0, "file": "b.pcap"}
         ),

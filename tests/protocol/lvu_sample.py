@@ -30,7 +30,6 @@ def find_sample_server() -> str | None:
 SAMPLE = find_sample_server()
 
 
-
 def require_sample() -> str:
     """The binary; a skip when it is missing (a failure under CI=true)."""
     if SAMPLE is None:

@@ -30,7 +30,6 @@ from tests.protocol.lvu_sample import SampleServer
 log = logging.getLogger(__name__)
 
 
-
 def test_negotiate_and_disconnect_cleanly(sample_server: SampleServer) -> None:
     c = vu.VfioUserClient(sample_server.sock, timeout=5)
     sv = c.negotiate()

@@ -28,8 +28,6 @@ from tests.protocol.support import DeviceEnv, open_session
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-
-
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -40,8 +38,9 @@ def memfd(size: int, name: str = "dma") -> int:
     return fd
 
 
-def refused(c: vu.VfioUserClient, iova: int, size: int, fd: int, offset: int = 0,
-            prot: int = vu.DMA_RW) -> int:
+def refused(
+    c: vu.VfioUserClient, iova: int, size: int, fd: int, offset: int = 0, prot: int = vu.DMA_RW
+) -> int:
     """DMA_MAP that must fail; returns the errno of the reply."""
     with pytest.raises(vu.VfioUserError) as e:
         c.dma_map(iova, size, fd, offset, prot)
@@ -137,8 +136,12 @@ def test_set_irqs_range_that_wraps_is_refused(env: DeviceEnv) -> None:
             assert e.value.errno == 22
         env.assert_alive()
         # The vector set before is still there: a proper disable of it works.
-        c.set_irqs_raw(VFIO_PCI_MSIX_IRQ_INDEX, 0, 1,
-                       vu.VFIO_IRQ_SET_ACTION_TRIGGER | vu.VFIO_IRQ_SET_DATA_EVENTFD)
+        c.set_irqs_raw(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            0,
+            1,
+            vu.VFIO_IRQ_SET_ACTION_TRIGGER | vu.VFIO_IRQ_SET_DATA_EVENTFD,
+        )
     finally:
         os.close(ev)
 
@@ -210,7 +213,6 @@ def test_notify_page_memfd_is_sealed(env_factory: Any) -> None:
     finally:
         info.close_fds()
     env.assert_alive()
-
 
 
 # 0005-socket-timeouts-and-broken-body

@@ -45,6 +45,7 @@ REQUIRED_ALERTS = {
     "VfiouserNetQueueImbalance",
     "VfiouserNetDeviceNeedsReset",
     "VfiouserNetHostileClient",
+    "VfiouserNetDeviceProcessEnded",
 }
 # Series Prometheus makes itself, allowed in rules.
 PROMETHEUS_SERIES = {"up"}
@@ -196,7 +197,9 @@ def reason_names() -> set[str]:
 
     drops = {ffi.string(lib.vn_drop_reason_name(i)).decode() for i in range(lib.VN_DROP__COUNT)}
     errors = {ffi.string(lib.vn_error_reason_name(i)).decode() for i in range(lib.VN_ERR__COUNT)}
-    return drops | errors
+    from vfiouser_net.device_process import COMMON_EXIT_REASONS
+
+    return drops | errors | set(COMMON_EXIT_REASONS)
 
 
 # -- PromQL and YAML, enough for these files ---------------------------------------

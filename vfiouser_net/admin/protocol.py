@@ -455,6 +455,23 @@ _ADD_ARGS = (
         maximum=(1 << 32) - 1,
         metavar="MBPS",
     ),
+    ArgSpec(
+        "nofile",
+        "int",
+        "open files its process may hold, with isolate (default: the daemon's device_nofile)",
+        minimum=16,
+        maximum=1 << 20,
+        metavar="N",
+    ),
+    ArgSpec(
+        "memory_max",
+        "int",
+        "private memory its process may use in MiB, with isolate "
+        "(default: the daemon's device_memory_max)",
+        minimum=16,
+        maximum=1 << 20,
+        metavar="MIB",
+    ),
 )
 
 COMMANDS: dict[str, CommandSpec] = {
