@@ -487,6 +487,9 @@ class VirtioNetDevice:
     def needs_reset(self) -> bool:
         return bool(lib.vn_dev_get_needs_reset(self._dev))
 
+    def take_isr(self) -> int:
+        return int(lib.vn_dev_take_isr(self._dev))
+
     # -- hooks from C ----------------------------------------------------------
 
     def bar_access(self, offset: int, buf: Any, count: int, is_write: bool) -> int:

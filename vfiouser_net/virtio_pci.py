@@ -41,6 +41,10 @@ class TransportBackend(Protocol):
     def set_config_vector(self, vector: int) -> None: ...
 
     def needs_reset(self) -> bool: ...
+    def take_isr(self) -> int:
+        """ISR bits the datapath set since the last call (queue interrupts
+        while MSI-X is disabled)."""
+        ...
 
 
 @dataclass
@@ -321,7 +325,7 @@ class VirtioPciTransport:
             if self.backend.needs_reset() and not self._needs_reset_signalled:
                 self._needs_reset_signalled = True
                 self.isr |= 2
-            value, self.isr = self.isr, 0
+            value, self.isr = self.isr | self.backend.take_isr(), 0
             return value
 
     def config_changed(self) -> int:

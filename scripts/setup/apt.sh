@@ -5,7 +5,9 @@
 # archivers for the guest initramfs, clang (+ its runtime for sanitizers and
 # libFuzzer, and llvm for llvm-cov: scripts/fuzz.sh --coverage) and
 # prometheus (promtool); gdb, for the isolation test to make a device
-# process allocate or call a forbidden system call, as a bug in it would.
+# process allocate or call a forbidden system call, as a bug in it would;
+# dnsmasq (DHCP and TFTP), OVMF and iPXE (snponly.efi) for the network boot
+# tests.
 #
 # Why a script: machines are handed over fresh; whatever the project needs
 # must be installed by the project's own files. Only calls apt-get when a
@@ -27,7 +29,7 @@ PKGS=(
     clang llvm
     prometheus
     systemd shellcheck libvirt-clients libxml2-utils
-    gdb
+    gdb dnsmasq-base ovmf ipxe
 )
 # Runtime of the default clang (sanitizers, libFuzzer): clang 14 on Debian 12,
 # clang 19 on Debian 13.

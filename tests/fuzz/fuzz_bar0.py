@@ -99,6 +99,9 @@ class CheckingBackend:
     def needs_reset(self) -> bool:
         return self.broken
 
+    def take_isr(self) -> int:
+        return 0
+
 
 def make_device() -> tuple[devmod.VirtioNetDevice, CheckingBackend]:
     # Only what bar_access and _device_config use: no TAP, no context.

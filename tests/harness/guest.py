@@ -199,8 +199,12 @@ class Guest:
         workdir: Path | None = None,
         name: str = "guest",
         qmp: bool = True,
+        direct_boot: bool = True,
     ) -> None:
         self.paths = paths or GuestPaths.from_cache()
+        # False: no -kernel/-initrd; the firmware boots what extra_args give
+        # (a network boot fetches the same kernel and initrd).
+        self.direct_boot = direct_boot
         self.cpus = cpus
         self.memory_mb = memory_mb
         self.extra_args = list(extra_args)
@@ -250,13 +254,10 @@ class Guest:
             "none",
             "-serial",
             "stdio",
-            "-kernel",
-            str(self.paths.kernel),
-            "-initrd",
-            str(self._initrd()),
-            "-append",
-            self.cmdline,
         ]
+        if self.direct_boot:
+            argv += ["-kernel", str(self.paths.kernel), "-initrd", str(self._initrd())]
+            argv += ["-append", self.cmdline]
         if self.qmp_socket is not None:
             argv += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
         return argv + self.extra_args

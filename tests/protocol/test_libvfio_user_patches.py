@@ -12,6 +12,7 @@ DMA_MAP time, but the client keeps the file and can shrink it later).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -257,3 +258,39 @@ def test_half_a_message_does_not_hold_up_sigterm(env: DeviceEnv) -> None:
     assert took < 2, f"SIGTERM took {took:.2f} s"
     # The next client of the same socket is the subject of the other tests;
     # here the daemon must simply be gone in time.
+
+
+# 0013-irq-error-request-own-eventfds
+def test_error_eventfd_never_gets_a_device_interrupt(
+    sample_server: SampleServer, sample_client: vu.VfioUserClient
+) -> None:
+    """QEMU registers an error eventfd at start (VFIO_PCI_ERR_IRQ_INDEX). The
+    unpatched library put it in interrupt slot 0, so the device's next
+    interrupt 0 reported an unrecoverable error (QEMU stops the VM). The
+    sample server raises interrupt 0 (its INTx) when a time written to its
+    BAR0 comes."""
+    intx, error = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    # After its interrupt the sample does DMA to its first region: give it one.
+    fd = memfd(1 << 20)
+    try:
+        sample_client.dma_map(0, 1 << 20, fd)
+        sample_client.set_irqs(vu.VFIO_PCI_INTX_IRQ_INDEX, 0, [intx])
+        sample_client.set_irqs(vu.VFIO_PCI_ERR_IRQ_INDEX, 0, [error])
+        sample_client.region_write(0, 0, int(time.time() + 1).to_bytes(8, "little"))
+        deadline = time.monotonic() + 5
+        fired: list[str] = []
+        while not fired and time.monotonic() < deadline:
+            for name, fd in (("intx", intx), ("error", error)):
+                try:
+                    os.eventfd_read(fd)
+                    fired.append(name)
+                except BlockingIOError:
+                    pass
+            time.sleep(0.05)
+        assert fired == ["intx"], f"interrupt 0 reached {fired or 'nothing'}"
+        assert sample_server.proc.poll() is None
+    finally:
+        os.close(intx)
+        os.close(error)
+        with contextlib.suppress(OSError):  # the client may have closed it with the connection
+            os.close(fd)

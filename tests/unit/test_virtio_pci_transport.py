@@ -19,6 +19,7 @@ class FakeBackend:
         self.config_vector = NO_VECTOR
         self.start_ok = start_ok
         self.broken = False
+        self.isr_bits = 0
 
     def configure_queue(
         self, index: int, size: int, desc: int, driver: int, device: int, vector: int
@@ -37,6 +38,10 @@ class FakeBackend:
 
     def set_config_vector(self, vector: int) -> None:
         self.config_vector = vector
+
+    def take_isr(self) -> int:
+        bits, self.isr_bits = self.isr_bits, 0
+        return bits
 
     def needs_reset(self) -> bool:
         return self.broken

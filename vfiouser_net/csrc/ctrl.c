@@ -343,9 +343,7 @@ void vn_ctrl_process(struct vn_dev *dev)
     }
     if (pushed) {
         vn_vq_publish(vq);
-        if (vn_vq_should_notify(vq) && vq->msix_vector != VN_VQ_NO_VECTOR) {
-            vn_irq_raise(dev, vq->msix_vector);
+        if (vn_vq_should_notify(vq) && vn_irq_notify_queue(dev, vq->msix_vector))
             VN_STAT_INC(vq->st->interrupts);
-        }
     }
 }

@@ -117,6 +117,9 @@ struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu)
     pthread_mutex_init(&dev->tap_req_lock, NULL);
     pthread_cond_init(&dev->tap_req_cond, NULL);
     atomic_store(&dev->config_vector, VN_VQ_NO_VECTOR);
+    /* Without a vfio-user context (unit tests) interrupts go out as asked;
+     * server.c follows the driver's MSI-X enable bit. */
+    atomic_store(&dev->msix_on, true);
     atomic_store(&dev->link_up, true);
     dev->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     dev->notify.fd = -1;
@@ -449,6 +452,7 @@ void vn_dev_reset(struct vn_dev *dev)
     atomic_store(&dev->needs_reset, false);
     atomic_store(&dev->announce, false);
     atomic_store(&dev->config_vector, VN_VQ_NO_VECTOR);
+    atomic_store(&dev->isr, 0);
     /* A MAC the driver set (CTRL_MAC_ADDR) does not survive a reset. */
     vn_rx_filter_reset(&dev->filter, dev->default_mac);
     vn_dev_update_steer_cap(dev);
@@ -750,6 +754,13 @@ void vn_dev_doorbell(struct vn_dev *dev, unsigned qidx)
 
 static void trigger(struct vn_dev *dev, uint16_t vector)
 {
+    /* Never an MSI-X message while the driver has MSI-X disabled (its
+     * eventfds may be gone, or, in libvfio-user before our patch 0013,
+     * another interrupt's). Config changes are in the ISR already. */
+    if (!atomic_load(&dev->msix_on)) {
+        VN_STAT_INC(dev->st.irqs_msix_off);
+        return;
+    }
     if (vfu_irq_trigger(dev->vfu, vector) < 0)
         VN_STAT_INC(dev->st.irq_errors);
     else
@@ -781,6 +792,24 @@ void vn_irq_raise(struct vn_dev *dev, uint16_t vector)
         flush_locked(dev);
         pthread_rwlock_unlock(&dev->irq_lock);
     }
+}
+
+bool vn_irq_notify_queue(struct vn_dev *dev, uint16_t vector)
+{
+    if (!atomic_load(&dev->msix_on)) {
+        atomic_fetch_or(&dev->isr, VN_ISR_QUEUE);
+        VN_STAT_INC(dev->st.irqs_msix_off);
+        return false;
+    }
+    if (vector == VN_VQ_NO_VECTOR)
+        return false;
+    vn_irq_raise(dev, vector);
+    return true;
+}
+
+uint8_t vn_dev_take_isr(struct vn_dev *dev)
+{
+    return atomic_exchange(&dev->isr, 0);
 }
 
 void vn_irq_flush_pending(struct vn_dev *dev)

@@ -153,6 +153,12 @@ struct vn_dev_stats {
     uint64_t ctrl_budget_exhausted;
     uint64_t dma_refused;        /* DMA_MAPs refused (libvfio-user's and ours) */
     uint64_t guest_mem_faults;   /* accesses to guest memory its file no longer had */
+    /* Interrupts not sent because the driver has MSI-X disabled: the ISR
+     * status holds them (virtio 1.x 4.1.5.3; the device has no INTx pin). */
+    uint64_t irqs_msix_off;
+    /* VIRTIO_PCI_CAP_PCI_CFG accesses refused: a BAR other than 0, a
+     * length other than 1, 2 or 4, an unaligned or out-of-range offset. */
+    uint64_t pci_cfg_invalid;
     /* Control commands by class and command (class/command >= 7 fold into
      * 7) and result (0 ok, 1 error). */
     uint64_t ctrl_cmds[VN_CTRL_CLASS_SLOTS][VN_CTRL_CMD_SLOTS][2];
@@ -198,6 +204,14 @@ struct vn_dev {
     unsigned tap_req_n;
     uint64_t tap_req_seq, tap_done_seq;
     uint8_t *steer_cap;           /* steering state in PCI config space (vendor cap) */
+    /* MSI-X as the driver set it in the capability's message control, copied
+     * by the context thread under irq_lock held for writing (server.c); read
+     * by any thread. Off: no MSI-X message, the ISR status instead. */
+    _Atomic bool msix_on;
+    /* ISR status bits the datapath set (VN_ISR_QUEUE), taken by a read of
+     * the ISR register. */
+    _Atomic uint8_t isr;
+    size_t msix_cap_pos, pci_cfg_cap_pos; /* in config space (server.c) */
     struct vn_rx_filter filter;
     /* What NOTF_COAL RX_SET/TX_SET last set for every queue (context thread). */
     struct vn_coal_params coal_rx_all, coal_tx_all;
@@ -349,6 +363,15 @@ void vn_dev_doorbell(struct vn_dev *dev, unsigned qidx);
 
 /* Interrupts: safe from any thread. */
 void vn_irq_raise(struct vn_dev *dev, uint16_t vector);
+/* A used buffer notification for a queue on vector (any thread): with MSI-X
+ * on, vector's interrupt unless NO_VECTOR; with it off, the ISR queue bit.
+ * Returns whether an interrupt was requested. */
+bool vn_irq_notify_queue(struct vn_dev *dev, uint16_t vector);
+/* The ISR status bits the datapath set since the last call (read clears). */
+uint8_t vn_dev_take_isr(struct vn_dev *dev);
+
+#define VN_ISR_QUEUE 0x1
+#define VN_ISR_CONFIG 0x2
 void vn_irq_flush_pending(struct vn_dev *dev);
 
 /* Counters snapshot (lock-free relaxed reads). */

@@ -11,6 +11,7 @@
 #include "server.h"
 
 #include <errno.h>
+#include <linux/pci_regs.h>
 #include <poll.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -19,6 +20,7 @@
 
 #include "device.h"
 #include "layout.h"
+#include "le.h"
 #include "libvfio-user.h"
 #include "mem_guard.h"
 
@@ -55,6 +57,107 @@ static ssize_t bar0_access(vfu_ctx_t *ctx, char *buf, size_t count, loff_t offse
         return -1;
     }
     return (ssize_t)count;
+}
+
+/* -- configuration space ---------------------------------------------------
+ *
+ * libvfio-user serves the header and the capabilities it knows; what it
+ * hands us is the VIRTIO_PCI_CAP_PCI_CFG capability (virtio 1.x 4.1.4.9:
+ * "The device MUST present at least one"), the one way into BAR0 for a
+ * driver that cannot map it (iPXE, firmware), and the bytes outside every
+ * capability, read-only (writes are ignored, as PCI wants). */
+
+/* struct virtio_pci_cfg_cap: a virtio_pci_cap, then pci_cfg_data[4]. */
+#define CFG_CAP_BAR 4
+#define CFG_CAP_OFFSET 8
+#define CFG_CAP_LENGTH 12
+#define CFG_CAP_DATA 16
+#define CFG_CAP_LEN 20
+#define VIRTIO_PCI_CAP_PCI_CFG 5
+
+static bool cfg_cap_writable(size_t i)
+{
+    /* bar, offset, length and the data window are the driver's (RW); the
+     * header, id and padding are read-only. */
+    return i == CFG_CAP_BAR || (i >= CFG_CAP_OFFSET && i < CFG_CAP_LEN);
+}
+
+static ssize_t bar0_access(vfu_ctx_t *ctx, char *buf, size_t count, loff_t offset, bool is_write);
+
+/* The BAR access cap.bar/offset/length describe, through pci_cfg_data;
+ * false when the driver set them against the spec's rules (4.1.4.9.1). */
+static bool cfg_cap_window(struct vn_dev *dev, uint8_t *cap, bool is_write)
+{
+    uint32_t off = vn_le32_get(cap + CFG_CAP_OFFSET);
+    uint32_t len = vn_le32_get(cap + CFG_CAP_LENGTH);
+    if (cap[CFG_CAP_BAR] != 0 || (len != 1 && len != 2 && len != 4) || off % len != 0 ||
+        (uint64_t)off + len > VN_BAR0_SIZE) {
+        VN_STAT_INC(dev->st.pci_cfg_invalid);
+        vn_log(dev, LOG_WARNING,
+               "PCI_CFG %s refused: BAR %u offset 0x%x length %u (BAR 0, length 1, 2 or 4, "
+               "aligned, inside the BAR)",
+               is_write ? "write" : "read", cap[CFG_CAP_BAR], off, len);
+        return false;
+    }
+    return bar0_access(dev->vfu, (char *)cap + CFG_CAP_DATA, len, off, is_write) == (ssize_t)len;
+}
+
+static ssize_t cfg_cap_access(struct vn_dev *dev, uint8_t *cap, char *buf, size_t count,
+                              size_t rel, bool is_write)
+{
+    bool data = rel + count > CFG_CAP_DATA;
+    if (is_write) {
+        for (size_t i = 0; i < count; i++)
+            if (cfg_cap_writable(rel + i))
+                cap[rel + i] = (uint8_t)buf[i];
+        if (data && !cfg_cap_window(dev, cap, true))
+            memset(cap + CFG_CAP_DATA, 0, 4);
+        return (ssize_t)count;
+    }
+    if (data && !cfg_cap_window(dev, cap, false))
+        memset(cap + CFG_CAP_DATA, 0, 4);
+    memcpy(buf, cap + rel, count);
+    return (ssize_t)count;
+}
+
+static ssize_t cfg_access(vfu_ctx_t *ctx, char *buf, size_t count, loff_t offset, bool is_write)
+{
+    struct vn_dev *dev = dev_of(ctx);
+    uint8_t *cfg = vfu_pci_get_config_space(ctx)->raw;
+    if (offset < 0 || count == 0 || (uint64_t)offset + count > PCI_CFG_SPACE_SIZE) {
+        errno = EINVAL;
+        return -1;
+    }
+    size_t pos = dev->pci_cfg_cap_pos, off = (size_t)offset;
+    if (pos != 0 && off >= pos && off + count <= pos + CFG_CAP_LEN)
+        return cfg_cap_access(dev, cfg + pos, buf, count, off - pos, is_write);
+    if (!is_write)
+        memcpy(buf, cfg + off, count);
+    return (ssize_t)count;
+}
+
+static int add_pci_cfg_cap(struct vn_dev *dev, vfu_ctx_t *ctx)
+{
+    uint8_t cap[CFG_CAP_LEN] = { PCI_CAP_ID_VNDR, 0, CFG_CAP_LEN, VIRTIO_PCI_CAP_PCI_CFG };
+    if (vfu_setup_region(ctx, VFU_PCI_DEV_CFG_REGION_IDX, PCI_CFG_SPACE_SIZE, cfg_access,
+                         VFU_REGION_FLAG_RW, NULL, 0, -1, 0) < 0)
+        return -errno;
+    ssize_t pos = vfu_pci_add_capability(ctx, 0, VFU_CAP_FLAG_CALLBACK, cap);
+    if (pos < 0)
+        return -errno;
+    dev->pci_cfg_cap_pos = (size_t)pos;
+    return 0;
+}
+
+/* The driver's MSI-X enable bit, for the workers (context thread, with
+ * irq_lock held for writing: no interrupt is being sent meanwhile). */
+static void sync_msix(struct vn_dev *dev)
+{
+    if (dev->msix_cap_pos == 0)
+        return;
+    const uint8_t *cfg = vfu_pci_get_config_space(dev->vfu)->raw;
+    atomic_store(&dev->msix_on, (vn_le16_get(cfg + dev->msix_cap_pos + PCI_MSIX_FLAGS) &
+                                 PCI_MSIX_FLAGS_ENABLE) != 0);
 }
 
 /* QEMU emulates the MSI-X table and PBA itself; accesses that still reach
@@ -201,6 +304,12 @@ int vn_server_setup(struct vn_dev *dev, void *vfu_ctx, int log_level)
         return -errno;
     if (vfu_setup_device_nr_irqs(ctx, VFU_DEV_MSIX_IRQ, 2 * dev->max_qps + 2) < 0)
         return -errno;
+    if ((r = add_pci_cfg_cap(dev, ctx)) < 0)
+        return r;
+    ssize_t msix = vfu_pci_find_capability(ctx, false, PCI_CAP_ID_MSIX);
+    dev->msix_cap_pos = msix > 0 ? (size_t)msix : 0;
+    /* Off until the driver enables it (PCI: MSI-X starts disabled). */
+    atomic_store(&dev->msix_on, dev->msix_cap_pos == 0);
     return 0;
 }
 
@@ -270,6 +379,7 @@ int vn_server_run(struct vn_dev *dev)
         do {
             pthread_rwlock_wrlock(&dev->irq_lock);
             r = vfu_run_ctx(ctx);
+            sync_msix(dev);
             pthread_rwlock_unlock(&dev->irq_lock);
             after_messages(dev);
         } while (r > 0);

@@ -66,10 +66,8 @@ static void tap_error(struct vn_qp *qp, struct vn_dir_stats *st, int err)
 static void signal_used(struct vn_qp *qp, struct vn_vq *vq, struct vn_dir_stats *st)
 {
     if (vn_vq_should_notify(vq)) {
-        if (vq->msix_vector != VN_VQ_NO_VECTOR) {
-            vn_irq_raise(qp->dev, vq->msix_vector);
+        if (vn_irq_notify_queue(qp->dev, vq->msix_vector))
             VN_STAT_INC(st->interrupts);
-        }
     } else {
         VN_STAT_INC(st->interrupts_suppressed);
     }

@@ -71,6 +71,8 @@ struct vn_dev_stats {
     uint64_t ctrl_budget_exhausted;
     uint64_t dma_refused;
     uint64_t guest_mem_faults;
+    uint64_t irqs_msix_off;
+    uint64_t pci_cfg_invalid;
     uint64_t ctrl_cmds[10][8][2];
 };
 enum vn_policy { VN_POLICY_AUTO = 0, VN_POLICY_SINGLE = 1, VN_POLICY_RSS = 2,
@@ -122,6 +124,7 @@ void vn_dev_set_announce(struct vn_dev *dev, bool on);
 bool vn_dev_get_announce(struct vn_dev *dev);
 bool vn_dev_get_needs_reset(struct vn_dev *dev);
 void vn_dev_set_config_vector(struct vn_dev *dev, uint16_t vector);
+uint8_t vn_dev_take_isr(struct vn_dev *dev);
 void vn_dev_get_mac(struct vn_dev *dev, uint8_t mac_out[6]);
 void vn_dev_get_filter(struct vn_dev *dev, struct vn_rx_filter *out);
 void vn_dev_fatal(struct vn_dev *dev, const char *why);
