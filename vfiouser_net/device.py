@@ -487,6 +487,9 @@ class VirtioNetDevice:
     def needs_reset(self) -> bool:
         return bool(lib.vn_dev_get_needs_reset(self._dev))
 
+    def raise_isr(self, bits: int) -> None:
+        lib.vn_dev_raise_isr(self._dev, bits)
+
     def take_isr(self) -> int:
         return int(lib.vn_dev_take_isr(self._dev))
 

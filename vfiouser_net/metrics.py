@@ -101,6 +101,8 @@ DEVICE_EVENTS = (
     "ctrl_budget_exhausted",
     "dma_refused",
     "guest_mem_faults",
+    "irqs_msix_off",
+    "pci_cfg_invalid",
 )
 
 

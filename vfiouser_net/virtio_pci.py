@@ -26,6 +26,9 @@ from vfiouser_net.virtio_spec import (
 
 log = logging.getLogger(__name__)
 
+# ISR status bits (virtio 1.x 4.1.4.5); the datapath owns the register.
+ISR_QUEUE = 0x1
+ISR_CONFIG = 0x2
 NO_VECTOR = 0xFFFF
 
 
@@ -41,9 +44,12 @@ class TransportBackend(Protocol):
     def set_config_vector(self, vector: int) -> None: ...
 
     def needs_reset(self) -> bool: ...
+    def raise_isr(self, bits: int) -> None:
+        """Set ISR status bits (the datapath sets the queue bit itself)."""
+        ...
+
     def take_isr(self) -> int:
-        """ISR bits the datapath set since the last call (queue interrupts
-        while MSI-X is disabled)."""
+        """The ISR status, cleared (a driver's read)."""
         ...
 
 
@@ -113,7 +119,6 @@ class VirtioPciTransport:
         self.status = DeviceStatus(0)
         self.config_generation = 0
         self.queue_select = 0
-        self.isr = 0
         self._needs_reset_signalled = False
         self.queues = [QueueConfig(size=self.max_queue_size) for _ in range(self.num_queues)]
 
@@ -324,13 +329,12 @@ class VirtioPciTransport:
             # interrupt; the ISR must show it as a configuration change too.
             if self.backend.needs_reset() and not self._needs_reset_signalled:
                 self._needs_reset_signalled = True
-                self.isr |= 2
-            value, self.isr = self.isr | self.backend.take_isr(), 0
-            return value
+                self.backend.raise_isr(ISR_CONFIG)
+            return self.backend.take_isr()
 
     def config_changed(self) -> int:
         """Note a device configuration change; returns the vector to raise."""
         with self.lock:
             self.config_generation = (self.config_generation + 1) & 0xFF
-            self.isr |= 2
+            self.backend.raise_isr(ISR_CONFIG)
             return self.config_vector if self.driver_ok else NO_VECTOR

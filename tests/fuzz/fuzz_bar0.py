@@ -62,6 +62,7 @@ class CheckingBackend:
         self.resets = 0
         self.broken = False
         self.config_vector = NO_VECTOR
+        self.isr_bits = 0
 
     def configure_queue(
         self, index: int, size: int, desc: int, driver: int, device: int, vector: int
@@ -91,6 +92,7 @@ class CheckingBackend:
         self.resets += 1
         self.configured.clear()
         self.broken = False
+        self.isr_bits = 0
 
     def set_config_vector(self, vector: int) -> None:
         assert vector < NUM_VECTORS or vector == NO_VECTOR, vector
@@ -99,8 +101,12 @@ class CheckingBackend:
     def needs_reset(self) -> bool:
         return self.broken
 
+    def raise_isr(self, bits: int) -> None:
+        self.isr_bits |= bits
+
     def take_isr(self) -> int:
-        return 0
+        bits, self.isr_bits = self.isr_bits, 0
+        return bits
 
 
 def make_device() -> tuple[devmod.VirtioNetDevice, CheckingBackend]:

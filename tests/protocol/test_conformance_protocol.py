@@ -43,6 +43,8 @@ COMMON_MSIX = 0x10
 COMMON_Q_SELECT = 0x16
 COMMON_Q_MSIX = 0x1A
 ISR_QUEUE = 0x1
+PCI_STATUS = 0x6
+PCI_STATUS_INTERRUPT = 0x8
 
 
 def pci_cfg_cap(c: vu.VfioUserClient) -> int:
@@ -69,6 +71,11 @@ def test_pci_cfg_capability_reaches_bar0(env: DeviceEnv) -> None:
     c = env.connect()
     cap = pci_cfg_cap(c)
     common = common_offset(c)
+    # A window never set up (length 0) reads 0 and counts nothing: a dump of
+    # configuration space reads pci_cfg_data too.
+    before = env.counters()["device"]["pci_cfg_invalid"]
+    assert c.config_read32(cap + 12) == 0 and c.config_read32(cap + 16) == 0
+    c.config_read(0, 256)
     # Reads of each width match BAR0's.
     window(c, cap, common + COMMON_NUM_QUEUES, 2)
     assert c.config_read16(cap + 16) == struct.unpack("<H", c.region_read(0, common + 0x12, 2))[0]
@@ -91,7 +98,6 @@ def test_pci_cfg_capability_reaches_bar0(env: DeviceEnv) -> None:
     assert c.config_read32(cap + 8) == common + COMMON_DF
     assert c.config_read32(cap + 12) == 4
 
-    before = env.counters()["device"]["pci_cfg_invalid"]
     for bar, offset, length in (
         (0, common, 3),  # length not 1, 2 or 4
         (0, common + 1, 2),  # unaligned
@@ -166,8 +172,11 @@ def test_msix_disabled_means_isr_not_messages(env: DeviceEnv) -> None:
         for i in range(3):
             env.port.send(tagged_frame(GUEST_MAC, f"nomsix{i}".encode()))
         wait_used_idx(rx, start + 3)
+        # PCI Status: Interrupt Status is the OR of the ISR bits (4.1.4.5).
+        assert s.client.config_read16(PCI_STATUS) & PCI_STATUS_INTERRUPT
         assert t.read_isr() & ISR_QUEUE, "ISR queue bit not set with MSI-X disabled"
         assert t.read_isr() == 0, "reading the ISR must clear it"
+        assert not s.client.config_read16(PCI_STATUS) & PCI_STATUS_INTERRUPT
         assert env.counters()["device"]["irqs_msix_off"] > before
         for fd in [error, *msix_fds]:
             try:

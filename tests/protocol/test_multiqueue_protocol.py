@@ -734,7 +734,8 @@ def test_steering_capability(env_factory: Callable[..., DeviceEnv]) -> None:
             except vu.VfioUserError:
                 refused += 1
         assert g.cap_raw() == before
-        assert refused > 0
+        # PCI: a write to a read-only register has no effect; not an error.
+        assert refused == 0
         check(3, P_AUTO, P_RSS, k)
         assert_healthy(g)
 

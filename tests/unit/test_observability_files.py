@@ -151,6 +151,8 @@ class _StubDevice:
                 "tap_replacements": 1,
                 "dma_refused": 1,
                 "guest_mem_faults": 1,
+                "irqs_msix_off": 1,
+                "pci_cfg_invalid": 1,
                 "ctrl_budget_exhausted": 0,
                 "ctrl_cmds": {"0": {"0": [1, 0]}, "4": {"0": [1, 1]}},
             },

@@ -35,9 +35,13 @@ class FakeBackend:
     def reset(self) -> None:
         self.resets += 1
         self.broken = False
+        self.isr_bits = 0
 
     def set_config_vector(self, vector: int) -> None:
         self.config_vector = vector
+
+    def raise_isr(self, bits: int) -> None:
+        self.isr_bits |= bits
 
     def take_isr(self) -> int:
         bits, self.isr_bits = self.isr_bits, 0

@@ -812,6 +812,11 @@ uint8_t vn_dev_take_isr(struct vn_dev *dev)
     return atomic_exchange(&dev->isr, 0);
 }
 
+void vn_dev_raise_isr(struct vn_dev *dev, uint8_t bits)
+{
+    atomic_fetch_or(&dev->isr, bits);
+}
+
 void vn_irq_flush_pending(struct vn_dev *dev)
 {
     pthread_rwlock_rdlock(&dev->irq_lock);

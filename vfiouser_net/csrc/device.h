@@ -369,6 +369,7 @@ void vn_irq_raise(struct vn_dev *dev, uint16_t vector);
 bool vn_irq_notify_queue(struct vn_dev *dev, uint16_t vector);
 /* The ISR status bits the datapath set since the last call (read clears). */
 uint8_t vn_dev_take_isr(struct vn_dev *dev);
+void vn_dev_raise_isr(struct vn_dev *dev, uint8_t bits);
 
 #define VN_ISR_QUEUE 0x1
 #define VN_ISR_CONFIG 0x2

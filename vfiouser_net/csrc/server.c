@@ -90,6 +90,10 @@ static bool cfg_cap_window(struct vn_dev *dev, uint8_t *cap, bool is_write)
 {
     uint32_t off = vn_le32_get(cap + CFG_CAP_OFFSET);
     uint32_t len = vn_le32_get(cap + CFG_CAP_LENGTH);
+    /* A window never set up (length 0, as after reset) is no access: a
+     * dump of configuration space (lspci -xxx) reads pci_cfg_data too. */
+    if (len == 0)
+        return false;
     if (cap[CFG_CAP_BAR] != 0 || (len != 1 && len != 2 && len != 4) || off % len != 0 ||
         (uint64_t)off + len > VN_BAR0_SIZE) {
         VN_STAT_INC(dev->st.pci_cfg_invalid);
@@ -149,15 +153,21 @@ static int add_pci_cfg_cap(struct vn_dev *dev, vfu_ctx_t *ctx)
     return 0;
 }
 
-/* The driver's MSI-X enable bit, for the workers (context thread, with
- * irq_lock held for writing: no interrupt is being sent meanwhile). */
-static void sync_msix(struct vn_dev *dev)
+/* The driver's MSI-X enable bit, for the workers, and with MSI-X off the
+ * Interrupt Status bit of the PCI Status register as the OR of the ISR bits
+ * (4.1.4.5). Context thread, with irq_lock held for writing (no interrupt is
+ * being sent meanwhile), before and after every message: a worker's ISR bit
+ * shows from the next message on. */
+static void sync_interrupt_state(struct vn_dev *dev)
 {
     if (dev->msix_cap_pos == 0)
         return;
-    const uint8_t *cfg = vfu_pci_get_config_space(dev->vfu)->raw;
-    atomic_store(&dev->msix_on, (vn_le16_get(cfg + dev->msix_cap_pos + PCI_MSIX_FLAGS) &
-                                 PCI_MSIX_FLAGS_ENABLE) != 0);
+    uint8_t *cfg = vfu_pci_get_config_space(dev->vfu)->raw;
+    bool on = (vn_le16_get(cfg + dev->msix_cap_pos + PCI_MSIX_FLAGS) & PCI_MSIX_FLAGS_ENABLE) != 0;
+    atomic_store(&dev->msix_on, on);
+    bool pending = !on && atomic_load(&dev->isr) != 0;
+    cfg[PCI_STATUS] = (uint8_t)((cfg[PCI_STATUS] & ~PCI_STATUS_INTERRUPT) |
+                                (pending ? PCI_STATUS_INTERRUPT : 0));
 }
 
 /* QEMU emulates the MSI-X table and PBA itself; accesses that still reach
@@ -378,8 +388,9 @@ int vn_server_run(struct vn_dev *dev)
         int r;
         do {
             pthread_rwlock_wrlock(&dev->irq_lock);
+            sync_interrupt_state(dev);
             r = vfu_run_ctx(ctx);
-            sync_msix(dev);
+            sync_interrupt_state(dev);
             pthread_rwlock_unlock(&dev->irq_lock);
             after_messages(dev);
         } while (r > 0);
