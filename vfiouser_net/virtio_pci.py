@@ -22,6 +22,7 @@ from vfiouser_net.virtio_spec import (
     DeviceStatus,
     NetFeature,
     feature_names,
+    unmet_requirements,
 )
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,15 @@ class VirtioPciTransport:
             return False
         if not self.driver_features >> NetFeature.VERSION_1 & 1:
             self._warn("FEATURES_OK refused: VERSION_1 not accepted (legacy drivers unsupported)")
+            return False
+        unmet = unmet_requirements(self.driver_features)
+        if unmet:
+            self._warn(
+                "FEATURES_OK refused: %s",
+                "; ".join(
+                    f"{f.name} without {' or '.join(n.name for n in needs)}" for f, needs in unmet
+                ),
+            )
             return False
         log.info("features negotiated: %s", ", ".join(feature_names(self.driver_features)))
         return True

@@ -48,6 +48,43 @@ class NetFeature(IntEnum):
     SPEED_DUPLEX = 63
 
 
+# virtio 1.x 5.1.3.1: a feature and what it requires (any one of them). A
+# driver accepting one without what it requires accepts an invalid subset,
+# and the device MUST then fail FEATURES_OK (2.2.2).
+F = NetFeature
+FEATURE_REQUIRES: dict[NetFeature, tuple[NetFeature, ...]] = {
+    F.GUEST_TSO4: (F.GUEST_CSUM,),
+    F.GUEST_TSO6: (F.GUEST_CSUM,),
+    F.GUEST_ECN: (F.GUEST_TSO4, F.GUEST_TSO6),
+    F.GUEST_UFO: (F.GUEST_CSUM,),
+    F.HOST_TSO4: (F.CSUM,),
+    F.HOST_TSO6: (F.CSUM,),
+    F.HOST_ECN: (F.HOST_TSO4, F.HOST_TSO6),
+    F.HOST_UFO: (F.CSUM,),
+    F.CTRL_RX: (F.CTRL_VQ,),
+    F.CTRL_VLAN: (F.CTRL_VQ,),
+    F.CTRL_RX_EXTRA: (F.CTRL_RX,),
+    F.GUEST_ANNOUNCE: (F.CTRL_VQ,),
+    F.MQ: (F.CTRL_VQ,),
+    F.CTRL_MAC_ADDR: (F.CTRL_VQ,),
+    F.NOTF_COAL: (F.CTRL_VQ,),
+    F.VQ_NOTF_COAL: (F.CTRL_VQ,),
+    F.DEVICE_STATS: (F.CTRL_VQ,),
+    F.RSS: (F.CTRL_VQ,),
+    F.HASH_REPORT: (F.CTRL_VQ,),
+}
+del F
+
+
+def unmet_requirements(features: int) -> list[tuple[NetFeature, tuple[NetFeature, ...]]]:
+    """The features in ``features`` whose requirement is not in it."""
+    return [
+        (f, needs)
+        for f, needs in FEATURE_REQUIRES.items()
+        if features >> f & 1 and not any(features >> n & 1 for n in needs)
+    ]
+
+
 def feature_mask(*bits: NetFeature) -> int:
     mask = 0
     for bit in bits:

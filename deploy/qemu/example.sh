@@ -6,6 +6,7 @@
 #
 #     NAME=vm1 DISK=/var/lib/vms/vm1.qcow2 sh deploy/qemu/example.sh
 #     NAME=vm1 DISK= ACCEL=tcg sh deploy/qemu/example.sh -kernel vmlinuz -initrd initrd.img
+#     NAME=vm1 DISK= NETBOOT=pxe sh deploy/qemu/example.sh     # boot from the network
 #
 # What matters for vfiouser-net:
 #   * guest RAM is a shared memfd (memory-backend-memfd with share=on, used as
@@ -30,7 +31,18 @@ ACCEL=${ACCEL:-kvm}
 # The device, a PCI device on the q35 root bus (QEMU picks the slot). More
 # properties: "x-msg-timeout" (ms, default 5000) bounds every reply QEMU waits
 # for; "bus"/"addr" place it.
-DEVICE=$(printf '{"driver":"vfio-user-pci","id":"vfiouser-net0","socket":{"path":"%s","type":"unix"}}' "$SOCKET")
+DEVICE=$(printf '{"driver":"vfio-user-pci","id":"vfiouser-net0","socket":{"path":"%s","type":"unix"}' "$SOCKET")
+# Network boot through the device: QEMU's iPXE option ROM for virtio-net on it
+# and first in the boot order. NETBOOT=pxe for SeaBIOS (pxe-virtio.rom),
+# NETBOOT=efi for OVMF (efi-virtio.rom; add OVMF's -drive if=pflash lines).
+# The device itself has no ROM: QEMU serves the file as its expansion ROM.
+case ${NETBOOT:-} in
+    pxe) DEVICE="$DEVICE,\"romfile\":\"pxe-virtio.rom\",\"bootindex\":1" ;;
+    efi) DEVICE="$DEVICE,\"romfile\":\"efi-virtio.rom\",\"bootindex\":1" ;;
+    "") ;;
+    *) echo "NETBOOT must be pxe, efi or empty" >&2; exit 2 ;;
+esac
+DEVICE="$DEVICE}"
 
 if [ -n "$DISK" ]; then
     set -- -drive "if=virtio,format=qcow2,file=$DISK" "$@"

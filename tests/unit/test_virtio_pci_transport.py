@@ -105,6 +105,30 @@ def test_features_ok_refused_without_version_1() -> None:
     assert not status & DeviceStatus.FEATURES_OK
 
 
+def test_features_ok_refused_for_an_invalid_subset() -> None:
+    """5.1.3.1 dependencies (2.2.2: an invalid subset MUST fail FEATURES_OK),
+    and every valid subset of these accepted."""
+    offered = feature_mask(
+        NetFeature.VERSION_1, NetFeature.CSUM, NetFeature.GUEST_CSUM, NetFeature.GUEST_TSO4,
+        NetFeature.HOST_TSO4, NetFeature.CTRL_VQ, NetFeature.CTRL_RX, NetFeature.MQ,
+    )  # fmt: skip
+    be = FakeBackend()
+    for without, feature in (
+        (NetFeature.GUEST_CSUM, NetFeature.GUEST_TSO4),
+        (NetFeature.CSUM, NetFeature.HOST_TSO4),
+        (NetFeature.CTRL_VQ, NetFeature.CTRL_RX),
+        (NetFeature.CTRL_VQ, NetFeature.MQ),
+    ):
+        t = VirtioPciTransport(offered, num_queues=3, max_queue_size=256, num_vectors=4, backend=be)
+        status = negotiate(t, offered & ~(1 << without))
+        assert not status & DeviceStatus.FEATURES_OK, (feature.name, without.name)
+        t = VirtioPciTransport(offered, num_queues=3, max_queue_size=256, num_vectors=4, backend=be)
+        valid = offered & ~(1 << without) & ~(1 << feature)
+        if without == NetFeature.CTRL_VQ:
+            valid &= ~feature_mask(NetFeature.CTRL_RX, NetFeature.MQ)
+        assert negotiate(t, valid) & DeviceStatus.FEATURES_OK, (feature.name, without.name)
+
+
 def test_features_frozen_after_features_ok() -> None:
     t, _ = make()
     assert negotiate(t, OFFERED) & DeviceStatus.FEATURES_OK
