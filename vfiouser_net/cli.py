@@ -91,6 +91,13 @@ def capabilities() -> dict[str, object]:
         "max_queue_pairs": int(lib.VN_MAX_QUEUE_PAIRS),
         "max_queue_size": int(lib.VN_VQ_MAX_SIZE),
         "steering": list(STEERING_POLICIES),
+        # PCI and firmware-facing capabilities beyond the feature bits.
+        "pci": {
+            "pci_cfg_access": True,  # VIRTIO_PCI_CAP_PCI_CFG (iPXE, firmware)
+            "msix": True,
+            "intx": False,  # no INTx pin: drivers without MSI-X poll (ISR status)
+            "expansion_rom": False,  # QEMU's romfile= gives one (network boot)
+        },
         "socket_activation": True,
         "metrics": True,
         "admin_channel": True,
@@ -131,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--queue-size",
         type=_positive_int,
         default=256,
-        help="maximum virtqueue size, a power of two (default 256)",
+        help="maximum virtqueue size, a power of two up to 4096 (default 256); the guest may use less (ethtool -G)",
     )
     serve.add_argument(
         "--queue-pairs",

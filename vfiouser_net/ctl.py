@@ -202,6 +202,7 @@ def _fmt_show(d: dict[str, Any]) -> str:
         ("client", "connected" if d["connected"] else "not connected"),
         ("driver status", f"0x{status:02x} {status_text}"),
         ("features", _wrap(d["features"], 17) if d["features"] else "(none negotiated)"),
+        ("offered", _wrap(d.get("offered_features", []), 17) or "-"),
         ("mac", mac),
         ("mtu", str(d["mtu"])),
         ("speed", f"{d['speed_mbps']} Mbit/s"),

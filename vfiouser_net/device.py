@@ -63,6 +63,7 @@ OFFERED_FEATURES = feature_mask(
     NetFeature.DEVICE_STATS,
     NetFeature.NOTF_COAL,
     NetFeature.VQ_NOTF_COAL,
+    NetFeature.RING_RESET,
 )
 # Offered with more than one queue pair.
 MULTIQUEUE_FEATURES = feature_mask(NetFeature.MQ, NetFeature.RSS, NetFeature.HASH_REPORT)
@@ -413,19 +414,43 @@ class VirtioNetDevice:
 
     # -- transport backend (called on the context thread) ---------------------
 
-    def configure_queue(
-        self, index: int, size: int, desc: int, driver: int, device: int, vector: int
-    ) -> None:
+    def _datapath_queue(self, index: int) -> int | None:
+        """The datapath's number for the driver's queue index (None: none)."""
         negotiated = self.transport.driver_features
         # Without MQ and RSS the driver sees one pair and the control queue at 2.
         multi = negotiated & feature_mask(NetFeature.MQ, NetFeature.RSS)
-        cidx = index
         if not multi and index == 2:
-            cidx = 2 * self.max_qps  # the control queue
-        elif not multi and index > 2:
+            return 2 * self.max_qps  # the control queue
+        if not multi and index > 2:
+            return None
+        return index
+
+    def configure_queue(
+        self, index: int, size: int, desc: int, driver: int, device: int, vector: int
+    ) -> None:
+        cidx = self._datapath_queue(index)
+        if cidx is None:
             return
         if lib.vn_dev_config_queue(self._dev, cidx, size, desc, driver, device, vector) < 0:
             log.warning("device %s: queue %d configuration refused", self.name, index)
+
+    def reset_queue(self, index: int) -> None:
+        cidx = self._datapath_queue(index)
+        if cidx is not None and lib.vn_dev_queue_reset(self._dev, cidx) == 0:
+            # One queue, by the driver (VIRTIO_F_RING_RESET): a reset type.
+            self.resets["queue"] = self.resets.get("queue", 0) + 1
+            log.info("device %s: queue %d reset by the driver", self.name, index)
+
+    def enable_queue(
+        self, index: int, size: int, desc: int, driver: int, device: int, vector: int
+    ) -> None:
+        cidx = self._datapath_queue(index)
+        if cidx is None:
+            return
+        if lib.vn_dev_queue_enable(self._dev, cidx, size, desc, driver, device, vector) < 0:
+            log.warning("device %s: queue %d re-enabled with bad rings", self.name, index)
+        else:
+            log.info("device %s: queue %d enabled again, %d entries", self.name, index, size)
 
     def start_datapath(self, features: int) -> bool:
         if lib.vn_dev_start(self._dev, features) < 0:
@@ -732,6 +757,7 @@ class VirtioNetDevice:
             "connected": self.connected,
             "status": int(t.device_status()),
             "features": feature_names(t.negotiated),
+            "offered_features": feature_names(self.offered),
             "link_up": self.config.link_up,
             "tap_lost": self.tap_lost,
             "mtu": self.opts.mtu,

@@ -45,6 +45,16 @@ class TransportBackend(Protocol):
     def set_config_vector(self, vector: int) -> None: ...
 
     def needs_reset(self) -> bool: ...
+    def reset_queue(self, index: int) -> None:
+        """VIRTIO_F_RING_RESET: stop one queue and forget its rings."""
+        ...
+
+    def enable_queue(
+        self, index: int, size: int, desc: int, driver: int, device: int, vector: int
+    ) -> None:
+        """VIRTIO_F_RING_RESET: start a reset queue again with these rings."""
+        ...
+
     def raise_isr(self, bits: int) -> None:
         """Set ISR status bits (the datapath sets the queue bit itself)."""
         ...
@@ -81,6 +91,8 @@ _FIELDS: dict[CommonCfg, str] = {
     CommonCfg.QUEUE_DESC: "Q",
     CommonCfg.QUEUE_DRIVER: "Q",
     CommonCfg.QUEUE_DEVICE: "Q",
+    CommonCfg.QUEUE_NOTIFY_DATA: "H",
+    CommonCfg.QUEUE_RESET: "H",
 }
 
 
@@ -189,6 +201,11 @@ class VirtioPciTransport:
             CommonCfg.QUEUE_DESC: q.desc if q else 0,
             CommonCfg.QUEUE_DRIVER: q.driver if q else 0,
             CommonCfg.QUEUE_DEVICE: q.device if q else 0,
+            # Only with VIRTIO_F_NOTIF_CONFIG_DATA, never offered.
+            CommonCfg.QUEUE_NOTIFY_DATA: 0,
+            # A queue reset completes before the write that asks for it is
+            # answered: 1 is never seen (2.6.1).
+            CommonCfg.QUEUE_RESET: 0,
         }
         for field, fmt in _FIELDS.items():
             struct.pack_into("<" + fmt, img, field, values[field])
@@ -239,6 +256,8 @@ class VirtioPciTransport:
             CommonCfg.QUEUE_DEVICE,
         ):
             self._write_queue_field(field, value)
+        elif field == CommonCfg.QUEUE_RESET:
+            self._write_queue_reset(value)
         # Read-only fields (device_feature, num_queues, config_generation,
         # queue_notify_off) ignore writes.
 
@@ -252,11 +271,30 @@ class VirtioPciTransport:
         shift = 32 * sel
         self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
 
+    @property
+    def ring_reset(self) -> bool:
+        return bool(self.negotiated >> NetFeature.RING_RESET & 1)
+
+    def _write_queue_reset(self, value: int) -> None:
+        q = self._selected()
+        if q is None or value != 1:
+            return
+        if not self.ring_reset or not self.driver_ok:
+            self._warn("queue_reset written without VIRTIO_F_RING_RESET and DRIVER_OK: ignored")
+            return
+        index = self.queue_select
+        self.backend.reset_queue(index)
+        # Back to the default state (2.6.1): the driver may lay it out anew.
+        self.queues[index] = QueueConfig(size=self.max_queue_size)
+        log.debug("queue %d reset", index)
+
     def _write_queue_field(self, field: CommonCfg, value: int) -> None:
         q = self._selected()
         if q is None:
             return
-        if self.driver_ok:
+        if self.driver_ok and (q.enabled or not self.ring_reset):
+            # With RING_RESET a queue reset after DRIVER_OK takes a new layout
+            # until it is enabled again.
             self._warn("queue %d configuration changed after DRIVER_OK: ignored", self.queue_select)
             return
         if field == CommonCfg.QUEUE_SIZE:
@@ -266,6 +304,10 @@ class VirtioPciTransport:
         elif field == CommonCfg.QUEUE_ENABLE:
             if value == 1:
                 q.enabled = True
+                if self.driver_ok:  # re-enabled after a queue reset
+                    self.backend.enable_queue(
+                        self.queue_select, q.size, q.desc, q.driver, q.device, q.vector
+                    )
         elif field == CommonCfg.QUEUE_DESC:
             q.desc = value
         elif field == CommonCfg.QUEUE_DRIVER:

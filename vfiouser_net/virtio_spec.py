@@ -40,6 +40,7 @@ class NetFeature(IntEnum):
     ACCESS_PLATFORM = 33
     RING_PACKED = 34
     IN_ORDER = 35
+    RING_RESET = 40
     DEVICE_STATS = 50
     VQ_NOTF_COAL = 52
     NOTF_COAL = 53
@@ -138,9 +139,11 @@ class CommonCfg(IntEnum):
     QUEUE_DESC = 0x20
     QUEUE_DRIVER = 0x28
     QUEUE_DEVICE = 0x30
+    QUEUE_NOTIFY_DATA = 0x38
+    QUEUE_RESET = 0x3A
 
 
-COMMON_CFG_SIZE = 0x38
+COMMON_CFG_SIZE = 0x3C
 
 # virtio_pci_cap.cfg_type (4.1.4).
 PCI_CAP_COMMON_CFG = 1

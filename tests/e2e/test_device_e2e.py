@@ -313,3 +313,33 @@ def test_daemon_sigterm_exits_cleanly(stack: DeviceStack) -> None:
     # The guest is no longer connected to anything: drop it now (the next test
     # of the module, if any, gets a new daemon and guest from the fixture).
     stack.require_guest().close()
+
+
+def test_ring_resize_under_traffic(stack: DeviceStack) -> None:
+    """``ethtool -G`` (VIRTIO_F_RING_RESET, virtio 2.6.1): Linux resets each
+    queue, lays it out anew with the new size and enables it again, with a
+    ping flood from the host running; the sizes stick, nothing is reset
+    beyond the queues, and the link stays lossless after."""
+    guest = stack.require_guest()
+    features = guest.check("cat /sys/class/net/eth0/device/features").strip()
+    assert features[40] == "1", f"RING_RESET not negotiated: {features}"
+    before = guest.check("ethtool -g eth0")
+    assert "RX:\t\t256" in before, before  # the pre-set maximum (--queue-size default)
+    server = stack.require_server()
+    resets_before = log_count(stack, "reset by the driver")
+    flood = stack.ns.popen(["ping", "-f", "-w", "8", stack.guest_addr])
+    try:
+        for rx, tx in ((64, 128), (256, 32), (128, 256), (256, 256)):
+            guest.check(f"ethtool -G eth0 rx {rx} tx {tx}")
+            now = guest.check("ethtool -g eth0")
+            current = now.split("Current hardware settings:")[1]
+            assert f"RX:\t\t{rx}" in current and f"TX:\t\t{tx}" in current, now
+    finally:
+        flood.wait(30)
+    resets = log_count(stack, "reset by the driver") - resets_before
+    # Each change resets the queues it resizes (one pair: rx, tx).
+    assert resets >= 6, resets
+    assert log_count(stack, "enabled again, 64 entries") >= 1
+    assert log_count(stack, "DEVICE_NEEDS_RESET") == 0 and "needs reset" not in server.log()
+    result = stack.ping_host(PING_COUNT)
+    assert result.lossless, result.output

@@ -895,7 +895,9 @@ def test_print_capabilities() -> None:
     assert {"VERSION_1", "MAC", "MRG_RXBUF", "CTRL_VQ"} <= set(caps["features"])
     assert {"MQ", "RSS", "HASH_REPORT"} <= set(caps["multiqueue_features"])
     assert caps["max_queue_pairs"] >= 2
-    assert caps["max_queue_size"] >= 256
+    assert caps["max_queue_size"] == 4096
+    assert "RING_RESET" in caps["features"]
+    assert caps["pci"]["pci_cfg_access"] and not caps["pci"]["intx"]
     assert set(caps["steering"]) == {"auto", "single", "rss", "rx-follows-tx"}
     assert caps["socket_activation"] is True
 

@@ -101,6 +101,18 @@ class CheckingBackend:
     def needs_reset(self) -> bool:
         return self.broken
 
+    def reset_queue(self, index: int) -> None:
+        assert self.transport is not None and self.transport.driver_ok, "reset before DRIVER_OK"
+        assert index < NUM_QUEUES, index
+        self.configured.pop(index, None)
+
+    def enable_queue(
+        self, index: int, size: int, desc: int, driver: int, device: int, vector: int
+    ) -> None:
+        assert self.transport is not None and self.transport.driver_ok
+        assert vector < NUM_VECTORS or vector == NO_VECTOR, vector
+        self.configured[index] = (size, desc, driver, device, vector)
+
     def raise_isr(self, bits: int) -> None:
         self.isr_bits |= bits
 

@@ -20,6 +20,7 @@ class FakeBackend:
         self.start_ok = start_ok
         self.broken = False
         self.isr_bits = 0
+        self.queue_resets: list[int] = []
 
     def configure_queue(
         self, index: int, size: int, desc: int, driver: int, device: int, vector: int
@@ -39,6 +40,15 @@ class FakeBackend:
 
     def set_config_vector(self, vector: int) -> None:
         self.config_vector = vector
+
+    def reset_queue(self, index: int) -> None:
+        self.queue_resets.append(index)
+        self.queues.pop(index, None)
+
+    def enable_queue(
+        self, index: int, size: int, desc: int, driver: int, device: int, vector: int
+    ) -> None:
+        self.queues[index] = (size, desc, driver, device, vector)
 
     def raise_isr(self, bits: int) -> None:
         self.isr_bits |= bits
@@ -232,3 +242,39 @@ def test_out_of_range_access_is_harmless() -> None:
     assert t.read(0x36, 4) == bytes(4)
     t.write(0x37, b"\xff\xff")
     assert r(t, CommonCfg.DEVICE_STATUS, "B") == 0
+
+
+def test_queue_reset_and_reenable_after_driver_ok() -> None:
+    """VIRTIO_F_RING_RESET (2.6.1, 4.1.4.3.1): after DRIVER_OK the driver resets
+    one queue, lays it out anew (a new size) and enables it again; without the
+    feature the same writes are ignored."""
+    offered = OFFERED | 1 << NetFeature.RING_RESET
+    for negotiated in (offered, OFFERED):
+        be = FakeBackend()
+        t = VirtioPciTransport(offered, num_queues=3, max_queue_size=256, num_vectors=4, backend=be)
+        assert negotiate(t, negotiated) & DeviceStatus.FEATURES_OK
+        w(t, CommonCfg.QUEUE_SELECT, "H", 1)
+        w(t, CommonCfg.QUEUE_DESC, "Q", 0x10000)
+        w(t, CommonCfg.QUEUE_ENABLE, "H", 1)
+        w(t, CommonCfg.DEVICE_STATUS, "B", ACK_DRIVER | DeviceStatus.FEATURES_OK
+          | DeviceStatus.DRIVER_OK)  # fmt: skip
+        assert be.queues[1][1] == 0x10000
+        w(t, CommonCfg.QUEUE_RESET, "H", 1)
+        if negotiated == OFFERED:
+            assert be.queue_resets == [] and r(t, CommonCfg.QUEUE_ENABLE, "H") == 1
+            continue
+        assert be.queue_resets == [1]
+        # Done at once: queue_reset and queue_enable read 0, the layout is the default.
+        assert r(t, CommonCfg.QUEUE_RESET, "H") == 0
+        assert r(t, CommonCfg.QUEUE_ENABLE, "H") == 0
+        assert r(t, CommonCfg.QUEUE_SIZE, "H") == 256
+        assert r(t, CommonCfg.QUEUE_MSIX_VECTOR, "H") == NO_VECTOR
+        w(t, CommonCfg.QUEUE_SIZE, "H", 64)
+        w(t, CommonCfg.QUEUE_DESC, "Q", 0x20000)
+        w(t, CommonCfg.QUEUE_MSIX_VECTOR, "H", 2)
+        w(t, CommonCfg.QUEUE_ENABLE, "H", 1)
+        assert be.queues[1] == (64, 0x20000, 0, 0, 2)
+        assert r(t, CommonCfg.QUEUE_ENABLE, "H") == 1
+        # An enabled queue's layout stays fixed.
+        w(t, CommonCfg.QUEUE_SIZE, "H", 32)
+        assert r(t, CommonCfg.QUEUE_SIZE, "H") == 64

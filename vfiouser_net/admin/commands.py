@@ -266,6 +266,7 @@ def _show(cmds: Commands, args: dict[str, Any], peer: Peer) -> Any:
             "driver_ok": bool(status & DeviceStatus.DRIVER_OK),
             "needs_reset": bool(status & DeviceStatus.DEVICE_NEEDS_RESET),
             "features": list(snap["features"]),
+            "offered_features": list(snap.get("offered_features", [])),
             "mac": snap["rx_filter"]["mac"],
             "configured_mac": format_mac(dev.opts.mac),
             "mtu": snap["mtu"],

@@ -422,7 +422,7 @@ _ADD_ARGS = (
         "int",
         "maximum virtqueue size, a power of two (default 256)",
         minimum=2,
-        maximum=32768,
+        maximum=4096,
         metavar="N",
     ),
     ArgSpec(

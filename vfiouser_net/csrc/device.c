@@ -298,6 +298,71 @@ int vn_dev_config_queue(struct vn_dev *dev, unsigned qidx, uint16_t size, uint64
     return 0;
 }
 
+static void start_worker(struct vn_qp *qp);
+
+/* VIRTIO_F_RING_RESET (2.6.1): the driver resets one queue after DRIVER_OK,
+ * may give it new rings and a new size, and enables it again. Context thread;
+ * every worker is parked meanwhile (the rings of one pair are read by other
+ * pairs' workers too, when they steer frames to it). */
+int vn_dev_queue_reset(struct vn_dev *dev, unsigned qidx)
+{
+    struct vn_vq *vq = queue_by_index(dev, qidx);
+    if (vq == NULL || !dev->started)
+        return -EINVAL;
+    bool paused = dev->workers_paused;
+    vn_dev_pause_workers(dev);
+    if (vq != &dev->ctrl) {
+        struct vn_qp *qp = &dev->qp[qidx / 2];
+        if (qidx % 2 == 0) {
+            atomic_store(&qp->rx_ready, false);
+            /* Buffers taken from the old ring are the driver's again. */
+            qp->rx_first = qp->rx_count = qp->rx_iov_end = 0;
+            qp->rx_prefetched_bytes = 0;
+            vn_inbox_drain(dev, qp, VN_DROP_QUEUE_DISABLED);
+            vn_coal_set(&qp->rx_coal, dev->coal_rx_all);
+            qp->rx_coal.pending = 0;
+        } else {
+            vn_coal_set(&qp->tx_coal, dev->coal_tx_all);
+            qp->tx_coal.pending = 0;
+        }
+    }
+    vn_vq_reset_state(vq);
+    vq->size = 0;
+    vq->msix_vector = VN_VQ_NO_VECTOR;
+    if (!paused)
+        vn_dev_resume_workers(dev);
+    return 0;
+}
+
+int vn_dev_queue_enable(struct vn_dev *dev, unsigned qidx, uint16_t size, uint64_t desc,
+                        uint64_t avail, uint64_t used, uint16_t vector)
+{
+    struct vn_vq *vq = queue_by_index(dev, qidx);
+    if (vq == NULL || !dev->started)
+        return -EINVAL;
+    bool paused = dev->workers_paused;
+    vn_dev_pause_workers(dev);
+    vn_vq_reset_state(vq);
+    vq->size = size;
+    vq->desc_gpa = desc;
+    vq->avail_gpa = avail;
+    vq->used_gpa = used;
+    vq->msix_vector = vector;
+    vq->event_idx = VN_HAS(dev->features, VN_F_RING_EVENT_IDX);
+    vq->indirect = VN_HAS(dev->features, VN_F_RING_INDIRECT_DESC);
+    int r = vn_vq_map(vq) ? 0 : -EINVAL;
+    if (vq != &dev->ctrl) {
+        struct vn_qp *qp = &dev->qp[qidx / 2];
+        if (qidx % 2 == 0)
+            atomic_store(&qp->rx_ready, r == 0 && qp->thread_started);
+    }
+    if (!paused)
+        vn_dev_resume_workers(dev);
+    if (r < 0)
+        vn_dev_fatal(dev, "a re-enabled queue's ring addresses are outside guest memory");
+    return r;
+}
+
 static void start_worker(struct vn_qp *qp)
 {
     atomic_store(&qp->req, VN_QP_RUN);

@@ -363,6 +363,11 @@ void vn_dev_doorbell(struct vn_dev *dev, unsigned qidx);
 
 /* Interrupts: safe from any thread. */
 void vn_irq_raise(struct vn_dev *dev, uint16_t vector);
+/* VIRTIO_F_RING_RESET: reset one queue / enable it again with these rings
+ * (context thread, after DRIVER_OK). */
+int vn_dev_queue_reset(struct vn_dev *dev, unsigned qidx);
+int vn_dev_queue_enable(struct vn_dev *dev, unsigned qidx, uint16_t size, uint64_t desc,
+                        uint64_t avail, uint64_t used, uint16_t vector);
 /* A used buffer notification for a queue on vector (any thread): with MSI-X
  * on, vector's interrupt unless NO_VECTOR; with it off, the ISR queue bit.
  * Returns whether an interrupt was requested. */

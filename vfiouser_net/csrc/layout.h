@@ -8,7 +8,8 @@
 
 #define VN_BAR0_SIZE 0x4000
 #define VN_COMMON_CFG_OFF 0x0000
-#define VN_COMMON_CFG_LEN 0x0038
+/* Up to queue_reset (virtio 1.2+, VIRTIO_F_RING_RESET). */
+#define VN_COMMON_CFG_LEN 0x003c
 #define VN_ISR_OFF 0x1000
 #define VN_ISR_LEN 0x0004
 #define VN_DEVICE_CFG_OFF 0x2000

@@ -14,7 +14,7 @@
 #include "guest_mem.h"
 #include "stats.h"
 
-#define VN_VQ_MAX_SIZE 1024
+#define VN_VQ_MAX_SIZE 4096
 #define VN_VQ_NO_VECTOR 0xffff
 
 #define VRING_DESC_F_NEXT 1

@@ -125,6 +125,9 @@ bool vn_dev_get_announce(struct vn_dev *dev);
 bool vn_dev_get_needs_reset(struct vn_dev *dev);
 void vn_dev_set_config_vector(struct vn_dev *dev, uint16_t vector);
 uint8_t vn_dev_take_isr(struct vn_dev *dev);
+int vn_dev_queue_reset(struct vn_dev *dev, unsigned qidx);
+int vn_dev_queue_enable(struct vn_dev *dev, unsigned qidx, uint16_t size, uint64_t desc,
+                        uint64_t avail, uint64_t used, uint16_t vector);
 void vn_dev_raise_isr(struct vn_dev *dev, uint8_t bits);
 void vn_dev_get_mac(struct vn_dev *dev, uint8_t mac_out[6]);
 void vn_dev_get_filter(struct vn_dev *dev, struct vn_rx_filter *out);
