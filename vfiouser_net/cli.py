@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--queue-size",
         type=_positive_int,
         default=256,
-        help="maximum virtqueue size, a power of two up to 4096 (default 256); the guest may use less (ethtool -G)",
+        help="maximum virtqueue size, a power of two up to 4096 (default 256); the guest "
+        "may use less (ethtool -G)",
     )
     serve.add_argument(
         "--queue-pairs",
