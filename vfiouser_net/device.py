@@ -55,6 +55,7 @@ OFFERED_FEATURES = feature_mask(
     NetFeature.STATUS,
     NetFeature.CTRL_VQ,
     NetFeature.CTRL_RX,
+    NetFeature.CTRL_VLAN,
     NetFeature.GUEST_ANNOUNCE,
     NetFeature.CTRL_MAC_ADDR,
     NetFeature.RING_INDIRECT_DESC,
@@ -65,6 +66,8 @@ OFFERED_FEATURES = feature_mask(
     NetFeature.VQ_NOTF_COAL,
     NetFeature.RING_RESET,
 )
+# Offered when the host kernel's TAP takes UDP segmentation offload.
+USO_FEATURES = feature_mask(NetFeature.HOST_USO, NetFeature.GUEST_USO4, NetFeature.GUEST_USO6)
 # Offered with more than one queue pair.
 MULTIQUEUE_FEATURES = feature_mask(NetFeature.MQ, NetFeature.RSS, NetFeature.HASH_REPORT)
 
@@ -210,6 +213,18 @@ class VirtioNetDevice:
         multiqueue = self.max_qps > 1
         self.offered = OFFERED_FEATURES | (MULTIQUEUE_FEATURES if multiqueue else 0)
         self.tap = Tap(opts.tap, self.max_qps, opts.mtu)
+        # UDP segmentation offload only where the host kernel's TAP has it
+        # (Linux 6.2): offered or not, never refused after negotiation.
+        uso = lib.vn_tap_probe_uso(self.tap.fds[0])
+        if uso == 1:
+            self.offered |= USO_FEATURES
+        else:
+            log.info(
+                "device %s: the host kernel's TAP has no UDP segmentation offload%s: "
+                "HOST_USO and GUEST_USO4/6 not offered",
+                opts.name or opts.tap,
+                f" ({os.strerror(-uso)})" if uso < 0 else "",
+            )
         self.config = NetConfig(
             mac=opts.mac,
             mtu=opts.mtu,

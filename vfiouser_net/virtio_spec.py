@@ -42,6 +42,9 @@ class NetFeature(IntEnum):
     IN_ORDER = 35
     RING_RESET = 40
     DEVICE_STATS = 50
+    GUEST_USO4 = 54
+    GUEST_USO6 = 55
+    HOST_USO = 56
     VQ_NOTF_COAL = 52
     NOTF_COAL = 53
     HASH_REPORT = 57
@@ -62,6 +65,9 @@ FEATURE_REQUIRES: dict[NetFeature, tuple[NetFeature, ...]] = {
     F.HOST_TSO6: (F.CSUM,),
     F.HOST_ECN: (F.HOST_TSO4, F.HOST_TSO6),
     F.HOST_UFO: (F.CSUM,),
+    F.GUEST_USO4: (F.GUEST_CSUM,),
+    F.GUEST_USO6: (F.GUEST_CSUM,),
+    F.HOST_USO: (F.CSUM,),
     F.CTRL_RX: (F.CTRL_VQ,),
     F.CTRL_VLAN: (F.CTRL_VQ,),
     F.CTRL_RX_EXTRA: (F.CTRL_RX,),

@@ -14,7 +14,8 @@
 # Output in $VN_CACHE/guest/:
 #   vmlinuz          linux-image-6.12.*-amd64 (zstd bzImage)
 #   base.cpio.gz     busybox-static, ethtool, iperf3 (+ libs and loader), the
-#                    modules failover, net_failover, virtio_net (decompressed)
+#                    modules failover, net_failover, virtio_net, 8021q (and its
+#                    dependencies; decompressed)
 #                    and /init (see below)
 #   KERNEL_VERSION   e.g. 6.12.48+deb13-amd64
 #
@@ -48,8 +49,9 @@ GUEST=$VN_CACHE/guest
 APTDIR=$GUEST/apt
 DEBS=$GUEST/debs
 # Bump when the image layout or /init changes so that caches rebuild.
-IMAGE_FORMAT=4
-MODULES=(failover net_failover virtio_net)
+IMAGE_FORMAT=5
+# 8021q: the VLAN filter test (vconfig in the guest).
+MODULES=(failover net_failover virtio_net 8021q)
 BINARIES=(usr/sbin/ethtool usr/bin/iperf3)
 # Libraries loaded with dlopen (not in DT_NEEDED): glibc needs libgcc_s for
 # pthread_cancel, which iperf3 uses.

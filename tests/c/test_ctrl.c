@@ -446,8 +446,8 @@ static void test_unknown_class(void **state)
 {
     struct vn_dev *dev = *state;
     dev->features = ~0ull;
-    /* VLAN (not offered), 6 and up, junk. */
-    const uint8_t classes[] = { 2, 6, 7, 0x7f, 0xff };
+    /* 6 and up, junk. */
+    const uint8_t classes[] = { 6, 7, 0x7f, 0xff };
     for (unsigned i = 0; i < sizeof(classes); i++) {
         for (uint8_t cmd = 0; cmd < 3; cmd++) {
             uint8_t r[4] = { classes[i], cmd, 1, 0 };
@@ -456,6 +456,65 @@ static void test_unknown_class(void **state)
             EXPECT_ERR_UNCHANGED(dev, r, 4);
         }
     }
+}
+
+/* 802.1Q frame to the device's MAC with VLAN ID vid (untagged: vid < 0). */
+static size_t vlan_frame(uint8_t *f, int vid)
+{
+    memset(f, 0, 64);
+    memset(f, 0xff, 6);
+    if (vid < 0) {
+        f[12] = 0x08;
+        return 60;
+    }
+    f[12] = 0x81;
+    f[14] = (uint8_t)(vid >> 8);
+    f[15] = (uint8_t)vid;
+    f[16] = 0x08;
+    return 64;
+}
+
+static void test_vlan_filter(void **state)
+{
+    struct vn_dev *dev = *state;
+    uint8_t f[64];
+    /* Not negotiated: no filter, and the commands are refused. */
+    dev->features = ~0ull & ~(1ull << VN_F_CTRL_VLAN);
+    uint8_t add100[4] = { VN_CTRL_VLAN, VN_CTRL_VLAN_ADD, 100, 0 };
+    EXPECT_ERR_UNCHANGED(dev, add100, 4);
+    assert_true(vn_rx_filter_vlan_accepts(&dev->filter, f, vlan_frame(f, 200)));
+
+    dev->features = ~0ull;
+    dev->filter.vlan_filter = true; /* as vn_dev_start sets it */
+    assert_int_equal(handle(dev, add100, 4), VN_CTRL_OK);
+    assert_true(vn_rx_filter_vlan_accepts(&dev->filter, f, vlan_frame(f, 100)));
+    assert_false(vn_rx_filter_vlan_accepts(&dev->filter, f, vlan_frame(f, 200)));
+    assert_true(vn_rx_filter_vlan_accepts(&dev->filter, f, vlan_frame(f, -1)));
+    /* Priority bits are not part of the ID; a frame cut before its tag passes. */
+    vlan_frame(f, 100);
+    f[14] |= 0xe0;
+    assert_true(vn_rx_filter_vlan_accepts(&dev->filter, f, 64));
+    assert_true(vn_rx_filter_vlan_accepts(&dev->filter, f, 15));
+    /* Malformed: a length other than 2, an ID of 4096 or more, another command. */
+    uint8_t bad[][5] = {
+        { VN_CTRL_VLAN, VN_CTRL_VLAN_ADD, 0x00, 0x10, 0 },
+        { VN_CTRL_VLAN, VN_CTRL_VLAN_ADD, 0xff, 0xff, 0 },
+        { VN_CTRL_VLAN, 2, 100, 0, 0 },
+    };
+    for (unsigned i = 0; i < 3; i++)
+        EXPECT_ERR_UNCHANGED(dev, bad[i], 4);
+    EXPECT_ERR_UNCHANGED(dev, add100, 3);
+    uint8_t five[5] = { VN_CTRL_VLAN, VN_CTRL_VLAN_ADD, 100, 0, 0 };
+    EXPECT_ERR_UNCHANGED(dev, five, 5);
+    uint8_t del100[4] = { VN_CTRL_VLAN, VN_CTRL_VLAN_DEL, 100, 0 };
+    assert_int_equal(handle(dev, del100, 4), VN_CTRL_OK);
+    assert_false(vn_rx_filter_vlan_accepts(&dev->filter, f, vlan_frame(f, 100)));
+    /* A reset empties the table and turns the filter off. */
+    assert_int_equal(handle(dev, add100, 4), VN_CTRL_OK);
+    vn_rx_filter_reset(&dev->filter, dev->default_mac);
+    assert_true(vn_rx_filter_vlan_accepts(&dev->filter, f, vlan_frame(f, 200)));
+    for (unsigned w = 0; w < 64; w++)
+        assert_int_equal(dev->filter.vlans[w], 0);
 }
 
 /* ---- vn_ctrl_process through the control queue --------------------------- */
@@ -889,6 +948,7 @@ int main(void)
         D(test_guest_offloads),
         D(test_guest_offloads_tap_refuses),
         D(test_unknown_class),
+        D(test_vlan_filter),
         Q(test_process_command),
         Q(test_process_split_and_indirect),
         Q(test_process_malformed_chains),

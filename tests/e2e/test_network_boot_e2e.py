@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import subprocess
 import time
@@ -73,8 +74,18 @@ def dnsmasq(ns: NetNS, root: Path, host: str, net: str, log_path: Path) -> Itera
         "--dhcp-boot=tag:ipxe,boot.ipxe", "--dhcp-boot=tag:!ipxe,snponly.efi", "--log-dhcp",
         f"--log-facility={log_path}", "--pid-file",
     ]  # fmt: skip
-    proc = subprocess.Popen(ns.exec_argv(argv), stdin=subprocess.DEVNULL)
+    # Not the sanitizer the test suite may preload for the daemon's datapath.
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS")}
+    proc = subprocess.Popen(
+        ns.exec_argv(argv), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True
+    )
     try:
+        deadline = time.monotonic() + 10
+        while not log_path.exists() or "started" not in log_path.read_text(errors="replace"):
+            if proc.poll() is not None:
+                raise AssertionError(f"dnsmasq exited {proc.returncode}: {proc.communicate()[1]}")
+            assert time.monotonic() < deadline, "dnsmasq did not start"
+            time.sleep(0.05)
         yield log_path
     finally:
         proc.terminate()

@@ -205,6 +205,16 @@ uint8_t vn_ctrl_handle_reply(struct vn_dev *dev, const uint8_t *req, uint32_t le
         return ctrl_rx(dev, cmd, data, dlen);
     case VN_CTRL_MAC:
         return ctrl_mac(dev, cmd, data, dlen);
+    case VN_CTRL_VLAN: {
+        if (!VN_HAS(dev->features, VN_F_CTRL_VLAN) || dlen != 2 ||
+            (cmd != VN_CTRL_VLAN_ADD && cmd != VN_CTRL_VLAN_DEL))
+            return VN_CTRL_ERR;
+        uint16_t vid = vn_le16_get(data);
+        if (vid >= 4096)
+            return VN_CTRL_ERR;
+        vn_rx_filter_vlan_set(&dev->filter, vid, cmd == VN_CTRL_VLAN_ADD);
+        return VN_CTRL_OK;
+    }
     case VN_CTRL_ANNOUNCE:
         if (!VN_HAS(dev->features, VN_F_GUEST_ANNOUNCE) || cmd != VN_CTRL_ANNOUNCE_ACK || dlen != 0)
             return VN_CTRL_ERR;

@@ -29,6 +29,7 @@ static const char *const drop_names[VN_DROP__COUNT] = {
     [VN_DROP_STEER_BACKLOG] = "steer_backlog",
     [VN_DROP_QUEUE_DISABLED] = "queue_disabled",
     [VN_DROP_PAIR_NOT_READY] = "pair_not_ready",
+    [VN_DROP_VLAN_FILTER] = "vlan_filter",
 };
 
 static const char *const error_names[VN_ERR__COUNT] = {
@@ -385,6 +386,8 @@ int vn_dev_start(struct vn_dev *dev, uint64_t features)
     if (dev->started)
         return 0;
     dev->features = features;
+    /* Before any worker starts: the table itself was emptied at reset. */
+    dev->filter.vlan_filter = VN_HAS(features, VN_F_CTRL_VLAN);
     dev->hdr_len = VN_HAS(features, VN_F_HASH_REPORT) ? VN_NET_HDR_HASH_LEN : VN_NET_HDR_LEN;
     bool event_idx = VN_HAS(features, VN_F_RING_EVENT_IDX);
     bool indirect = VN_HAS(features, VN_F_RING_INDIRECT_DESC);
@@ -410,7 +413,12 @@ int vn_dev_start(struct vn_dev *dev, uint64_t features)
         }
         if (qp->tap_fd >= 0) {
             vn_tap_set_vnet_hdr_len(qp->tap_fd, (int)dev->hdr_len);
-            vn_tap_set_guest_offloads(qp->tap_fd, features);
+            int r = vn_tap_set_guest_offloads(qp->tap_fd, features);
+            if (r < 0)
+                vn_log(dev, LOG_WARNING,
+                       "queue pair %u: the TAP refused the guest's offloads (%s): the host "
+                       "kernel segments and checksums for it",
+                       i, strerror(-r));
         }
     }
     vn_vq_reset_state(&dev->ctrl);

@@ -31,6 +31,9 @@
 #define VN_F_CTRL_VQ 17
 #define VN_F_CTRL_RX 18
 #define VN_F_CTRL_VLAN 19
+#define VN_F_GUEST_USO4 54
+#define VN_F_GUEST_USO6 55
+#define VN_F_HOST_USO 56
 #define VN_F_GUEST_ANNOUNCE 21
 #define VN_F_MQ 22
 #define VN_F_CTRL_MAC_ADDR 23
@@ -38,6 +41,7 @@
 #define VN_F_DEVICE_STATS 50
 #define VN_F_HASH_REPORT 57
 #define VN_F_RSS 60
+#define VN_F_CTRL_VLAN 19
 #define VN_F_RING_EVENT_IDX 29
 #define VN_F_VERSION_1 32
 
@@ -54,6 +58,10 @@
 #define VN_CTRL_MAC 1
 #define VN_CTRL_MAC_TABLE_SET 0
 #define VN_CTRL_MAC_ADDR_SET 1
+
+#define VN_CTRL_VLAN 2
+#define VN_CTRL_VLAN_ADD 0
+#define VN_CTRL_VLAN_DEL 1
 
 #define VN_CTRL_ANNOUNCE 3
 #define VN_CTRL_ANNOUNCE_ACK 0

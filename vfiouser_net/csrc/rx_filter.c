@@ -31,3 +31,22 @@ bool vn_rx_filter_accepts(const struct vn_rx_filter *f, const uint8_t dst[6])
         return true;
     return in_table(f->uc, f->n_uc, dst);
 }
+
+#define ETH_P_8021Q 0x8100
+
+bool vn_rx_filter_vlan_accepts(const struct vn_rx_filter *f, const uint8_t *frame, size_t len)
+{
+    if (!f->vlan_filter || len < 16 || (frame[12] << 8 | frame[13]) != ETH_P_8021Q)
+        return true;
+    unsigned vid = (unsigned)(frame[14] << 8 | frame[15]) & 0xfffu;
+    return (__atomic_load_n(&f->vlans[vid / 64], __ATOMIC_RELAXED) >> (vid % 64)) & 1u;
+}
+
+void vn_rx_filter_vlan_set(struct vn_rx_filter *f, uint16_t vid, bool on)
+{
+    uint64_t bit = 1ull << (vid % 64);
+    if (on)
+        __atomic_fetch_or(&f->vlans[vid / 64], bit, __ATOMIC_RELAXED);
+    else
+        __atomic_fetch_and(&f->vlans[vid / 64], ~bit, __ATOMIC_RELAXED);
+}

@@ -23,6 +23,7 @@ enum vn_drop_reason {
     VN_DROP_STEER_BACKLOG,    /* target queue's backlog full (frames or bytes) */
     VN_DROP_QUEUE_DISABLED,   /* steered to a queue the driver then disabled */
     VN_DROP_PAIR_NOT_READY,   /* steered to a pair without worker or receive ring */
+    VN_DROP_VLAN_FILTER,      /* an 802.1Q frame whose VLAN the driver did not add */
     VN_DROP__COUNT
 };
 

@@ -12,6 +12,12 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+/* UDP segmentation offload on a TAP: Linux 6.2 (older uapi headers lack it). */
+#ifndef TUN_F_USO4
+#define TUN_F_USO4 0x20
+#define TUN_F_USO6 0x40
+#endif
+
 #include "net_hdr.h"
 
 int vn_tap_open(const char *name, bool multi_queue, char *ifname_out)
@@ -58,10 +64,24 @@ int vn_tap_set_guest_offloads(int fd, uint64_t f)
             flags |= TUN_F_TSO6;
         if (VN_HAS(f, VN_F_GUEST_ECN) && (flags & (TUN_F_TSO4 | TUN_F_TSO6)))
             flags |= TUN_F_TSO_ECN;
+        /* The TAP takes both or neither (EINVAL): with one of them the
+         * kernel segments UDP itself, and the guest never sees UDP_L4. */
+        if (VN_HAS(f, VN_F_GUEST_USO4) && VN_HAS(f, VN_F_GUEST_USO6))
+            flags |= TUN_F_USO4 | TUN_F_USO6;
     }
     if (ioctl(fd, TUNSETOFFLOAD, flags) < 0)
         return -errno;
     return 0;
+}
+
+int vn_tap_probe_uso(int fd)
+{
+    /* The kernel refuses offload bits it does not know (EINVAL). */
+    if (ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6) < 0)
+        return errno == EINVAL ? 0 : -errno;
+    if (ioctl(fd, TUNSETOFFLOAD, 0) < 0)
+        return -errno;
+    return 1;
 }
 
 int vn_tap_set_vnet_hdr_len(int fd, int len)

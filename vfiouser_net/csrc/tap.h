@@ -13,6 +13,9 @@ int vn_tap_open(const char *name, bool multi_queue, char *ifname_out);
 
 /* TUNSETOFFLOAD from negotiated guest offload feature bits. */
 int vn_tap_set_guest_offloads(int fd, uint64_t guest_offload_features);
+/* 1 when the host kernel's TAP takes UDP segmentation offload (USO), 0 when
+ * not, -errno on another error; leaves the offloads off. */
+int vn_tap_probe_uso(int fd);
 
 /* TUNSETVNETHDRSZ: the header length the guest uses (12, or 20 with hash reports). */
 int vn_tap_set_vnet_hdr_len(int fd, int len);

@@ -218,7 +218,8 @@ static bool process_tx(struct vn_qp *qp)
 static size_t rx_need(const struct vn_dev *dev)
 {
     if (VN_HAS(dev->features, VN_F_GUEST_TSO4) || VN_HAS(dev->features, VN_F_GUEST_TSO6) ||
-        VN_HAS(dev->features, VN_F_GUEST_UFO))
+        VN_HAS(dev->features, VN_F_GUEST_UFO) || VN_HAS(dev->features, VN_F_GUEST_USO4) ||
+        VN_HAS(dev->features, VN_F_GUEST_USO6))
         return dev->hdr_len + VN_MAX_FRAME;
     return dev->hdr_len + dev->mtu + 14 + 4;
 }
@@ -381,12 +382,14 @@ static unsigned rx_publish(struct vn_qp *qp, uint64_t n, uint32_t hash, uint8_t 
 }
 
 /* Why a frame read from the TAP must not reach the guest, or -1. */
-static int rx_reject_reason(struct vn_qp *qp, const uint8_t *dst)
+static int rx_reject_reason(struct vn_qp *qp, const uint8_t *frame, size_t len)
 {
     if (!atomic_load_explicit(&qp->dev->link_up, memory_order_relaxed))
         return VN_DROP_LINK_DOWN;
-    if (!vn_rx_filter_accepts(&qp->dev->filter, dst))
+    if (!vn_rx_filter_accepts(&qp->dev->filter, frame))
         return VN_DROP_MAC_FILTER;
+    if (!vn_rx_filter_vlan_accepts(&qp->dev->filter, frame, len))
+        return VN_DROP_VLAN_FILTER;
     return -1;
 }
 
@@ -606,7 +609,7 @@ static bool process_rx(struct vn_qp *qp, bool *starved)
                 VN_STAT_INC(st->drops[VN_DROP_BUFFER_TOO_SMALL]);
                 continue;
             }
-            int why = rx_reject_reason(qp, f);
+            int why = rx_reject_reason(qp, f, flen);
             if (why >= 0) {
                 VN_STAT_INC(st->drops[why]);
                 continue;
@@ -646,7 +649,7 @@ static bool process_rx(struct vn_qp *qp, bool *starved)
             VN_STAT_INC(st->drops[VN_DROP_BUFFER_TOO_SMALL]);
             continue;
         }
-        int why = rx_reject_reason(qp, p->data + hdr);
+        int why = rx_reject_reason(qp, p->data + hdr, (size_t)n - hdr);
         if (why >= 0) {
             VN_STAT_INC(st->drops[why]);
             continue;

@@ -26,7 +26,8 @@
 enum vn_drop_reason {
     VN_DROP_BAD_CHAIN, VN_DROP_HEADER_TOO_SHORT, VN_DROP_FRAME_TOO_BIG, VN_DROP_BUFFER_TOO_SMALL,
     VN_DROP_MAC_FILTER, VN_DROP_LINK_DOWN, VN_DROP_TAP_ERROR, VN_DROP_QUEUE_BROKEN, VN_DROP_RESET,
-    VN_DROP_STEER_BACKLOG, VN_DROP_QUEUE_DISABLED, VN_DROP_PAIR_NOT_READY, VN_DROP__COUNT
+    VN_DROP_STEER_BACKLOG, VN_DROP_QUEUE_DISABLED, VN_DROP_PAIR_NOT_READY, VN_DROP_VLAN_FILTER,
+    VN_DROP__COUNT
 };
 enum vn_error_reason {
     VN_ERR_DESC_ADDR, VN_ERR_DESC_NEXT, VN_ERR_DESC_LOOP, VN_ERR_DESC_ORDER, VN_ERR_INDIRECT,
@@ -47,7 +48,7 @@ struct vn_dir_stats {
     uint64_t batches;
     uint64_t bounced;
     uint64_t steered_out;
-    uint64_t drops[12];
+    uint64_t drops[13];
     uint64_t errors[10];
     uint64_t avail_seen;
     uint64_t used_idx;
@@ -100,6 +101,8 @@ struct vn_rx_filter {
     unsigned n_uc, n_mc;
     uint8_t uc[64][6];
     uint8_t mc[64][6];
+    bool vlan_filter;
+    uint64_t vlans[64];
 };
 struct vn_hooks {
     void *py;
@@ -188,6 +191,7 @@ int vn_capture_recv_fd(struct vn_dev *dev);
 void vn_capture_counts(struct vn_dev *dev, uint64_t *captured, uint64_t *missed);
 
 int vn_tap_open(const char *name, bool multi_queue, char *ifname_out);
+int vn_tap_probe_uso(int fd);
 int vn_tap_set_flow_steering(int fd);
 void vn_tap_clear_flow_steering(int fd);
 
