@@ -5,6 +5,8 @@
 #   2. scripts/setup/libvfio-user.sh  libvfio-user (Debian qemu source) -> $VN_CACHE/libvfio-user/prefix
 #   3. scripts/setup/qemu.sh          QEMU 11.1 (vfio-user-pci) -> $VN_CACHE/bin/qemu-system-x86_64
 #   4. scripts/setup/guest-image.sh   guest kernel + initramfs -> $VN_CACHE/guest/
+#      scripts/setup/guest-kernels.sh more guest kernels (bookworm's 6.1, the newest
+#                                     of trixie-backports) -> $VN_CACHE/guest/kernels/
 #   5. a Python venv at $VN_CACHE/venv with the tools, and the project
 #      installed editable (built against the libvfio-user above) with its
 #      `bench` extra (matplotlib, for the benchmark's plot).
@@ -45,6 +47,7 @@ step apt bash "$HERE/setup/apt.sh"
 step libvfio-user bash "$HERE/setup/libvfio-user.sh"
 step qemu bash "$HERE/setup/qemu.sh"
 step guest-image bash "$HERE/setup/guest-image.sh"
+step guest-kernels bash "$HERE/setup/guest-kernels.sh"
 
 setup_venv() {
     local venv=$VN_CACHE/venv stamp want f

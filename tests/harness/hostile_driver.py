@@ -1462,8 +1462,8 @@ def _indirect_table(hd: HostileDriver, q: SplitQueue, n: int, buf: int, flags: i
 def attack_chain_longer_than_ring(hd: HostileDriver, run: AttackRun) -> None:
     """A chain through every descriptor of the ring and back to its head,
     indirect tables of 300 (more than the ring and than the device takes at
-    once) and of 1100 entries (more than a ring may have), and a 300-entry
-    receive chain."""
+    once) and of 4097 entries (more than any ring may have: 4096), and a
+    300-entry receive chain."""
     tx, rx = hd.d.pairs[ATTACKED].tx, hd.d.pairs[ATTACKED].rx
     buf = _tx_frame_in_c(hd, "long")
     ids = hd.raw_chain(tx, tx.size, "whole-ring")
@@ -1472,7 +1472,7 @@ def attack_chain_longer_than_ring(hd: HostileDriver, run: AttackRun) -> None:
     hd.publish_kick(tx)
     hd.expect_returned_empty(run, tx, ids[:1])
     heads = []
-    for n in (300, 1100):
+    for n in (300, 4097):
         table = _indirect_table(hd, tx, n, buf, 0)
         h = hd.raw_chain(tx, 1, f"indirect-{n}")
         tx.write_desc(tx.desc_addr, h[0], table, 16 * n, VRING_DESC_F_INDIRECT, 0)
