@@ -21,9 +21,11 @@ vn_need_root
 
 KERNELS=$VN_CACHE/guest/kernels
 # Bump when the layout changes so that caches rebuild.
-FORMAT=1
+FORMAT=2
 # The modules the base image loads (guest-image.sh MODULES).
 MODULES=(failover net_failover virtio_net 8021q)
+# Built into some kernels, modules in others (bookworm's 6.1: virtio_pci).
+OPTIONAL_MODULES=(virtio_pci)
 # label suite: the newest linux-image-*-amd64 that linux-image-amd64 of the
 # suite depends on.
 MATRIX=("bookworm bookworm" "backports trixie-backports")
@@ -116,6 +118,9 @@ build() {
         order+=("$m")
     }
     local m
+    for m in "${OPTIONAL_MODULES[@]}"; do
+        [[ -z ${file[$m]:-} ]] || add "$m"
+    done
     for m in "${MODULES[@]}"; do add "$m"; done
     printf '%s\n' "${order[@]}" >"$root/etc/vn-modules"
     echo "$kver" >"$root/etc/vn-kernel-version"
