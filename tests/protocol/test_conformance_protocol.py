@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+from collections.abc import Callable
 
 from tests.harness import vfio_user_client as vu
 from tests.harness.virtio_pci_driver import (
@@ -188,4 +189,28 @@ def test_msix_disabled_means_isr_not_messages(env: DeviceEnv) -> None:
             os.close(fd)
     finally:
         os.close(error)
+        s.close()
+
+
+def test_received_frames_past_the_mtu_are_dropped(env_factory: Callable[..., DeviceEnv]) -> None:
+    """5.1.4.1: with MTU negotiated, no received frame past mtu (plus the
+    Ethernet header and a VLAN tag) unless segmented. The TAP (MTU 1500)
+    hands the device a 1514-byte frame; the device's MTU is 1400."""
+    env = env_factory("--mtu", "1400")
+    s = open_session(env)
+    try:
+        drv = s.driver
+        drv.bring_up()
+        before = env.counters()["queues"][0]["rx"]["drops"]["frame_too_big"]
+        env.port.send(tagged_frame(GUEST_MAC, b"too-big", size=1514))
+        fits = tagged_frame(GUEST_MAC, b"fits", size=1418)
+        env.port.send(fits)
+        while True:
+            _, got = drv.recv_packet(timeout=5)
+            assert b"too-big" not in got, "a frame past the MTU reached the driver"
+            if b"fits" in got:
+                break
+        assert got == fits
+        assert env.counters()["queues"][0]["rx"]["drops"]["frame_too_big"] == before + 1
+    finally:
         s.close()

@@ -382,10 +382,14 @@ static unsigned rx_publish(struct vn_qp *qp, uint64_t n, uint32_t hash, uint8_t 
 }
 
 /* Why a frame read from the TAP must not reach the guest, or -1. */
-static int rx_reject_reason(struct vn_qp *qp, const uint8_t *frame, size_t len)
+static int rx_reject_reason(struct vn_qp *qp, uint8_t gso_type, const uint8_t *frame, size_t len)
 {
     if (!atomic_load_explicit(&qp->dev->link_up, memory_order_relaxed))
         return VN_DROP_LINK_DOWN;
+    /* Not past the MTU unless segmented (5.1.4.1): a TAP made with a larger
+     * MTU than the device's can hand such frames. ECN is a flag, not GSO. */
+    if ((gso_type & 0x7f) == 0 && len > (size_t)qp->dev->mtu + 14 + 4)
+        return VN_DROP_FRAME_TOO_BIG;
     if (!vn_rx_filter_accepts(&qp->dev->filter, frame))
         return VN_DROP_MAC_FILTER;
     if (!vn_rx_filter_vlan_accepts(&qp->dev->filter, frame, len))
@@ -609,7 +613,9 @@ static bool process_rx(struct vn_qp *qp, bool *starved)
                 VN_STAT_INC(st->drops[VN_DROP_BUFFER_TOO_SMALL]);
                 continue;
             }
-            int why = rx_reject_reason(qp, f, flen);
+            uint8_t h[2] = { 0, 0 };
+            iov_copy_out(iov, niov, 0, h, sizeof(h));
+            int why = rx_reject_reason(qp, h[1], f, (size_t)n - hdr);
             if (why >= 0) {
                 VN_STAT_INC(st->drops[why]);
                 continue;
@@ -649,7 +655,7 @@ static bool process_rx(struct vn_qp *qp, bool *starved)
             VN_STAT_INC(st->drops[VN_DROP_BUFFER_TOO_SMALL]);
             continue;
         }
-        int why = rx_reject_reason(qp, p->data + hdr, (size_t)n - hdr);
+        int why = rx_reject_reason(qp, p->data[1], p->data + hdr, (size_t)n - hdr);
         if (why >= 0) {
             VN_STAT_INC(st->drops[why]);
             continue;
