@@ -655,8 +655,11 @@ def test_read_commands_tables_and_json(stack: AdminStack) -> None:
         r"^\s+rss table:\s+128 entries$",
     ):
         assert re.search(pattern, out, re.M), f"show lacks {pattern!r}:\n{out}"
-    features_text = out.split("features:", 1)[1].split("mac:", 1)[0].split()
+    features_text = out.split("features:", 1)[1].split("offered:", 1)[0].split()
+    offered_text = out.split("offered:", 1)[1].split("mac:", 1)[0].split()
     show = stack.show()
+    assert offered_text == show["offered_features"], (offered_text, show["offered_features"])
+    assert set(show["features"]) <= set(show["offered_features"])
     assert features_text == show["features"], (features_text, show["features"])
     assert show["connected"] is True and show["driver_ok"] is True, show
     assert show["needs_reset"] is False, show

@@ -63,7 +63,7 @@ def test_options_validation() -> None:
         {"mac": bytes.fromhex("010000000001")},
         {"mtu": 20},
         {"queue_size": 100},
-        {"queue_size": 4096},
+        {"queue_size": 8192},
         {"queue_pairs": 0},
     ):
         opts = DeviceOptions(socket_path="/tmp/x", tap="t", mac=bytes.fromhex("525400000001"))
