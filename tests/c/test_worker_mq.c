@@ -660,9 +660,37 @@ static void test_switch_drain_timeout(void **state)
     assert_accounted(m, 0);
 }
 
+/* A pair whose driver never gives room again must not hold back the others
+ * for ever: past VN_STEER_OLD_MAX_NS its worker drops the old frames
+ * (steer_backlog) and every pair reads the TAP again. */
+static void test_switch_drops_old_frames_past_the_bound(void **state)
+{
+    struct mq *m = *state = mq_new(2);
+    m->fixed_size = 100;
+    post(m, 0, 2);
+    post(m, 1, QSIZE);
+    mq_start(m, BASE_FEATURES);
+    assert_int_equal(steer_all_to(m, 0, 2), VN_CTRL_OK);
+    for (uint32_t i = 0; i < 6; i++)
+        host_send(m, 1, 9, i);
+    WAIT_FOR(qstats(m, 1).rx.steered_out == 6 && inbox_count(m, 0) == 4);
+    assert_int_equal(steer_all_to(m, 1, 2), VN_CTRL_OK);
+    for (uint32_t i = 6; i < 10; i++)
+        host_send(m, 1, 9, i);
+    uint64_t t0 = now_ms();
+    WAIT_FOR(fd_vq_used_idx(&m->rxq[1]) == 4);
+    uint64_t waited = now_ms() - t0;
+    if (waited < VN_STEER_OLD_MAX_NS / 1000000u - 50)
+        fail_msg("new frames after %llu ms, before the bound", (unsigned long long)waited);
+    assert_int_equal(inbox_count(m, 0), 0);
+    assert_int_equal(qstats(m, 0).rx.drops[VN_DROP_STEER_BACKLOG], 4);
+    assert_int_equal(atomic_load(&m->dev->old_inflight), 0);
+    m->sent -= 4; /* dropped, and counted */
+}
+
 /* Frames steered under the old rule that could not be placed yet (their ring
- * had no room) are placed before any frame is read under the new rule, with
- * no deadline: the TAP is not read meanwhile. */
+ * had no room) are placed before any frame is read under the new rule, for
+ * up to VN_STEER_OLD_MAX_NS: the TAP is not read meanwhile. */
 static void test_switch_places_old_frames_first(void **state)
 {
     struct mq *m = *state = mq_new(2);
@@ -1243,6 +1271,7 @@ int main(void)
         T(test_switch_waits_for_driver),
         T(test_switch_drain_timeout),
         T(test_switch_places_old_frames_first),
+        T(test_switch_drops_old_frames_past_the_bound),
         T(test_switch_without_event_idx),
         T(test_inbox_backlog_full),
         T(test_inbox_frame_too_big),

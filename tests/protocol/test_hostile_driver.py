@@ -66,17 +66,26 @@ def assert_no_control_plane_errors(env: DeviceEnv) -> None:
 
 
 # The random values of the fuzz attacks (bar0_writes, config_space_writes)
-# come from this seed, so that a run is repeatable; VN_HOSTILE_SEED=N or
-# "random" tries others. Seed 1628325499 makes bar0_writes stop receive on
-# every pair, before this session's changes too: a known open defect.
-HOSTILE_SEED = os.environ.get("VN_HOSTILE_SEED", "11")
+# come from these seeds, so that a run is repeatable; VN_HOSTILE_SEED=N or
+# "random" tries another. With seed 1628325499 frames steered to the
+# attacked pair before a switch, which its driver never made room for, held
+# back receive on every pair for ever (now dropped after VN_STEER_OLD_MAX_NS).
+HOSTILE_SEEDS = (
+    [os.environ["VN_HOSTILE_SEED"]]
+    if "VN_HOSTILE_SEED" in os.environ
+    else [
+        "11",
+        "1628325499",
+    ]
+)
 
 
+@pytest.mark.parametrize("hostile_seed", HOSTILE_SEEDS)
 def test_hostile_driver_catalogue(
-    env_factory: Callable[..., DeviceEnv], tmp_path: Path, record_property: Any
+    env_factory: Callable[..., DeviceEnv], tmp_path: Path, record_property: Any, hostile_seed: str
 ) -> None:
     env, admin = start_daemon(env_factory, tmp_path)
-    seed = None if HOSTILE_SEED == "random" else int(HOSTILE_SEED)
+    seed = None if hostile_seed == "random" else int(hostile_seed)
     _, ring_state = admin_sources(admin, None)
     assert env.server.proc is not None
     with HostileDriver(

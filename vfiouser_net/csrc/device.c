@@ -606,8 +606,9 @@ void vn_dev_steering_commit(struct vn_dev *dev, unsigned active_qps)
     if (dev->started) {
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
-        dev->drain_deadline_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec +
-                                 VN_STEER_DRAIN_MAX_NS;
+        uint64_t now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+        dev->drain_deadline_ns = now + VN_STEER_DRAIN_MAX_NS;
+        dev->old_deadline_ns = now + VN_STEER_OLD_MAX_NS;
         atomic_store(&dev->drained_since_ns, 0);
         atomic_store(&dev->drain_pending, true);
     }

@@ -191,6 +191,7 @@ struct vn_dev {
      * the old frames have reached the guest's sockets before any new one. */
     _Atomic bool drain_pending;
     uint64_t drain_deadline_ns;
+    uint64_t old_deadline_ns;          /* VN_STEER_OLD_MAX_NS after the switch */
     _Atomic uint64_t drained_since_ns; /* first seen caught up (0: not yet) */
     uint64_t drain_grace_ns;           /* VN_STEER_DRAIN_GRACE_NS */
     unsigned drain_qps;                /* rx rings to wait for: the old and new pairs */

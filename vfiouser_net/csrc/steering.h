@@ -23,6 +23,11 @@
 #define VN_FLOW_EXPIRY_MS 3000
 /* Longest a switch holds new frames back for the guest to drain its rings. */
 #define VN_STEER_DRAIN_MAX_NS (200ull * 1000 * 1000)
+/* Frames steered under the old rule are placed before anything newer is
+ * read, however long their ring stays full, up to this bound: past it, a
+ * pair whose driver stopped refilling drops them (steer_backlog) instead of
+ * holding back every pair's receive for ever. */
+#define VN_STEER_OLD_MAX_NS (2000ull * 1000 * 1000)
 /* Linux writes used_event just before it hands its last batch to the stack
  * (virtqueue_napi_complete): give that batch time to reach the sockets. */
 #define VN_STEER_DRAIN_GRACE_NS (5ull * 1000 * 1000)

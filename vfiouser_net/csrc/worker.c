@@ -766,6 +766,18 @@ static bool busy_poll(struct vn_qp *qp, bool tx_ok, bool rx_vq_ok, bool rx_starv
     return false;
 }
 
+/* Frames steered before a switch hold back every pair's TAP reads until
+ * they are placed. A pair whose driver stopped refilling its receive ring
+ * would hold the others for ever: past VN_STEER_OLD_MAX_NS its own worker
+ * (the only one that may pop its inbox) drops them, counted steer_backlog. */
+static void drop_stale_inbox(struct vn_qp *qp)
+{
+    struct vn_dev *dev = qp->dev;
+    if (atomic_load(&dev->old_inflight) <= 0 || now_ns() < dev->old_deadline_ns)
+        return;
+    vn_inbox_drain(dev, qp, VN_DROP_STEER_BACKLOG);
+}
+
 void *vn_qp_worker(void *arg)
 {
     struct vn_qp *qp = arg;
@@ -775,6 +787,7 @@ void *vn_qp_worker(void *arg)
     for (;;) {
         if (!handle_requests(qp))
             break;
+        drop_stale_inbox(qp);
         bool tx_ok = vn_vq_ready(&qp->tx);
         bool rx_vq_ok = vn_vq_ready(&qp->rx);
         bool rx_ok = qp->tap_fd >= 0;
@@ -833,7 +846,16 @@ void *vn_qp_worker(void *arg)
             { .fd = qp->kick_fd, .events = POLLIN },
             { .fd = read_tap ? qp->tap_fd : -1, .events = POLLIN },
         };
-        uint64_t wait_ns = hold && atomic_load(&dev->old_inflight) == 0 ? 1000000u : UINT64_MAX;
+        uint64_t wait_ns = UINT64_MAX;
+        if (hold) {
+            /* Waiting for the guest to drain its rings: look again every
+             * millisecond; for old frames to be placed: until the deadline
+             * (drop_stale_inbox), or their placing wakes us first. */
+            uint64_t now = now_ns();
+            wait_ns = 1000000u;
+            if (atomic_load(&dev->old_inflight) > 0 && dev->old_deadline_ns > now + wait_ns)
+                wait_ns = dev->old_deadline_ns - now;
+        }
         if (coal_wait_ns < wait_ns)
             wait_ns = coal_wait_ns;
         struct timespec ts = { (time_t)(wait_ns / 1000000000u), (long)(wait_ns % 1000000000u) };
