@@ -660,12 +660,12 @@ static void test_switch_drain_timeout(void **state)
     assert_accounted(m, 0);
 }
 
-/* A pair whose driver never gives room again must not hold back the others
- * for ever: past VN_STEER_OLD_MAX_NS its worker drops the old frames
- * (steer_backlog) and every pair reads the TAP again. */
-static void test_switch_drops_old_frames_past_the_bound(void **state)
+/* Two pairs, everything steered to pair 0 whose ring has room for two small
+ * frames: of six, two are placed and four wait in pair 0's inbox; then a
+ * switch to pair 1 and four more frames, which must wait behind those four. */
+static struct mq *old_frames_held(void)
 {
-    struct mq *m = *state = mq_new(2);
+    struct mq *m = mq_new(2);
     m->fixed_size = 100;
     post(m, 0, 2);
     post(m, 1, QSIZE);
@@ -674,9 +674,21 @@ static void test_switch_drops_old_frames_past_the_bound(void **state)
     for (uint32_t i = 0; i < 6; i++)
         host_send(m, 1, 9, i);
     WAIT_FOR(qstats(m, 1).rx.steered_out == 6 && inbox_count(m, 0) == 4);
+    WAIT_FOR(qstats(m, 0).rx.ring_full > 0);
+    assert_int_equal(fd_vq_used_idx(&m->rxq[0]), 2);
     assert_int_equal(steer_all_to(m, 1, 2), VN_CTRL_OK);
+    assert_int_equal(atomic_load(&m->dev->old_inflight), 4);
     for (uint32_t i = 6; i < 10; i++)
         host_send(m, 1, 9, i);
+    return m;
+}
+
+/* A pair whose driver never gives room again must not hold back the others
+ * for ever: past VN_STEER_OLD_MAX_NS its worker drops the old frames
+ * (steer_backlog) and every pair reads the TAP again. */
+static void test_switch_drops_old_frames_past_the_bound(void **state)
+{
+    struct mq *m = *state = old_frames_held();
     uint64_t t0 = now_ms();
     WAIT_FOR(fd_vq_used_idx(&m->rxq[1]) == 4);
     uint64_t waited = now_ms() - t0;
@@ -693,22 +705,7 @@ static void test_switch_drops_old_frames_past_the_bound(void **state)
  * up to VN_STEER_OLD_MAX_NS: the TAP is not read meanwhile. */
 static void test_switch_places_old_frames_first(void **state)
 {
-    struct mq *m = *state = mq_new(2);
-    m->fixed_size = 100;
-    post(m, 0, 2);
-    post(m, 1, QSIZE);
-    mq_start(m, BASE_FEATURES);
-    assert_int_equal(steer_all_to(m, 0, 2), VN_CTRL_OK);
-    /* Small frames: one buffer each; two fit, four wait in pair 0's inbox. */
-    for (uint32_t i = 0; i < 6; i++)
-        host_send(m, 1, 9, i);
-    WAIT_FOR(qstats(m, 1).rx.steered_out == 6 && inbox_count(m, 0) == 4);
-    WAIT_FOR(qstats(m, 0).rx.ring_full > 0);
-    assert_int_equal(fd_vq_used_idx(&m->rxq[0]), 2);
-    assert_int_equal(steer_all_to(m, 1, 2), VN_CTRL_OK);
-    assert_int_equal(atomic_load(&m->dev->old_inflight), 4);
-    for (uint32_t i = 6; i < 10; i++)
-        host_send(m, 1, 9, i);
+    struct mq *m = *state = old_frames_held();
     /* Well past the 200 ms bound, which does not apply to these. */
     sleep_ms(250);
     assert_int_equal(fd_vq_used_idx(&m->rxq[1]), 0);
