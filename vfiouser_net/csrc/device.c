@@ -299,8 +299,6 @@ int vn_dev_config_queue(struct vn_dev *dev, unsigned qidx, uint16_t size, uint64
     return 0;
 }
 
-static void start_worker(struct vn_qp *qp);
-
 /* VIRTIO_F_RING_RESET (2.6.1): the driver resets one queue after DRIVER_OK,
  * may give it new rings and a new size, and enables it again. Context thread;
  * every worker is parked meanwhile (the rings of one pair are read by other

@@ -41,7 +41,6 @@
 #define VN_F_DEVICE_STATS 50
 #define VN_F_HASH_REPORT 57
 #define VN_F_RSS 60
-#define VN_F_CTRL_VLAN 19
 #define VN_F_RING_EVENT_IDX 29
 #define VN_F_VERSION_1 32
 
