@@ -23,7 +23,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from tests.harness.guest import Guest, GuestPaths  # noqa: E402
-from tests.harness.netns import NetNS, Tap, netns_with_tap  # noqa: E402
+from tests.harness.netns import NetNS, Tap, create_netns, netns_with_tap  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +117,17 @@ def guest_factory(guest_paths: GuestPaths, tmp_path: Path) -> Iterator[Callable[
     for guest in guests:
         guest.close()
         log.info("%s console log: %s", guest.name, guest.console_log)
+
+
+@pytest.fixture
+def ns(netns_capable: None) -> Iterator[NetNS]:
+    """A fresh network namespace of the test's own, IPv6 off (no router
+    solicitations or DAD in the captures), deleted after it with whatever
+    the test put in it."""
+    n = create_netns()
+    try:
+        for conf in ("all", "default"):
+            n.run(["sysctl", "-qw", f"net.ipv6.conf.{conf}.disable_ipv6=1"], check=False)
+        yield n
+    finally:
+        n.delete()

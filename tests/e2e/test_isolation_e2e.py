@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from tests.e2e.test_security_e2e import (
 )
 from tests.harness.guest import GuestPaths
 from tests.harness.metrics import scrape_text
-from tests.harness.netns import NetNS, create_netns
+from tests.harness.netns import NetNS
 from tests.harness.procstat import proc_status
 from tests.harness.vfio_user_client import VfioUserClient, VfioUserError
 from vfiouser_net.capture import PCAP_MAGIC_NS
@@ -62,17 +62,6 @@ THIRD_NOFILE = 24
 THIRD_MEMORY_MIB = 48
 SYS_PTRACE = 101
 EPERM = 1
-
-
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    n = create_netns()
-    try:
-        for conf in ("all", "default"):
-            n.run(["sysctl", "-qw", f"net.ipv6.conf.{conf}.disable_ipv6=1"], check=False)
-        yield n
-    finally:
-        n.delete()
 
 
 def ctl_list(admin: Path) -> dict[str, Any]:

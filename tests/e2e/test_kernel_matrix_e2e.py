@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import pytest
 from tests.e2e.device_fixtures import VN_CACHE, check_prerequisites, require
 from tests.harness.guest import Guest, GuestPaths, vfio_user_pci_args
 from tests.harness.iperf import run_iperf3
-from tests.harness.netns import NetNS, create_netns
+from tests.harness.netns import NetNS
 from tests.harness.server import Server
 
 log = logging.getLogger(__name__)
@@ -78,15 +77,6 @@ def expected_features(kver: tuple[int, int], uso_offered: bool) -> set[int]:
         if kver >= since and (uso_offered or name not in USO):
             bits.add(bit)
     return bits
-
-
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    n = create_netns()
-    try:
-        yield n
-    finally:
-        n.delete()
 
 
 @pytest.mark.parametrize("label", ["bookworm", "trixie", "backports"])

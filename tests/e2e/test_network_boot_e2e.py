@@ -24,7 +24,7 @@ import pytest
 
 from tests.e2e.device_fixtures import VN_CACHE, check_prerequisites, require
 from tests.harness.guest import DEFAULT_CMDLINE, Guest, vfio_user_pci_args
-from tests.harness.netns import NetNS, create_netns
+from tests.harness.netns import NetNS
 from tests.harness.server import Server
 
 log = logging.getLogger(__name__)
@@ -38,15 +38,6 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 SNPONLY = Path("/usr/lib/ipxe/snponly.efi")
 TAP = "tap-boot"
 BOOT_TIMEOUT = 300.0
-
-
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    n = create_netns()
-    try:
-        yield n
-    finally:
-        n.delete()
 
 
 def ipxe_script(host: str) -> str:

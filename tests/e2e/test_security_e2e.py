@@ -36,17 +36,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.e2e.device_fixtures import check_prerequisites
 from tests.harness.guest import Guest, GuestPaths, vfio_user_pci_args
 from tests.harness.hostile_driver import HostileDriver, admin_sources, daemon_rss_anon_kib
-from tests.harness.netns import NetNS, create_netns
+from tests.harness.netns import NetNS
 from tests.harness.procstat import fd_targets
 from tests.harness.vfio_user_client import VfioUserClient
 from tests.protocol.support import open_packet_socket
@@ -211,23 +208,9 @@ def boot_guests(
         vm.guest.wait_until(f"ping -c 1 -W 1 {vm.host}", timeout=30)
 
 
-@pytest.fixture
-def netns_for_test() -> Iterator[NetNS]:
-    ns = create_netns()
-    try:
-        for conf in ("all", "default"):
-            ns.run(["sysctl", "-qw", f"net.ipv6.conf.{conf}.disable_ipv6=1"], check=False)
-        yield ns
-    finally:
-        ns.delete()
-
-
-def test_hostile_client_beside_two_vms(
-    netns_for_test: NetNS, tmp_path: Path, record_property: Any
-) -> None:
+def test_hostile_client_beside_two_vms(ns: NetNS, tmp_path: Path, record_property: Any) -> None:
     t_start = time.monotonic()
     paths: GuestPaths = check_prerequisites()
-    ns = netns_for_test
     n = ns.index
     vms = [
         Vm("vm1", "tap-vm1", f"10.201.{n}.1", f"10.201.{n}.2", tmp_path / "vm1.sock",
