@@ -154,39 +154,12 @@ for applet in cttyhack setsid stty insmod ip ping base64; do
     grep -qx "$applet" <<<"$APPLETS" || vn_die "busybox lacks the applet $applet"
 done
 
-# Modules: find them (merged-/usr layout or not), decompress them (busybox
-# insmod takes plain .ko), add their dependencies (the depends= entry of the
-# .modinfo section) and order them so that dependencies load first.
+# Modules (merged-/usr layout or not), with their dependencies, decompressed
+# and in load order (lib.sh vn_copy_modules).
 MODDIR=$(find "$STAGE" -type d -path "*/lib/modules/$KVER/kernel" -print -quit)
 [[ -n $MODDIR ]] || vn_die "no modules in the kernel package"
-declare -A MODFILE=() MODDONE=()
-while IFS= read -r f; do
-    n=$(basename "$f")
-    n=${n%.ko*}
-    MODFILE[${n//-/_}]=$f
-done < <(find "$MODDIR" -name '*.ko*')
-ORDER=()
-add_module() {
-    local m=${1//-/_} f dep out
-    [[ -z ${MODDONE[$m]:-} ]] || return 0
-    MODDONE[$m]=1
-    f=${MODFILE[$m]:-}
-    [[ -n $f ]] || vn_die "module $m not found in $KPKG (built in?)"
-    out=$ROOTFS/lib/modules/$KVER/$m.ko
-    case "$f" in
-        *.ko.xz) xz -dc "$f" >"$out" ;;
-        *.ko.zst) zstd -qdc "$f" >"$out" ;;
-        *.ko.gz) gzip -dc "$f" >"$out" ;;
-        *.ko) cp "$f" "$out" ;;
-        *) vn_die "unknown module format: $f" ;;
-    esac
-    for dep in $(objcopy -O binary --only-section=.modinfo "$out" /dev/stdout |
-        tr '\0' '\n' | sed -n 's/^depends=//p' | tr ',' ' '); do
-        add_module "$dep"
-    done
-    ORDER+=("$m")
-}
-for m in "${MODULES[@]}"; do add_module "$m"; done
+vn_copy_modules "$MODDIR" "$ROOTFS/lib/modules/$KVER" "${MODULES[@]}"
+ORDER=("${VN_MODULE_ORDER[@]}")
 printf '%s\n' "${ORDER[@]}" >"$ROOTFS/etc/vn-modules"
 vn_log "modules (load order): ${ORDER[*]}"
 

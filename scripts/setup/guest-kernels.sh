@@ -88,40 +88,12 @@ build() {
     vmlinuz=$(find "$stage" \( -path "*/boot/vmlinuz-$kver" -o -path "*/modules/$kver/vmlinuz" \) \
         -print -quit)
     [[ -n $vmlinuz ]] || vn_die "$label: no vmlinuz-$kver in ${pkgs[*]}"
-    local moddir
+    local moddir m
     moddir=$(find "$stage" -type d -path "*/lib/modules/$kver/kernel" -print -quit)
-    declare -A file=() done_=()
-    local f n
-    while IFS= read -r f; do
-        n=$(basename "$f")
-        n=${n%.ko*}
-        file[${n//-/_}]=$f
-    done < <(find "$moddir" -name '*.ko*')
-    local order=()
-    add() {
-        local m=${1//-/_} src dst dep
-        [[ -z ${done_[$m]:-} ]] || return 0
-        done_[$m]=1
-        src=${file[$m]:-}
-        [[ -n $src ]] || vn_die "$label: module $m not found in $kpkg"
-        dst=$root/lib/modules/$kver/$m.ko
-        case "$src" in
-            *.ko.xz) xz -dc "$src" >"$dst" ;;
-            *.ko.zst) zstd -qdc "$src" >"$dst" ;;
-            *.ko.gz) gzip -dc "$src" >"$dst" ;;
-            *) cp "$src" "$dst" ;;
-        esac
-        for dep in $(objcopy -O binary --only-section=.modinfo "$dst" /dev/stdout |
-            tr '\0' '\n' | sed -n 's/^depends=//p' | tr ',' ' '); do
-            add "$dep"
-        done
-        order+=("$m")
-    }
-    local m
-    for m in "${OPTIONAL_MODULES[@]}"; do
-        [[ -z ${file[$m]:-} ]] || add "$m"
-    done
-    for m in "${MODULES[@]}"; do add "$m"; done
+    [[ -n $moddir ]] || vn_die "$label: no modules in ${pkgs[*]}"
+    vn_copy_modules "$moddir" "$root/lib/modules/$kver" \
+        "${OPTIONAL_MODULES[@]/#/?}" "${MODULES[@]}"
+    local order=("${VN_MODULE_ORDER[@]}")
     printf '%s\n' "${order[@]}" >"$root/etc/vn-modules"
     echo "$kver" >"$root/etc/vn-kernel-version"
     (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) |

@@ -73,3 +73,50 @@ vn_pkgs_missing() {
         vn_pkgs_installed "$p" || printf '%s\n' "$p"
     done
 }
+
+# Copy kernel modules out of a kernel package's tree for the guest's busybox
+# insmod: MODDIR (…/lib/modules/KVER/kernel), OUT (the initramfs's
+# lib/modules/KVER), then the module names; a name starting with "?" only if
+# this kernel has it as a module (built in elsewhere). Each is decompressed
+# (insmod takes plain .ko) and brings its dependencies (the depends= entry of
+# its .modinfo). The load order, dependencies first, is left in
+# VN_MODULE_ORDER (an array: no subshell, so that vn_die stops the set-up).
+vn_copy_modules() {
+    local moddir=$1 out=$2 f n m
+    shift 2
+    declare -A _vn_modfile=() _vn_moddone=()
+    VN_MODULE_ORDER=()
+    while IFS= read -r f; do
+        n=$(basename "$f")
+        n=${n%.ko*}
+        _vn_modfile[${n//-/_}]=$f
+    done < <(find "$moddir" -name '*.ko*')
+    _vn_add_module() {
+        local m=${1//-/_} src dst dep
+        [[ -z ${_vn_moddone[$m]:-} ]] || return 0
+        _vn_moddone[$m]=1
+        src=${_vn_modfile[$m]:-}
+        [[ -n $src ]] || vn_die "module $m not found in $moddir (built in?)"
+        dst=$out/$m.ko
+        case "$src" in
+            *.ko.xz) xz -dc "$src" >"$dst" ;;
+            *.ko.zst) zstd -qdc "$src" >"$dst" ;;
+            *.ko.gz) gzip -dc "$src" >"$dst" ;;
+            *.ko) cp "$src" "$dst" ;;
+            *) vn_die "unknown module format: $src" ;;
+        esac
+        for dep in $(objcopy -O binary --only-section=.modinfo "$dst" /dev/stdout |
+            tr '\0' '\n' | sed -n 's/^depends=//p' | tr ',' ' '); do
+            _vn_add_module "$dep"
+        done
+        VN_MODULE_ORDER+=("$m")
+    }
+    for m in "$@"; do
+        if [[ $m == \?* ]]; then
+            m=${m#\?}
+            [[ -z ${_vn_modfile[$m]:-} ]] || _vn_add_module "$m"
+        else
+            _vn_add_module "$m"
+        fi
+    done
+}
