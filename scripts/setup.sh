@@ -7,6 +7,8 @@
 #   4. scripts/setup/guest-image.sh   guest kernel + initramfs -> $VN_CACHE/guest/
 #      scripts/setup/guest-kernels.sh more guest kernels (bookworm's 6.1, the newest
 #                                     of trixie-backports) -> $VN_CACHE/guest/kernels/
+#      scripts/setup/guest-dpdk.sh    DPDK's testpmd and uio_pci_generic for the
+#                                     guest, a second driver -> $VN_CACHE/guest/dpdk/
 #   5. a Python venv at $VN_CACHE/venv with the tools, and the project
 #      installed editable (built against the libvfio-user above) with its
 #      `bench` extra (matplotlib, for the benchmark's plot).
@@ -48,6 +50,7 @@ step libvfio-user bash "$HERE/setup/libvfio-user.sh"
 step qemu bash "$HERE/setup/qemu.sh"
 step guest-image bash "$HERE/setup/guest-image.sh"
 step guest-kernels bash "$HERE/setup/guest-kernels.sh"
+step guest-dpdk bash "$HERE/setup/guest-dpdk.sh"
 
 setup_venv() {
     local venv=$VN_CACHE/venv stamp want f

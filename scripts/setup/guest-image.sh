@@ -74,23 +74,9 @@ for p in cpio gzip xz-utils zstd binutils; do
 done
 
 # --- private apt configuration for trixie binary packages -------------------
-mkdir -p "$APTDIR/lists/partial" "$APTDIR/cache/archives/partial" "$DEBS"
-KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
-[[ -f $KEYRING ]] || KEYRING=/usr/share/keyrings/debian-archive-keyring.pgp
-cat >"$APTDIR/sources.list" <<EOF
-deb [arch=amd64 signed-by=$KEYRING] $VN_MIRROR $VN_SUITE main
-EOF
-APT_OPTS=(
-    -o "Dir::Etc::SourceList=$APTDIR/sources.list"
-    -o "Dir::Etc::SourceParts=$APTDIR/nonexistent.d"
-    -o "Dir::State::Lists=$APTDIR/lists"
-    -o "Dir::Cache=$APTDIR/cache"
-    -o "APT::Sandbox::User=root"
-    -o "APT::Architecture=amd64"
-    -o "APT::Architectures=amd64"
-)
-vn_log "updating the private $VN_SUITE package lists"
-apt-get "${APT_OPTS[@]}" update -q >&2
+mkdir -p "$DEBS"
+vn_private_apt "$APTDIR" "$VN_SUITE"
+APT_OPTS=("${VN_APT_OPTS[@]}")
 
 # Direct Depends/PreDepends of a package (real package names only).
 pkg_deps() {

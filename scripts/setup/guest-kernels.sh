@@ -33,8 +33,6 @@ MATRIX=("bookworm bookworm" "backports trixie-backports")
 for p in cpio gzip xz-utils zstd binutils dpkg-dev; do
     vn_pkgs_installed "$p" || vn_die "package $p missing: run scripts/setup/apt.sh first"
 done
-KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
-[[ -f $KEYRING ]] || KEYRING=/usr/share/keyrings/debian-archive-keyring.pgp
 
 build() {
     local label=$1 suite=$2 out=$KERNELS/$1
@@ -44,19 +42,9 @@ build() {
         return 0
     fi
     local apt=$KERNELS/.apt-$label
-    mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$out"
-    echo "deb [arch=amd64 signed-by=$KEYRING] $VN_MIRROR $suite main" >"$apt/sources.list"
-    local opts=(
-        -o "Dir::Etc::SourceList=$apt/sources.list"
-        -o "Dir::Etc::SourceParts=$apt/nonexistent.d"
-        -o "Dir::State::Lists=$apt/lists"
-        -o "Dir::Cache=$apt/cache"
-        -o "APT::Sandbox::User=root"
-        -o "APT::Architecture=amd64"
-        -o "APT::Architectures=amd64"
-    )
-    vn_log "updating the private $suite package lists"
-    apt-get "${opts[@]}" update -q >&2
+    mkdir -p "$out"
+    vn_private_apt "$apt" "$suite"
+    local opts=("${VN_APT_OPTS[@]}")
     local kpkg
     # In backports, the newest; elsewhere the one linux-image-amd64 names.
     kpkg=$(apt-cache "${opts[@]}" depends linux-image-amd64 2>/dev/null |

@@ -120,3 +120,24 @@ vn_copy_modules() {
         fi
     done
 }
+
+# A private apt configuration for SUITE's binary packages under DIR (sources
+# file, lists, cache; the host's apt is not touched), updated, its options
+# left in VN_APT_OPTS for apt-get/apt-cache.
+vn_private_apt() {
+    local dir=$1 suite=$2 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+    [[ -f $keyring ]] || keyring=/usr/share/keyrings/debian-archive-keyring.pgp
+    mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
+    echo "deb [arch=amd64 signed-by=$keyring] $VN_MIRROR $suite main" >"$dir/sources.list"
+    VN_APT_OPTS=(
+        -o "Dir::Etc::SourceList=$dir/sources.list"
+        -o "Dir::Etc::SourceParts=$dir/nonexistent.d"
+        -o "Dir::State::Lists=$dir/lists"
+        -o "Dir::Cache=$dir/cache"
+        -o "APT::Sandbox::User=root"
+        -o "APT::Architecture=amd64"
+        -o "APT::Architectures=amd64"
+    )
+    vn_log "updating the private $suite package lists"
+    apt-get "${VN_APT_OPTS[@]}" update -q >&2
+}
