@@ -334,11 +334,6 @@ class VirtioNetDevice:
             self.num_vectors, lib.VN_MSIX_BAR, lib.VN_MSIX_TABLE_OFF, lib.VN_MSIX_PBA_OFF
         )
         check(lib.vfu_pci_add_capability(ctx, 0, 0, ffi.from_buffer(msix)), "adding MSI-X")
-        steer = pci_config.steering_cap(VIRTIO_PCI_VENDOR)
-        pos = lib.vfu_pci_add_capability(ctx, 0, lib.VFU_CAP_FLAG_READONLY, ffi.from_buffer(steer))
-        check(pos, "adding the steering capability")
-        self.steering_cap_offset = int(pos)
-        lib.vn_dev_set_steer_cap(self._dev, cfg + pos)
         lib.vn_dev_set_busy_poll(self._dev, self.opts.busy_poll_us)
         if self.opts.notify_mode == "poll":
             rc = lib.vn_dev_enable_notify_polling(self._dev)
@@ -411,8 +406,6 @@ class VirtioNetDevice:
         lib.vn_dev_reset(self._dev)
         self.connected = False
         log.info("device %s: final counters %s", self.name, json.dumps(self._snapshot()))
-        # The capability lives in the context's config space, freed next.
-        lib.vn_dev_set_steer_cap(self._dev, ffi.NULL)
         lib.vfu_destroy_ctx(self._vfu)
         lib.vn_dev_free(self._dev)
         self.tap.close()

@@ -34,18 +34,6 @@ def virtio_notify_cap(bar: int, offset: int, length: int, multiplier: int) -> by
     return body[:2] + bytes([len(body)]) + body[3:]
 
 
-PCI_CAP_VENDOR_CFG = 9
-STEERING_CAP_LEN = 20
-
-
-def steering_cap(vendor_id: int) -> bytes:
-    """A virtio vendor data capability (cfg_type 9) carrying the steering
-    state; the datapath fills bytes 6.. at run time (see README)."""
-    return struct.pack(
-        "<BBBBH", PCI_CAP_ID_VNDR, 0, STEERING_CAP_LEN, PCI_CAP_VENDOR_CFG, vendor_id
-    ).ljust(STEERING_CAP_LEN, b"\0")
-
-
 def msix_cap(nvectors: int, bar: int, table_off: int, pba_off: int) -> bytes:
     """MSI-X capability: id, next, message control (table size - 1), table, PBA."""
     if not 1 <= nvectors <= 2048:

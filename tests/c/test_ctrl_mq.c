@@ -4,7 +4,7 @@
  * features; refused commands change nothing (pairs, RSS state, switch
  * counter, epoch), accepted ones are steering switches. Also the operator's
  * policy switch and the steering state exported to the control plane and
- * the vendor capability. */
+ * the guest-visible state in BAR0. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -77,8 +77,13 @@ static void log_hook(void *py, int level, const char *msg)
     n_logs++;
 }
 
-/* The vendor capability's bytes (vn_dev_update_steer_cap). */
-static uint8_t steer_cap[32];
+/* The guest-visible steering state (BAR0 at VN_STEER_STATE_OFF). */
+static const uint8_t *steer_state(struct vn_dev *dev)
+{
+    static uint8_t state[VN_STEER_STATE_LEN];
+    vn_dev_steer_state(dev, state);
+    return state;
+}
 
 /* What vn_dev_start finds when the driver set up every pair's receive ring
  * (these tests have no rings; test_pairs_not_ready covers pairs without). */
@@ -96,8 +101,6 @@ static int setup_dev(void **state)
     struct vn_hooks h = { .log = log_hook };
     vn_dev_set_hooks(dev, &h);
     n_logs = 0;
-    memset(steer_cap, 0, sizeof(steer_cap));
-    vn_dev_set_steer_cap(dev, steer_cap);
     dev->features = ALL_MQ;
     dev->active_qps = 1; /* what vn_dev_start sets */
     all_pairs_ready(dev);
@@ -168,13 +171,15 @@ static void assert_switched(struct vn_dev *dev, const struct snap *before)
     assert_int_equal(atomic_load(&dev->old_inflight), 0);
     assert_false(atomic_load(&dev->drain_pending));
     assert_false(dev->workers_paused);
-    /* The vendor capability follows. */
-    assert_int_equal(steer_cap[6], 1);
-    assert_int_equal(steer_cap[7], dev->steer.policy);
-    assert_int_equal(steer_cap[8], vn_steering_effective(&dev->steer));
-    assert_int_equal(vn_le16_get(steer_cap + 10), dev->active_qps);
-    assert_int_equal(vn_le16_get(steer_cap + 12), MAX_QPS);
-    assert_int_equal(vn_le32_get(steer_cap + 14), dev->st.steering_switches);
+    /* The guest-visible state follows. */
+    const uint8_t *st = steer_state(dev);
+    assert_int_equal(vn_le32_get(st), VN_STEER_STATE_MAGIC);
+    assert_int_equal(st[4], 1);
+    assert_int_equal(st[5], dev->steer.policy);
+    assert_int_equal(st[6], vn_steering_effective(&dev->steer));
+    assert_int_equal(vn_le16_get(st + 8), dev->active_qps);
+    assert_int_equal(vn_le16_get(st + 10), MAX_QPS);
+    assert_int_equal(vn_le32_get(st + 12), dev->st.steering_switches);
 }
 
 static size_t pairs_req(uint8_t *out, uint16_t pairs)
@@ -342,7 +347,7 @@ static void test_rss_config_valid(void **state)
     assert_memory_equal(rss->key, KEY, 40);
     assert_int_equal(vn_steering_effective(&dev->steer), VN_POLICY_RSS);
     assert_false(dev->learn_tx);
-    assert_int_equal(steer_cap[8], VN_POLICY_RSS);
+    assert_int_equal(steer_state(dev)[6], VN_POLICY_RSS);
 
     struct vn_steer_info info;
     vn_dev_get_steering(dev, &info);
@@ -528,7 +533,7 @@ static void test_switch_on_started_device(void **state)
     assert_false(dev->steer.rss.configured);
     assert_int_equal(dev->steer.rss.key_len, 0);
     assert_int_equal(dev->steer.policy, VN_POLICY_AUTO);
-    assert_int_equal(vn_le16_get(steer_cap + 10), 0);
+    assert_int_equal(vn_le16_get(steer_state(dev) + 8), 0);
 }
 
 /* ---- the operator's policy switch (SIGUSR1 in the daemon) ----------------- */

@@ -237,6 +237,8 @@ class MQStack:
             paths=self.guest_paths,
             cpus=GUEST_CPUS,
             extra_args=vfio_user_pci_args(self.socket_path, "vn0"),
+            # devmem on BAR0 (the steering state) while virtio_pci holds it.
+            cmdline_extra="iomem=relaxed",
             workdir=self.workdir / name,
             name=name,
         )

@@ -184,6 +184,18 @@ def send_udp_flow(mq: MQStack, sport: int, count: int = UDP_BURST) -> None:
 # --- 1. channels ------------------------------------------------------------------------
 
 
+def guest_steer_state(mq: MQStack) -> tuple[str, int, int]:
+    """Magic, active and maximum pairs of the steering state, read inside
+    the guest with devmem at BAR0 + 0x2800, as the README shows."""
+    g = mq.require_guest()
+    bar0 = g.check("cut -d' ' -f1 /sys/class/net/eth0/device/../resource | head -n 1").strip()
+    base = int(bar0, 16) + 0x2800
+    magic = g.check(f"devmem {base:#x} 32").strip()
+    active = int(g.check(f"devmem {base + 8:#x} 16").strip(), 16)
+    maximum = int(g.check(f"devmem {base + 10:#x} 16").strip(), 16)
+    return magic, active, maximum
+
+
 def test_channels_confine_traffic_to_active_pairs(
     mq: MQStack, record_property: Callable[[str, object], None]
 ) -> None:
@@ -204,6 +216,8 @@ def test_channels_confine_traffic_to_active_pairs(
         steering = mq.counters().steering
         assert steering["active_queue_pairs"] == n, steering
         assert steering["max_queue_pairs"] == QUEUE_PAIRS, steering
+        # The guest sees the same in BAR0's steering state (README).
+        assert guest_steer_state(mq) == ("0x54534E56", n, QUEUE_PAIRS)
         for direction in ("guest_tx", "guest_rx"):
             before, irq_before = mq.counters(), mq.irqs()
             r = iperf(mq, direction, IPERF_STREAMS)

@@ -1026,10 +1026,6 @@ static void setup(uint8_t how)
     memcpy(msix + 4, &table, 4);
     memcpy(msix + 8, &pba, 4);
     add_cap(msix, 0);
-    uint8_t steer[20] = { 0x09, 0, 20, 9, 0xf4, 0x1a };
-    ssize_t pos = vfu_pci_add_capability(h.ctx, 0, VFU_CAP_FLAG_READONLY, steer);
-    FZ_CHECK(pos > 0, "steering capability");
-    vn_dev_set_steer_cap(h.dev, (uint8_t *)vfu_pci_get_config_space(h.ctx) + pos);
     FZ_CHECK(vn_server_setup(h.dev, h.ctx, LOG_DEBUG) == 0, "vn_server_setup");
     FZ_CHECK(vfu_realize_ctx(h.ctx) == 0, "vfu_realize_ctx: %s", strerror(errno));
 }
@@ -1108,9 +1104,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         dump_fds();
     FZ_CHECK(fds2 == fds1, "%d fds after the client went away, %d before it came", fds2, fds1);
 
-    /* As device.py does: the capability lives in the context's config
-     * space, freed next. */
-    vn_dev_set_steer_cap(h.dev, NULL);
     vfu_destroy_ctx(h.ctx);
     h.ctx = NULL;
     vn_dev_free(h.dev);

@@ -74,7 +74,6 @@ from tests.harness.virtio_pci_driver import (
     COMMON_GF,
     DEFAULT_NET_FEATURES,
     NET_HDR_SIZE,
-    PCI_CAP_ID_VNDR,
     STATUS_DEVICE_NEEDS_RESET,
     VIRTIO_NET_CTRL_MQ,
     VIRTIO_NET_CTRL_MQ_RSS_CONFIG,
@@ -91,13 +90,13 @@ from tests.harness.virtio_pci_driver import (
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
-    CfgType,
     SplitQueue,
+    SteerState,
     UsedElem,
     VirtioError,
     VirtioNetDriver,
     bit,
-    walk_capabilities,
+    read_steer_state,
 )
 
 log = logging.getLogger(__name__)
@@ -1139,12 +1138,8 @@ class HostileDriver:
         return self.pair0_send(run, self.tag("p0tx")) and ok
 
     def steering_active_pairs(self) -> int:
-        """Active pairs from the steering vendor capability (cfg_type 9)."""
-        cfg = self.c.config_read(0, 256)
-        for cap_id, off in walk_capabilities(cfg):
-            if cap_id == PCI_CAP_ID_VNDR and cfg[off + 3] == CfgType.VENDOR:
-                return int(struct.unpack_from("<H", cfg, off + 10)[0])
-        return -1
+        """Active pairs from the steering state in BAR0."""
+        return SteerState.parse(read_steer_state(self.c)).active
 
     def log_mark(self) -> tuple[int, float] | None:
         """Lines in the daemon's log so far (its counter dumps left out), and when."""

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from .guest_memory import GuestMemory
 from .vfio_user_client import (
     VFIO_PCI_MSIX_IRQ_INDEX,
+    VFU_PCI_DEV_BAR0_REGION_IDX,
     VfioUserClient,
     new_eventfd,
     read_eventfd,
@@ -1408,3 +1409,33 @@ class VirtioNetDriver:
         return self.ctrl_command(
             VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", n), timeout
         )
+
+
+# The device's steering state in BAR0 (README "Steering"; csrc/layout.h).
+STEER_STATE_OFF = 0x2800  # BAR0 (csrc/layout.h VN_STEER_STATE_OFF)
+STEER_STATE_LEN = 16
+STEER_STATE_MAGIC = b"VNST"
+
+
+def read_steer_state(c: VfioUserClient) -> bytes:
+    """The steering state in BAR0, read 4 bytes at a time as a guest would."""
+    return b"".join(
+        c.region_read(VFU_PCI_DEV_BAR0_REGION_IDX, STEER_STATE_OFF + o, 4)
+        for o in range(0, STEER_STATE_LEN, 4)
+    )
+
+
+@dataclass(frozen=True)
+class SteerState:
+    version: int
+    policy: int
+    effective: int
+    active: int
+    max_pairs: int
+    switches: int
+
+    @classmethod
+    def parse(cls, raw: bytes) -> SteerState:
+        assert raw[:4] == STEER_STATE_MAGIC, raw.hex()
+        active, max_pairs, switches = struct.unpack_from("<HHI", raw, 8)
+        return cls(raw[4], raw[5], raw[6], active, max_pairs, switches)

@@ -124,6 +124,10 @@ def test_capabilities(env_factory: Callable[..., DeviceEnv], pairs: int) -> None
     assert sorted(v.cfg_type for v in vcaps) == sorted(STRUCTURE_CAPS)
     others = [v.cfg_type for v in all_vcaps if v.cfg_type not in STRUCTURE_CAPS]
     assert all(t in OPTIONAL_CAPS for t in others), f"unexpected vendor capabilities {others}"
+    # 4.1.4.8: a vendor data capability never carries virtio's own vendor id.
+    for cap_id, off in walk_capabilities(cfg):
+        if cap_id == PCI_CAP_ID_VNDR and cfg[off + 3] == CfgType.VENDOR:
+            assert struct.unpack_from("<H", cfg, off + 4)[0] != 0x1AF4, f"at {off:#x}"
     assert ids.count(PCI_CAP_ID_VNDR) == len(all_vcaps)
     regions = {}
     for v in vcaps:
@@ -163,9 +167,6 @@ def test_vendor_capabilities_ignore_writes(env: DeviceEnv) -> None:
         v.cap_offset for v in parse_virtio_caps(before)[0] if v.cfg_type in STRUCTURE_CAPS
     ]
     assert len(structures) == 4
-    # PCI_CFG's bar, offset, length and data are the driver's
-    # (test_conformance_protocol.py): its header only.
-    pci_cfg = [v.cap_offset for v in parse_virtio_caps(before)[0] if v.cfg_type == CfgType.PCI]
     rng = random.Random(0x1AF4)
     refused = 0
     for cap in offsets:
@@ -182,8 +183,9 @@ def test_vendor_capabilities_ignore_writes(env: DeviceEnv) -> None:
                 refused += 1
     after = c.config_read(0, 256)
     for cap in offsets:
-        # A vendor data capability's body may be device-updated: check its header.
-        n = before[cap + 2] if cap in structures else 4 if cap in pci_cfg else 6
+        # PCI_CFG's bar, offset, length and data are the driver's
+        # (test_conformance_protocol.py): its header only.
+        n = before[cap + 2] if cap in structures else 4
         assert after[cap : cap + n] == before[cap : cap + n], f"capability at {cap:#x} changed"
     assert walk_capabilities(after) == walk_capabilities(before)
     # PCI: a write to a read-only register has no effect; it is not an error.

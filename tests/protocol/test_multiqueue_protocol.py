@@ -4,7 +4,7 @@ a fresh network namespace.
 
 * negotiation and layout: MQ/RSS/HASH_REPORT offered only with several pairs,
   the RSS limits in device config, queue numbering (control queue last, or at
-  index 2 without MQ), MSI-X vectors, and the steering vendor capability;
+  index 2 without MQ), MSI-X vectors, and the steering state in BAR0;
 * hostile control input: malformed VQ_PAIRS_SET / RSS_CONFIG / HASH_CONFIG are
   refused and change nothing, valid ones split across descriptors anywhere
   are accepted, MQ commands without their feature are refused;
@@ -46,8 +46,9 @@ from tests.harness import vfio_user_client as vu
 from tests.harness.guest_memory import GuestMemory
 from tests.harness.toeplitz import toeplitz
 from tests.harness.virtio_pci_driver import (
-    PCI_CAP_ID_VNDR,
     STATUS_DEVICE_NEEDS_RESET,
+    STEER_STATE_LEN,
+    STEER_STATE_OFF,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_CTRL_MQ,
     VIRTIO_NET_CTRL_MQ_HASH_CONFIG,
@@ -60,11 +61,11 @@ from tests.harness.virtio_pci_driver import (
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_RSS,
     VIRTIO_NET_OK,
-    CfgType,
+    SteerState,
     VirtioNetDriver,
     VirtioPciTransport,
     bit,
-    walk_capabilities,
+    read_steer_state,
 )
 from tests.protocol.support import (
     BROADCAST,
@@ -107,8 +108,7 @@ HT_ALL = 0x3F
 REPORT_NONE, REPORT_IPV4, REPORT_TCPV4, REPORT_UDPV4 = 0, 1, 2, 3
 REPORT_IPV6, REPORT_TCPV6, REPORT_UDPV6 = 4, 5, 6
 
-# The steering vendor capability (README "Multiqueue and steering").
-STEER_CAP_LEN = 20
+# Steering policy numbers, as the BAR0 steering state shows them (README "Multiqueue and steering").
 POLICIES = ("auto", "single", "rss", "rx-follows-tx")
 P_AUTO, P_SINGLE, P_RSS, P_RXFT = range(4)
 
@@ -314,33 +314,6 @@ class Rx:
         return int(struct.unpack_from("<H", self.hdr, 16)[0])
 
 
-def find_steering_cap(cfg: bytes) -> int:
-    for cap_id, off in walk_capabilities(cfg):
-        if (
-            cap_id == PCI_CAP_ID_VNDR
-            and cfg[off + 3] == CfgType.VENDOR
-            and struct.unpack_from("<H", cfg, off + 4)[0] == 0x1AF4
-        ):
-            return off
-    raise AssertionError("no steering vendor capability (cfg_type 9, vendor 0x1af4)")
-
-
-@dataclass(frozen=True)
-class SteerCap:
-    version: int
-    policy: int
-    effective: int
-    active: int
-    max_pairs: int
-    switches: int
-
-    @classmethod
-    def parse(cls, raw: bytes) -> SteerCap:
-        assert raw[0] == PCI_CAP_ID_VNDR and raw[2] >= STEER_CAP_LEN, raw.hex()
-        active, max_pairs, switches = struct.unpack_from("<HHI", raw, 10)
-        return cls(raw[6], raw[7], raw[8], active, max_pairs, switches)
-
-
 @dataclass
 class MqGuest:
     """A driver on a multiqueue device: rx buffers on every pair, drained by
@@ -349,7 +322,6 @@ class MqGuest:
     env: DeviceEnv
     session: GuestSession
     hdr_len: int
-    cap_off: int
     stray: list[Rx] = field(default_factory=list)
 
     @property
@@ -371,15 +343,15 @@ class MqGuest:
     def rss(self, cfg: RssConfig) -> None:
         assert self.ctrl(VIRTIO_NET_CTRL_MQ_RSS_CONFIG, cfg.pack()) == VIRTIO_NET_OK
 
-    def cap_raw(self) -> bytes:
-        return self.session.client.config_read(self.cap_off, STEER_CAP_LEN)
+    def state_raw(self) -> bytes:
+        return read_steer_state(self.session.client)
 
-    def cap(self) -> SteerCap:
-        return SteerCap.parse(self.cap_raw())
+    def steer_state(self) -> SteerState:
+        return SteerState.parse(self.state_raw())
 
     def state(self) -> tuple[dict[str, Any], bytes]:
         """Everything that must not change on a refused command."""
-        return counters(self.env)["steering"], self.cap_raw()
+        return counters(self.env)["steering"], self.state_raw()
 
     # -- rx -------------------------------------------------------------------
 
@@ -471,8 +443,7 @@ def mq_guest(
     try:
         s.driver.bring_up(pairs=pairs, set_pairs=set_pairs)
         hdr_len = NET_HDR_HASH_LEN if s.driver.has(VIRTIO_NET_F_HASH_REPORT) else NET_HDR_LEN
-        cap_off = find_steering_cap(s.client.config_read(0, 256))
-        yield MqGuest(env, s, hdr_len, cap_off)
+        yield MqGuest(env, s, hdr_len)
     finally:
         s.close()
 
@@ -498,19 +469,19 @@ def flow_payload(tag: str) -> bytes:
     return b"VNT:" + tag.encode() + b":"
 
 
-def sigusr1_until(g: MqGuest, policy: int, effective: int, tries: int = 4) -> SteerCap:
+def sigusr1_until(g: MqGuest, policy: int, effective: int, tries: int = 4) -> SteerState:
     """SIGUSR1 the daemon until the capability shows ``policy``/``effective``."""
     assert g.env.server.proc is not None
     for _ in range(tries):
-        before = g.cap()
+        before = g.steer_state()
         if (before.policy, before.effective) == (policy, effective):
             return before
         os.kill(g.env.server.proc.pid, signal.SIGUSR1)
         deadline = time.monotonic() + 3
-        while g.cap().switches == before.switches:
+        while g.steer_state().switches == before.switches:
             assert time.monotonic() < deadline, "SIGUSR1 did not switch the policy"
             time.sleep(0.01)
-    cap = g.cap()
+    cap = g.steer_state()
     assert (cap.policy, cap.effective) == (policy, effective), cap
     return cap
 
@@ -524,7 +495,7 @@ def assert_tx_all_pairs(g: MqGuest, tag: str, pairs: int | None = None) -> None:
 
 def assert_rss_in_force(g: MqGuest, cfg: RssConfig, flows: Sequence[Flow], tag: str) -> None:
     """Every flow lands where ``cfg`` says (with the right hash report)."""
-    active = g.cap().active
+    active = g.steer_state().active
     for i, f in enumerate(flows):
         g.env.port.send(f.frame(flow_payload(f"{tag}-{i}")))
     got = g.collect(tagged(f"{tag}-".encode()), len(flows))
@@ -629,7 +600,7 @@ def test_queue_layout_with_mq(env_factory: Callable[..., DeviceEnv]) -> None:
         assert g.drv.transport.msix is not None and g.drv.transport.msix.table_size == 10
         assert [(p.rx.index, p.tx.index) for p in g.drv.pairs] == [(0, 1), (2, 3), (4, 5), (6, 7)]
         assert g.drv.ctrl_command(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\1") == 0
-        assert g.cap().active == PAIRS
+        assert g.steer_state().active == PAIRS
         assert_tx_all_pairs(g, "layout")
         # The doorbell of queue 8 is the control queue's: a command on it is answered.
         assert g.drv.ctrl.kicks > 0
@@ -653,7 +624,7 @@ def test_queue_layout_without_mq(env_factory: Callable[..., DeviceEnv]) -> None:
         for cmd, data in refused:
             assert g.ctrl(cmd, data) == VIRTIO_NET_ERR, f"MQ command {cmd} without MQ"
         assert g.state() == before
-        assert g.cap().active == 1
+        assert g.steer_state().active == 1
         flows = make_flows(random.Random(1))[:6]
         for i, f in enumerate(flows):
             g.env.port.send(f.frame(flow_payload(f"nomq-{i}")))
@@ -662,42 +633,47 @@ def test_queue_layout_without_mq(env_factory: Callable[..., DeviceEnv]) -> None:
         assert_healthy(g)
 
 
-def test_steering_capability(env_factory: Callable[..., DeviceEnv]) -> None:
-    """The vendor capability follows VQ_PAIRS_SET, RSS_CONFIG and SIGUSR1,
-    agrees with the daemon's own account, and ignores writes from the client."""
+def test_steering_state_in_bar0(env_factory: Callable[..., DeviceEnv]) -> None:
+    """The steering state in BAR0 follows VQ_PAIRS_SET, RSS_CONFIG and
+    SIGUSR1, agrees with the daemon's own account, and ignores writes."""
     env = env_factory(*MQ_ARGS, multi_queue=True)
     c = env.connect()
-    cfg = c.config_read(0, 256)
-    off = find_steering_cap(cfg)
-    assert cfg[off + 2] == STEER_CAP_LEN
-    initial = SteerCap.parse(cfg[off : off + STEER_CAP_LEN])
+    initial = SteerState.parse(read_steer_state(c))
     assert (initial.version, initial.policy, initial.max_pairs) == (1, P_AUTO, PAIRS)
+    # Any width at any offset reads the same bytes.
+    raw = read_steer_state(c)
+    for width in (1, 2, 8):
+        got = b"".join(
+            c.region_read(vu.VFU_PCI_DEV_BAR0_REGION_IDX, STEER_STATE_OFF + o, width)
+            for o in range(0, STEER_STATE_LEN, width)
+        )
+        assert got == raw, width
     c.close()  # one client at a time
 
     with mq_guest(env, set_pairs=False) as g:
         c = g.session.client
         # DRIVER_OK: one pair until the driver asks for more.
-        cap = g.cap()
-        assert (cap.version, cap.policy, cap.effective) == (1, P_AUTO, P_RXFT)
-        assert (cap.active, cap.max_pairs) == (1, PAIRS)
+        st = g.steer_state()
+        assert (st.version, st.policy, st.effective) == (1, P_AUTO, P_RXFT)
+        assert (st.active, st.max_pairs) == (1, PAIRS)
 
-        def check(expect_active: int, policy: int, effective: int, switches: int) -> SteerCap:
-            cap = g.cap()
-            assert (cap.active, cap.policy, cap.effective, cap.switches) == (
+        def check(expect_active: int, policy: int, effective: int, switches: int) -> SteerState:
+            st = g.steer_state()
+            assert (st.active, st.policy, st.effective, st.switches) == (
                 expect_active,
                 policy,
                 effective,
                 switches,
-            ), cap
+            ), st
             snap = counters(env)["steering"]
-            assert snap["active_queue_pairs"] == cap.active
+            assert snap["active_queue_pairs"] == st.active
             assert snap["max_queue_pairs"] == PAIRS
-            assert snap["policy"] == POLICIES[cap.policy]
-            assert snap["effective"] == POLICIES[cap.effective]
-            assert snap["switches"] == cap.switches
-            return cap
+            assert snap["policy"] == POLICIES[st.policy]
+            assert snap["effective"] == POLICIES[st.effective]
+            assert snap["switches"] == st.switches
+            return st
 
-        n = cap.switches
+        n = st.switches
         g.pairs_set(4)
         check(4, P_AUTO, P_RXFT, n + 1)
         g.pairs_set(2)
@@ -719,23 +695,16 @@ def test_steering_capability(env_factory: Callable[..., DeviceEnv]) -> None:
             k += 1
             check(3, policy, effective, k)
 
-        # Writes from the client: refused or ignored, never taken.
-        before = g.cap_raw()
+        # Writes from the client: ignored, as for any read-only register.
+        before = g.state_raw()
         rng = random.Random(0x57EE)
-        refused = 0
-        writes = [(o, bytes([rng.randrange(256)])) for o in range(STEER_CAP_LEN)]
-        writes += [(o, bytes([before[o] ^ 0xFF])) for o in range(STEER_CAP_LEN)]
-        writes += [(o, rng.randbytes(4)) for o in range(0, STEER_CAP_LEN, 4)]
-        writes += [(o, rng.randbytes(2)) for o in range(6, STEER_CAP_LEN, 2)]
-        writes.append((0, rng.randbytes(STEER_CAP_LEN)))
+        writes = [(o, bytes([rng.randrange(256)])) for o in range(STEER_STATE_LEN)]
+        writes += [(o, bytes([before[o] ^ 0xFF])) for o in range(STEER_STATE_LEN)]
+        writes += [(o, rng.randbytes(4)) for o in range(0, STEER_STATE_LEN, 4)]
+        writes += [(o, rng.randbytes(8)) for o in range(0, STEER_STATE_LEN, 8)]
         for o, data in writes:
-            try:
-                c.config_write(off + o, data)
-            except vu.VfioUserError:
-                refused += 1
-        assert g.cap_raw() == before
-        # PCI: a write to a read-only register has no effect; not an error.
-        assert refused == 0
+            c.region_write(vu.VFU_PCI_DEV_BAR0_REGION_IDX, STEER_STATE_OFF + o, data)
+        assert g.state_raw() == before
         check(3, P_AUTO, P_RSS, k)
         assert_healthy(g)
 
@@ -870,7 +839,7 @@ def test_rss_config_split_across_descriptors(env_factory: Callable[..., DeviceEn
             accept(cfg, _splits(d, list(range(1, len(d), 7 + i))), "128-entry table, small pieces")
         assert_healthy(g)
         final = big[-1]
-        assert g.cap().active == final.max_tx
+        assert g.steer_state().active == final.max_tx
         assert_rss_in_force(g, final, TRAFFIC_FLOWS, "split")
 
 
@@ -941,7 +910,7 @@ def test_rss_without_mq(env_factory: Callable[..., DeviceEnv]) -> None:
         assert g.drv.has(VIRTIO_NET_F_RSS) and not g.drv.has(VIRTIO_NET_F_MQ)
         assert g.drv.ctrl is not None and g.drv.ctrl.index == CTRL_INDEX
         assert g.drv.ctrl_command(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\1") == 0
-        assert g.cap().active == 1
+        assert g.steer_state().active == 1
         flows = [f for f in TRAFFIC_FLOWS if f.kind != "raw"]
         assert set().union(*_inject(g, flows, "one").values()) == {0}
         before = g.state()
@@ -950,7 +919,7 @@ def test_rss_without_mq(env_factory: Callable[..., DeviceEnv]) -> None:
         assert g.state() == before
         cfg = RssConfig(random_table(rng, 32), key=rng.randbytes(40), unclassified=3)
         g.rss(cfg)
-        assert (g.cap().active, g.cap().effective) == (PAIRS, P_RSS)
+        assert (g.steer_state().active, g.steer_state().effective) == (PAIRS, P_RSS)
         assert_rss_in_force(g, cfg, TRAFFIC_FLOWS, "rss")
         assert_tx_all_pairs(g, "rss-nomq")
         assert_healthy(g)
@@ -982,7 +951,7 @@ def test_mq_commands_need_their_feature(
             assert hash_ack == VIRTIO_NET_ERR
             assert g.state() == before
         g.pairs_set(3)
-        assert g.cap().active == 3
+        assert g.steer_state().active == 3
         assert_tx_all_pairs(g, features, pairs=3)
         assert_healthy(g)
 
@@ -1015,7 +984,7 @@ def test_rx_lands_on_active_queues_only(env_factory: Callable[..., DeviceEnv]) -
         assert set().union(*where.values()) == {0}
 
         g.pairs_set(4)
-        assert g.cap().effective == P_RXFT
+        assert g.steer_state().effective == P_RXFT
         where = _inject(g, flows, "four")
         assert all(len(qs) == 1 for qs in where.values()), f"a flow on several queues: {where}"
         used = set().union(*where.values())
@@ -1051,7 +1020,7 @@ def test_rss_steering_and_hash_report(env_factory: Callable[..., DeviceEnv]) -> 
         ]
         for n, cfg in enumerate(configs):
             g.rss(cfg)
-            cap = g.cap()
+            cap = g.steer_state()
             assert (cap.effective, cap.active) == (P_RSS, cfg.max_tx)
             assert counters(g.env)["steering"]["rss"] == cfg.snapshot()
             assert_rss_in_force(g, cfg, flows, f"rss{n}")
@@ -1089,7 +1058,7 @@ def test_rss_table_survives_vq_pairs_set(env_factory: Callable[..., DeviceEnv]) 
         g.pairs_set(2)
         rx = [p.rx for p in g.drv.pairs]
         idx23 = [rx[2].used_idx(), rx[3].used_idx()]
-        assert g.cap().active == 2
+        assert g.steer_state().active == 2
         assert_rss_in_force(g, cfg, flows, "rss2")
         assert [rx[2].used_idx(), rx[3].used_idx()] == idx23
         assert_healthy(g)
@@ -1126,7 +1095,7 @@ def test_rx_follows_tx(env_factory: Callable[..., DeviceEnv]) -> None:
         Flow("tcp4", v4(9, 2), v4(9, 1), 31000 + i, 22) for i in range(2)
     ]
     with mq_guest(env, GUEST_FEATURES | F_MQ) as g:
-        assert g.cap().effective == P_RXFT
+        assert g.steer_state().effective == P_RXFT
         for round_ in range(3):
             assignment = [rng.randrange(PAIRS) for _ in guest_side]
             for i, (f, k) in enumerate(zip(guest_side, assignment, strict=True)):

@@ -454,7 +454,6 @@ int vn_dev_start(struct vn_dev *dev, uint64_t features)
             qp->tap_detached = true;
     }
     dev->started = true;
-    vn_dev_update_steer_cap(dev);
     return 0;
 }
 
@@ -526,7 +525,6 @@ void vn_dev_reset(struct vn_dev *dev)
     atomic_store(&dev->isr, 0);
     /* A MAC the driver set (CTRL_MAC_ADDR) does not survive a reset. */
     vn_rx_filter_reset(&dev->filter, dev->default_mac);
-    vn_dev_update_steer_cap(dev);
 }
 
 void vn_dev_pause_workers(struct vn_dev *dev)
@@ -612,7 +610,6 @@ void vn_dev_steering_commit(struct vn_dev *dev, unsigned active_qps)
     }
     atomic_fetch_add(&dev->epoch, 1);
     VN_STAT_INC(dev->st.steering_switches);
-    vn_dev_update_steer_cap(dev);
     vn_dev_resume_workers(dev);
 }
 
@@ -667,28 +664,20 @@ void vn_dev_apply_requested_policy(struct vn_dev *dev)
            vn_policy_name(vn_steering_effective(&dev->steer)), vn_policy_name(before));
 }
 
-void vn_dev_set_steer_cap(struct vn_dev *dev, uint8_t *cap)
+/* BAR0 at VN_STEER_STATE_OFF (layout.h): le32 magic "VNST", version,
+ * configured policy, effective policy, reserved, le16 active pairs, le16
+ * max pairs, le32 switches. Built on each read, so reads have no side
+ * effects and never show a half-updated rule (context thread). */
+void vn_dev_steer_state(struct vn_dev *dev, uint8_t out[VN_STEER_STATE_LEN])
 {
-    dev->steer_cap = cap;
-    vn_dev_update_steer_cap(dev);
-}
-
-/* Layout after the 6-byte vendor data header (cap_vndr, next, len, cfg_type 9,
- * vendor_id): version, configured policy, effective policy, reserved, le16
- * active pairs, le16 max pairs, le32 switches. Read by the guest for
- * debugging; written only on the context thread. */
-void vn_dev_update_steer_cap(struct vn_dev *dev)
-{
-    uint8_t *c = dev->steer_cap;
-    if (c == NULL)
-        return;
-    c[6] = 1;
-    c[7] = (uint8_t)dev->steer.policy;
-    c[8] = (uint8_t)vn_steering_effective(&dev->steer);
-    c[9] = 0;
-    vn_le16_put(c + 10, (uint16_t)dev->active_qps);
-    vn_le16_put(c + 12, (uint16_t)dev->max_qps);
-    vn_le32_put(c + 14, (uint32_t)VN_STAT_LOAD(dev->st.steering_switches));
+    memset(out, 0, VN_STEER_STATE_LEN);
+    vn_le32_put(out, VN_STEER_STATE_MAGIC);
+    out[4] = 1;
+    out[5] = (uint8_t)dev->steer.policy;
+    out[6] = (uint8_t)vn_steering_effective(&dev->steer);
+    vn_le16_put(out + 8, (uint16_t)dev->active_qps);
+    vn_le16_put(out + 10, (uint16_t)dev->max_qps);
+    vn_le32_put(out + 12, (uint32_t)VN_STAT_LOAD(dev->st.steering_switches));
 }
 
 void vn_dev_get_steering(struct vn_dev *dev, struct vn_steer_info *out)

@@ -22,6 +22,7 @@
 #include "capture.h"
 #include "coalesce.h"
 #include "guest_mem.h"
+#include "layout.h"
 #include "notify_page.h"
 #include "rx_filter.h"
 #include "stats.h"
@@ -204,7 +205,6 @@ struct vn_dev {
     int tap_req_fds[VN_MAX_QUEUE_PAIRS];
     unsigned tap_req_n;
     uint64_t tap_req_seq, tap_done_seq;
-    uint8_t *steer_cap;           /* steering state in PCI config space (vendor cap) */
     /* MSI-X as the driver set it in the capability's message control, copied
      * by the context thread under irq_lock held for writing (server.c); read
      * by any thread. Off: no MSI-X message, the ISR status instead. */
@@ -312,8 +312,7 @@ void vn_dev_steering_begin(struct vn_dev *dev);
 void vn_dev_steering_commit(struct vn_dev *dev, unsigned active_qps);
 void vn_dev_request_policy(struct vn_dev *dev, int policy);
 void vn_dev_apply_requested_policy(struct vn_dev *dev);
-void vn_dev_set_steer_cap(struct vn_dev *dev, uint8_t *cap);
-void vn_dev_update_steer_cap(struct vn_dev *dev);
+void vn_dev_steer_state(struct vn_dev *dev, uint8_t out[VN_STEER_STATE_LEN]);
 
 struct vn_steer_info {
     int policy;

@@ -14,6 +14,13 @@
 #define VN_ISR_LEN 0x0004
 #define VN_DEVICE_CFG_OFF 0x2000
 #define VN_DEVICE_CFG_LEN 0x0100
+/* The steering state, read-only, for debugging from inside the guest
+ * (vn_dev_steer_state): outside every virtio structure, so that no virtio
+ * rule covers it (a vendor data capability would need a PCI-SIG vendor ID
+ * other than virtio's, 4.1.4.8). */
+#define VN_STEER_STATE_OFF 0x2800
+#define VN_STEER_STATE_LEN 0x0010
+#define VN_STEER_STATE_MAGIC 0x54534e56u /* "VNST" */
 #define VN_NOTIFY_OFF 0x3000
 #define VN_NOTIFY_LEN 0x1000
 

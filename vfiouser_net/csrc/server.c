@@ -46,6 +46,16 @@ static ssize_t bar0_access(vfu_ctx_t *ctx, char *buf, size_t count, loff_t offse
         }
         return (ssize_t)count;
     }
+    if (offset >= VN_STEER_STATE_OFF &&
+        (uint64_t)offset + count <= VN_STEER_STATE_OFF + VN_STEER_STATE_LEN) {
+        /* Read-only: a write is ignored, as for any read-only register. */
+        if (!is_write) {
+            uint8_t state[VN_STEER_STATE_LEN];
+            vn_dev_steer_state(dev, state);
+            memcpy(buf, state + (offset - VN_STEER_STATE_OFF), count);
+        }
+        return (ssize_t)count;
+    }
     if (dev->hooks.bar_access == NULL) {
         memset(buf, 0, is_write ? 0 : count);
         return (ssize_t)count;
