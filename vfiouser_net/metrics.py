@@ -103,6 +103,7 @@ DEVICE_EVENTS = (
     "guest_mem_faults",
     "irqs_msix_off",
     "pci_cfg_invalid",
+    "rx_reselected",
 )
 
 

@@ -1075,7 +1075,8 @@ static void test_starved_pair_does_not_block_others(void **state)
         host_send(m, 0, to1, i);
     expect_frames(m, 1, to1, 0, 4);
     WAIT_FOR(inbox_count(m, 0) == 4);
-    assert_true(qstats(m, 0).rx.ring_full > 0);
+    /* Counted at the end of the worker's pass, after the frames are queued. */
+    WAIT_FOR(qstats(m, 0).rx.ring_full > 0);
     post(m, 0, 8);
     expect_frames(m, 0, to0, 0, 4);
     assert_accounted(m, 0);
@@ -1199,6 +1200,38 @@ static void test_pairs_not_set_up(void **state)
     assert_accounted(m, not_ready);
 }
 
+/* RING_RESET (5.1.6.5.6): frames steered to a receive queue the driver is
+ * resetting go to another active pair (the next one that takes frames), in
+ * order; once every receive queue is being reset they are dropped and
+ * counted (queue_disabled). */
+static void test_frames_for_a_queue_being_reset_go_elsewhere(void **state)
+{
+    struct mq *m = *state = mq_new(2);
+    post(m, 0, QSIZE);
+    post(m, 1, QSIZE);
+    mq_start(m, BASE_FEATURES);
+    assert_int_equal(steer_all_to(m, 1, 2), VN_CTRL_OK);
+    assert_int_equal(vn_dev_queue_reset(m->dev, 2), 0); /* rx of pair 1 */
+    for (uint32_t i = 0; i < 30; i++)
+        host_send(m, 1, 11, i);
+    expect_frames(m, 0, 11, 0, 30);
+    struct vn_dev_stats ds;
+    vn_dev_get_dev_stats(m->dev, &ds);
+    assert_int_equal(ds.rx_reselected, 30);
+    assert_int_equal(qstats(m, 0).rx.packets, 30);
+    ack_ring(m, 0);
+    /* Both receive queues being reset: nowhere to go. */
+    assert_int_equal(vn_dev_queue_reset(m->dev, 0), 0);
+    for (uint32_t i = 0; i < 10; i++)
+        host_send(m, i % 2, 12, i); /* from either reader */
+    WAIT_FOR(qstats(m, 0).rx.drops[VN_DROP_QUEUE_DISABLED] +
+                 qstats(m, 1).rx.drops[VN_DROP_QUEUE_DISABLED] ==
+             10);
+    vn_dev_get_dev_stats(m->dev, &ds);
+    assert_int_equal(ds.rx_reselected, 30);
+    assert_accounted(m, 10);
+}
+
 /* A frame up to 64 KiB (a TSO burst) for a pair whose ring has no room
  * waits in its inbox: the inbox holds at most VN_INBOX_MAX_BYTES of them,
  * the reader drops the rest (steer_backlog), long before VN_INBOX_MAX. */
@@ -1276,6 +1309,7 @@ int main(void)
         T(test_starved_pair_does_not_block_others),
         T(test_frames_for_broken_pair_dropped),
         T(test_pairs_not_set_up),
+        T(test_frames_for_a_queue_being_reset_go_elsewhere),
         T(test_inbox_byte_budget),
         T(test_switch_under_load_keeps_order),
         T(test_switch_under_load_keeps_order_4_pairs),

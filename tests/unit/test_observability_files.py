@@ -153,6 +153,7 @@ class _StubDevice:
                 "guest_mem_faults": 1,
                 "irqs_msix_off": 1,
                 "pci_cfg_invalid": 1,
+                "rx_reselected": 1,
                 "ctrl_budget_exhausted": 0,
                 "ctrl_cmds": {"0": {"0": [1, 0]}, "4": {"0": [1, 1]}},
             },

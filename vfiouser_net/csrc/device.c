@@ -314,6 +314,7 @@ int vn_dev_queue_reset(struct vn_dev *dev, unsigned qidx)
         struct vn_qp *qp = &dev->qp[qidx / 2];
         if (qidx % 2 == 0) {
             atomic_store(&qp->rx_ready, false);
+            atomic_store(&qp->rx_resetting, true);
             /* Buffers taken from the old ring are the driver's again. */
             qp->rx_first = qp->rx_count = qp->rx_iov_end = 0;
             qp->rx_prefetched_bytes = 0;
@@ -352,8 +353,10 @@ int vn_dev_queue_enable(struct vn_dev *dev, unsigned qidx, uint16_t size, uint64
     int r = vn_vq_map(vq) ? 0 : -EINVAL;
     if (vq != &dev->ctrl) {
         struct vn_qp *qp = &dev->qp[qidx / 2];
-        if (qidx % 2 == 0)
+        if (qidx % 2 == 0) {
             atomic_store(&qp->rx_ready, r == 0 && qp->thread_started);
+            atomic_store(&qp->rx_resetting, false);
+        }
     }
     if (!paused)
         vn_dev_resume_workers(dev);
@@ -476,6 +479,7 @@ void vn_dev_reset(struct vn_dev *dev)
         struct vn_qp *qp = &dev->qp[i];
         stop_worker(qp);
         atomic_store(&qp->rx_ready, false);
+        atomic_store(&qp->rx_resetting, false);
         eventfd_t v;
         eventfd_read(qp->kick_fd, &v);
         vn_vq_reset_state(&qp->rx);

@@ -86,6 +86,9 @@ struct vn_qp {
      * while no worker runs (vn_dev_start, vn_dev_reset); see
      * vn_qp_takes_frames. */
     _Atomic bool rx_ready;
+    /* Its receive queue is reset by the driver (VIRTIO_F_RING_RESET) and not
+     * enabled again yet: frames for it go to another pair (steer_to). */
+    _Atomic bool rx_resetting;
     int tap_fd;
     bool tap_detached; /* TUNSETQUEUE'd off while it has no worker */
     /* The TAP queue answered EBADFD: the interface was deleted. The worker
@@ -160,6 +163,9 @@ struct vn_dev_stats {
     /* VIRTIO_PCI_CAP_PCI_CFG accesses refused: a BAR other than 0, a
      * length other than 1, 2 or 4, an unaligned or out-of-range offset. */
     uint64_t pci_cfg_invalid;
+    /* Frames for a receive queue being reset, sent to another pair instead
+     * (virtio 1.x 5.1.6.5.6: "SHOULD re-select another random queue"). */
+    uint64_t rx_reselected;
     /* Control commands by class and command (class/command >= 7 fold into
      * 7) and result (0 ok, 1 error). */
     uint64_t ctrl_cmds[VN_CTRL_CLASS_SLOTS][VN_CTRL_CMD_SLOTS][2];

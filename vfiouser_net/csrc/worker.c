@@ -433,11 +433,43 @@ void vn_inbox_drain(struct vn_dev *dev, struct vn_qp *qp, int drop_reason)
     }
 }
 
+static bool takes_frames(struct vn_qp *qp)
+{
+    return atomic_load_explicit(&qp->rx_ready, memory_order_relaxed) &&
+           !__atomic_load_n(&qp->rx.broken, __ATOMIC_RELAXED);
+}
+
+/* Another active pair for a frame whose receive queue the driver is
+ * resetting (5.1.6.5.6): the next one after it that takes frames, so that
+ * the frames of one flow keep going to one queue; -1 if there is none
+ * ("If all receive queues are being reset, the device MUST drop"). The
+ * active pairs change only while workers are parked. */
+static int reselect(struct vn_dev *dev, unsigned to)
+{
+    unsigned n = dev->active_qps;
+    for (unsigned k = 1; k < n; k++) {
+        unsigned q = (to + k) % n;
+        if (takes_frames(&dev->qp[q]))
+            return (int)q;
+    }
+    return -1;
+}
+
 /* Queue a frame for pair `to` (possibly ourselves). Takes ownership. */
 static void steer_to(struct vn_qp *from, unsigned to, struct vn_pkt *pkt)
 {
     struct vn_dev *dev = from->dev;
     struct vn_qp *t = &dev->qp[to];
+    if (atomic_load_explicit(&t->rx_resetting, memory_order_relaxed)) {
+        int q = reselect(dev, to);
+        if (q < 0) {
+            VN_STAT_INC(from->st.rx.drops[VN_DROP_QUEUE_DISABLED]);
+            free(pkt);
+            return;
+        }
+        VN_STAT_INC(dev->st.rx_reselected);
+        t = &dev->qp[q];
+    }
     if (__atomic_load_n(&t->rx.broken, __ATOMIC_RELAXED)) {
         /* Its ring is unusable until the driver resets the device. */
         VN_STAT_INC(from->st.rx.drops[VN_DROP_QUEUE_BROKEN]);
