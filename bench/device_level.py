@@ -23,10 +23,16 @@ Ceiling runs: csrc/host_path.c opens the same TAP as the daemon does, one
 queue and one thread per pair, and does the same writev()/readv() per frame
 with the same sink / generator and no device (the daemon is stopped).
 
+The device's transmit runs twice: ``--tap-io writev`` (one system call a
+frame, as the ceiling's loop) and, where the kernel has io_uring,
+``--tap-io io_uring`` (a ring pass's frames in one system call): the
+"batched" figures, against the same one-syscall ceiling.
+
 Reported per case: packets per second and Gbit/s (Ethernet frame bytes, no
 virtio-net header), doorbells and interrupts per packet as the driver saw
 them and as the daemon counted them (its Prometheus metrics), device/ceiling
-ratio, and the 2-pair/1-pair packet-rate scaling.
+ratio, batched/ceiling for transmit, and the 2-pair/1-pair packet-rate
+scaling.
 
     python bench/device_level.py [--seconds 5] [--quick] [--json out.json]
 
@@ -603,17 +609,37 @@ def measure(
                 _setup_netns(ns)
                 for case in (c for c in cases if c.pairs == pairs):
                     log.info("device run: %s", case)
-                    dev = _device_side(case, ns, workdir, progs, seconds, warmup, daemon_args)
+                    # Transmit one writev a frame, like the ceiling's loop;
+                    # then batched through io_uring where the kernel has it.
+                    one = ["--tap-io", "writev"] if case.direction == "tx" else []
+                    dev = _device_side(
+                        case, ns, workdir, progs, seconds, warmup, [*daemon_args, *one]
+                    )
                     _log_device(case, dev)
+                    entry: dict[str, Any] = {"device": dev}
+                    if case.direction == "tx" and batching_available():
+                        log.info("device run, batched (io_uring): %s", case)
+                        entry["batched"] = _device_side(
+                            case, ns, workdir, progs, seconds, warmup,
+                            [*daemon_args, "--tap-io", "io_uring"],
+                        )  # fmt: skip
+                        _log_device(case, entry["batched"])
                     log.info("ceiling run: %s", case)
                     with fresh_tap(ns, case.pairs) as tap, tap_counters(tap) as tap_ceil:
                         ceiling = ceiling_run(case, ns, progs, seconds, warmup)
                     ceiling["tap"] = tap_ceil
                     _log_ceiling(case, ceiling)
-                    raw[case] = {"device": dev, "ceiling": ceiling}
+                    raw[case] = {**entry, "ceiling": ceiling}
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     return raw
+
+
+def batching_available() -> bool:
+    """Whether the daemon can batch TAP writes through io_uring here."""
+    from vfiouser_net.native import lib
+
+    return bool(lib.vn_tap_batch_probe() == 0)
 
 
 def tap_drop_fraction(case: Case, tap: dict[str, int]) -> float:
@@ -712,6 +738,13 @@ def summarize(raw: dict[Case, dict[str, Any]], seconds: float) -> dict[str, Any]
                 "ratio": per(pps, c_pps),
             }
         )
+        if "batched" in r:
+            b_pps = float(r["batched"]["driver"]["pps"])
+            rows[-1]["batched"] = {
+                "pps": b_pps,
+                "gbps": b_pps * case.frame_bytes * 8 / 1e9,
+                "ratio": per(b_pps, c_pps),
+            }
     scaling = {}
     for direction in DIRECTIONS:
         for size in FRAME_SIZES:
@@ -796,6 +829,8 @@ def markdown(result: dict[str, Any], raw: dict[Case, dict[str, Any]] | None = No
         "ceiling kpps",
         "ceiling Gbit/s",
         "device/ceiling",
+        "batched kpps",
+        "batched/ceiling",
     ]
     lines = [
         f"Device level, {result['seconds']:g} s per run; {result['machine']}",
@@ -818,6 +853,8 @@ def markdown(result: dict[str, Any], raw: dict[Case, dict[str, Any]] | None = No
             _f(c["pps"] / 1e3, 0),
             _f(c["gbps"], 3),
             _f(r["ratio"], 2),
+            _f(r["batched"]["pps"] / 1e3, 0) if "batched" in r else "-",
+            _f(r["batched"]["ratio"], 2) if "batched" in r else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     ceiling = {

@@ -62,7 +62,8 @@ ffibuilder.set_source(
     """,
     include_dirs=[str(CSRC), str(PREFIX / "include"), str(PREFIX / "include" / "vfio-user")],
     extra_objects=[str(_build_datapath())],
-    libraries=["vfio-user", "pthread"],
+    # liburing: batched TAP writes (csrc/tap_batch.c).
+    libraries=["vfio-user", "uring", "pthread"],
     library_dirs=[str(PREFIX / "lib")],
     runtime_library_dirs=[str(PREFIX / "lib")],
     extra_compile_args=["-std=gnu11", "-D_GNU_SOURCE", *_san_flags],

@@ -38,6 +38,7 @@ from vfiouser_net.device import (
     NOTIFY_MODES,
     OFFERED_FEATURES,
     STEERING_POLICIES,
+    TAP_IO_MODES,
     DeviceError,
     DeviceOptions,
     parse_mac,
@@ -98,6 +99,9 @@ def capabilities() -> dict[str, object]:
             "intx": False,  # no INTx pin: drivers without MSI-X poll (ISR status)
             "expansion_rom": False,  # QEMU's romfile= gives one (network boot)
         },
+        # Batched TAP writes: whether this kernel lets the daemon have them
+        # (serve --tap-io auto takes them then).
+        "tap_io": {"modes": list(TAP_IO_MODES), "io_uring": lib.vn_tap_batch_probe() == 0},
         "socket_activation": True,
         "metrics": True,
         "admin_channel": True,
@@ -160,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="message",
         help="doorbells as vfio-user messages (default), or 'poll': a shared notify page the "
         "workers poll, lower latency for a busy core per queue pair",
+    )
+    serve.add_argument(
+        "--tap-io",
+        choices=TAP_IO_MODES,
+        default="auto",
+        help="frames to the TAP: 'io_uring' batches a ring pass's writes in one system call, "
+        "'writev' makes one a frame; 'auto' (default) takes io_uring where the kernel allows",
     )
     serve.add_argument(
         "--busy-poll-us",
@@ -271,6 +282,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
                     steering=args.steering,
                     notify_mode=args.notify_mode,
                     busy_poll_us=args.busy_poll_us,
+                    tap_io=args.tap_io,
                     speed_mbps=args.speed,
                     name=args.name,
                     listen_fd=fd,

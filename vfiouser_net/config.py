@@ -21,6 +21,7 @@
     steering = "auto"                                # optional
     notify_mode = "message"                          # optional: or "poll" (a core per pair)
     busy_poll_us = 50                                # optional: 0 turns it off
+    tap_io = "auto"                                  # optional: "io_uring" or "writev"
     speed = 10000                                    # optional, Mbit/s
     nofile = 1024                                    # optional: device_nofile for this one
     memory_max = 256                                 # optional: device_memory_max, MiB
@@ -90,6 +91,7 @@ _DEVICE_KEYS: dict[str, type] = {
     "speed": int,
     "notify_mode": str,
     "busy_poll_us": int,
+    "tap_io": str,
     "nofile": int,
     "memory_max": int,
 }
@@ -121,6 +123,7 @@ def device_options(where: str, entry: dict[str, Any]) -> DeviceOptions:
             steering=entry.get("steering", "auto"),
             notify_mode=entry.get("notify_mode", "message"),
             busy_poll_us=entry.get("busy_poll_us", DEFAULT_BUSY_POLL_US),
+            tap_io=entry.get("tap_io", "auto"),
             speed_mbps=entry.get("speed", 10000),
             name=entry.get("name", ""),
             nofile=entry.get("nofile", 0),

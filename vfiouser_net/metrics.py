@@ -273,6 +273,7 @@ class _Families:
                 "configured_mac": format_mac(dev.opts.mac),
                 "mtu": str(snap["mtu"]),
                 "features": ",".join(snap["features"]),
+                "tap_io": str(snap.get("tap_io", "")),
             },
         )
         status = snap["status"]

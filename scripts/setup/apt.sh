@@ -22,6 +22,7 @@ vn_need_root
 PKGS=(
     build-essential pkg-config git ca-certificates
     meson ninja-build libjson-c-dev libcmocka-dev
+    liburing-dev
     python3-venv python3-dev
     debootstrap dpkg-dev
     iproute2 iperf3 ethtool iputils-ping procps psmisc

@@ -86,6 +86,18 @@ static int setup(void **state)
     return 0;
 }
 
+/* The same, with transmit batched through io_uring (tap_batch.h). */
+static int setup_batched(void **state)
+{
+    struct wfx *w = wfx_new();
+    int r = vn_dev_use_tap_batching(w->dev);
+    if (r < 0)
+        fail_msg("io_uring: %s", strerror(-r));
+    assert_true(vn_dev_tap_batching(w->dev));
+    *state = w;
+    return 0;
+}
+
 static int teardown(void **state)
 {
     struct wfx *w = *state;
@@ -484,7 +496,105 @@ static void test_tx_corrupt_ring(void **state)
     assert_int_equal(w->dev->st.needs_reset, 1);
 }
 
+/* Batched: frames posted 9 at a time (a datagram socket pair, standing in
+ * for the TAP, queues at most net.unix.max_dgram_qlen = 10), every fourth
+ * too short. The good ones reach the TAP in order and every chain is used,
+ * in order. */
+static void test_tx_batched_in_order(void **state)
+{
+    struct wfx *w = *state;
+    start(w, 0);
+    enum { N = 90, GROUP = 9 };
+    uint8_t pkt[256], got[256];
+    uint64_t buf = fd_alloc(&w->g, 0, GROUP * sizeof(pkt), 64);
+    for (uint32_t g = 0; g < N; g += GROUP) {
+        uint16_t old = w->txq.avail_idx;
+        for (uint32_t i = g; i < g + GROUP; i++) {
+            size_t len = i % 4 == 3 ? 20 : make_frame(pkt, OTHER, 60, (uint8_t)i);
+            uint64_t b = buf + (i - g) * sizeof(pkt);
+            fd_write(&w->g, b, pkt, len);
+            fd_vq_add(&w->txq, &(struct fd_buf){ b, (uint32_t)len, false }, 1);
+        }
+        if (fd_vq_kick_needed(&w->txq, false, old))
+            vn_dev_doorbell(w->dev, 1);
+        for (uint32_t i = g; i < g + GROUP; i++) {
+            if (i % 4 == 3)
+                continue;
+            size_t len = make_frame(pkt, OTHER, 60, (uint8_t)i);
+            assert_int_equal(host_recv(w, got, sizeof(got)), (ssize_t)len);
+            assert_memory_equal(got, pkt, len);
+        }
+        wait_used(&w->txq, GROUP);
+        for (uint32_t i = g; i < g + GROUP; i++) {
+            uint32_t id, l;
+            assert_true(fd_vq_get_used(&w->txq, &id, &l));
+            assert_int_equal(id, i % QSIZE);
+        }
+    }
+    struct vn_qp_stats s = stats(w);
+    assert_int_equal(s.tx.packets, N - N / 4);
+    assert_int_equal(s.tx.drops[VN_DROP_HEADER_TOO_SHORT], N / 4);
+    assert_true(vn_dev_tap_batching(w->dev));
+}
+
+/* The single-frame transmit tests, batched. */
+static void test_tx_batched(void **state)
+{
+    test_tx(state);
+}
+
+static void test_tx_bad_chains_batched(void **state)
+{
+    test_tx_bad_chains(state);
+}
+
+static void test_tx_coalescing_batched(void **state)
+{
+    test_tx_coalescing(state);
+}
+
+/* The ring is locked down: an operation other than WRITEV, or a write to
+ * a file other than the registered TAP, is refused by the kernel. */
+static void test_tap_batch_restrictions(void **state)
+{
+    (void)state;
+    struct vn_tap_batch *b = calloc(1, sizeof(*b));
+    assert_non_null(b);
+    assert_int_equal(vn_tap_batch_init(b), 0);
+    int sv[2];
+    assert_int_equal(socketpair(AF_UNIX, SOCK_DGRAM, 0, sv), 0);
+    assert_int_equal(vn_tap_batch_set_fd(b, sv[0]), 0);
+    char buf[8] = "abcdefg";
+    struct iovec iov = { buf, sizeof(buf) };
+    /* A read of the registered file. */
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&b->ring);
+    io_uring_prep_readv(sqe, 0, &iov, 1, 0);
+    sqe->flags |= IOSQE_FIXED_FILE;
+    /* A write to a plain descriptor. */
+    sqe = io_uring_get_sqe(&b->ring);
+    io_uring_prep_writev(sqe, sv[1], &iov, 1, 0);
+    /* The kernel stops a submission at the first refused entry. */
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(io_uring_submit_and_wait(&b->ring, 1), 1);
+        struct io_uring_cqe *cqe;
+        assert_int_equal(io_uring_wait_cqe(&b->ring, &cqe), 0);
+        assert_int_equal(cqe->res, -EACCES);
+        io_uring_cqe_seen(&b->ring, cqe);
+    }
+    /* What the datapath does works. */
+    int32_t res[VN_TAP_BATCH_MAX];
+    assert_true(vn_tap_batch_writev(b, &iov, 1, 3));
+    assert_int_equal(vn_tap_batch_flush(b, res), 0);
+    assert_int_equal(res[3], sizeof(buf));
+    assert_int_equal(recv(sv[1], buf, sizeof(buf), MSG_DONTWAIT), sizeof(buf));
+    vn_tap_batch_free(b);
+    free(b);
+    close(sv[0]);
+    close(sv[1]);
+}
+
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
+#define B(fn) cmocka_unit_test_setup_teardown(fn, setup_batched, teardown)
 
 int main(void)
 {
@@ -498,6 +608,11 @@ int main(void)
         T(test_tx_bad_chains),
         T(test_tx_corrupt_ring),
         T(test_tx_coalescing),
+        B(test_tx_batched),
+        B(test_tx_bad_chains_batched),
+        B(test_tx_coalescing_batched),
+        B(test_tx_batched_in_order),
+        cmocka_unit_test(test_tap_batch_restrictions),
     };
     return cmocka_run_group_tests_name("worker", tests, NULL, NULL);
 }

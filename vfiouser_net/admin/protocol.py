@@ -65,11 +65,12 @@ ERROR_CODES = (
     INTERNAL,
 )
 
-# Kept equal to device.STEERING_POLICIES, NOTIFY_MODES, the busy-poll bounds and
+# Kept equal to device.STEERING_POLICIES, NOTIFY_MODES, TAP_IO_MODES, the busy-poll bounds and
 # daemon.LOG_LEVELS (a unit test checks); repeated here so that a client does
 # not import the datapath.
 STEERING_POLICIES = ("auto", "single", "rss", "rx-follows-tx")
 NOTIFY_MODES = ("message", "poll")
+TAP_IO_MODES = ("auto", "io_uring", "writev")
 DEFAULT_BUSY_POLL_US = 50
 MAX_BUSY_POLL_US = 10000
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -437,6 +438,13 @@ _ADD_ARGS = (
         "str",
         "doorbells by vfio-user message, or a polled shared page (default message)",
         choices=NOTIFY_MODES,
+        metavar="MODE",
+    ),
+    ArgSpec(
+        "tap_io",
+        "str",
+        "frames to the TAP batched through io_uring, or one writev each (default auto)",
+        choices=TAP_IO_MODES,
         metavar="MODE",
     ),
     ArgSpec(

@@ -164,6 +164,9 @@ void vn_dev_free(struct vn_dev *dev)
     for (unsigned i = 0; i < dev->max_qps; i++) {
         close(dev->qp[i].kick_fd);
         free(dev->qp[i].spare);
+        if (dev->qp[i].txb != NULL)
+            vn_tap_batch_free(dev->qp[i].txb);
+        free(dev->qp[i].txb);
         pthread_mutex_destroy(&dev->qp[i].inbox.lock);
         pthread_mutex_destroy(&dev->qp[i].lock);
         pthread_cond_destroy(&dev->qp[i].cond);
@@ -183,10 +186,67 @@ void vn_dev_set_hooks(struct vn_dev *dev, const struct vn_hooks *hooks)
     dev->hooks = *hooks;
 }
 
+/* The pair's TAP, also in its io_uring ring when it has one. Context
+ * thread, with the pair's worker parked or not started. */
+static void qp_set_tap(struct vn_qp *qp, int fd)
+{
+    qp->tap_fd = fd;
+    if (qp->txb == NULL || !qp->txb->ready)
+        return;
+    int r = vn_tap_batch_set_fd(qp->txb, fd);
+    if (r < 0) {
+        /* Without its TAP the ring would write elsewhere or nowhere. */
+        qp->txb->broken = true;
+        vn_log(qp->dev, LOG_WARNING, "queue pair %u: io_uring TAP update failed (%s): writing "
+               "frame by frame", qp->index, strerror(-r));
+    }
+}
+
 void vn_dev_set_tap(struct vn_dev *dev, unsigned qp, int fd)
 {
     if (qp < dev->max_qps)
-        dev->qp[qp].tap_fd = fd;
+        qp_set_tap(&dev->qp[qp], fd);
+}
+
+int vn_dev_use_tap_batching(struct vn_dev *dev)
+{
+    for (unsigned i = 0; i < dev->max_qps; i++) {
+        struct vn_qp *qp = &dev->qp[i];
+        if (qp->txb != NULL)
+            continue;
+        struct vn_tap_batch *b = calloc(1, sizeof(*b));
+        if (b == NULL)
+            return -ENOMEM;
+        int r = vn_tap_batch_init(b);
+        if (r < 0) {
+            free(b);
+            vn_dev_stop_tap_batching(dev);
+            return r;
+        }
+        qp->txb = b;
+        qp_set_tap(qp, qp->tap_fd);
+    }
+    return 0;
+}
+
+void vn_dev_stop_tap_batching(struct vn_dev *dev)
+{
+    for (unsigned i = 0; i < dev->max_qps; i++) {
+        struct vn_qp *qp = &dev->qp[i];
+        if (qp->txb == NULL)
+            continue;
+        vn_tap_batch_free(qp->txb);
+        free(qp->txb);
+        qp->txb = NULL;
+    }
+}
+
+bool vn_dev_tap_batching(struct vn_dev *dev)
+{
+    for (unsigned i = 0; i < dev->max_qps; i++)
+        if (dev->qp[i].txb == NULL || !vn_tap_batch_usable(dev->qp[i].txb))
+            return false;
+    return true;
 }
 
 /* Has the context thread yet to apply or drop the posted request? */
@@ -254,7 +314,7 @@ void vn_dev_apply_requested_taps(struct vn_dev *dev)
     vn_dev_pause_workers(dev);
     for (unsigned i = 0; i < dev->max_qps; i++) {
         struct vn_qp *qp = &dev->qp[i];
-        qp->tap_fd = i < dev->tap_req_n ? dev->tap_req_fds[i] : -1;
+        qp_set_tap(qp, i < dev->tap_req_n ? dev->tap_req_fds[i] : -1);
         qp->tap_detached = false;
         atomic_store(&qp->tap_failed, false);
         if (qp->tap_fd < 0 || !dev->started)

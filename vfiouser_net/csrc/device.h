@@ -27,6 +27,7 @@
 #include "rx_filter.h"
 #include "stats.h"
 #include "steering.h"
+#include "tap_batch.h"
 #include "virtq.h"
 
 #define VN_MAX_QUEUE_PAIRS 16
@@ -103,6 +104,11 @@ struct vn_qp {
     pthread_cond_t cond;
     struct vn_qp_stats st;
     struct vn_coal rx_coal, tx_coal;
+
+    /* Batched TAP writes (tap_batch.h), NULL when the device writes one
+     * frame per writev. Used by the worker; the TAP in it is replaced by the
+     * context thread while the worker is parked. */
+    struct vn_tap_batch *txb;
 
     /* Worker-private. */
     uint64_t last_sleep_ns;   /* how long the last wait for work lasted */
@@ -279,6 +285,13 @@ void vn_dev_set_hooks(struct vn_dev *dev, const struct vn_hooks *hooks);
 /* Hand the TAP queue fd for pair qp (owned by the caller), before the
  * device runs. */
 void vn_dev_set_tap(struct vn_dev *dev, unsigned qp, int fd);
+/* Batched TAP writes through io_uring for every pair (tap_batch.h): 0, or
+ * -errno and none (the kernel has no io_uring, or it is disabled). Before
+ * the sandbox and before the workers start. */
+int vn_dev_use_tap_batching(struct vn_dev *dev);
+void vn_dev_stop_tap_batching(struct vn_dev *dev);
+/* Every pair writes in batches (none gave up after an io_uring error). */
+bool vn_dev_tap_batching(struct vn_dev *dev);
 /* Swap in the queues of a re-created TAP while the device runs (any thread
  * but the context thread): the context thread pauses the workers, installs
  * them with the negotiated header length and offloads, and resumes. Returns

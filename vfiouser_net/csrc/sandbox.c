@@ -26,7 +26,8 @@
  * socket, Python's runtime and threads, its metrics and admin sockets, a
  * capture file. Not there, among others: exec, ptrace and other processes'
  * memory, mount and namespaces, bpf, modules, keys, perf, userfaultfd,
- * set*id, mkdir/chmod/chown: nothing a device needs once it runs. */
+ * set*id, mkdir/chmod/chown, io_uring_setup: nothing a device needs once
+ * it runs. */
 static const int allowed[] = {
     SYS_read, SYS_write, SYS_readv, SYS_writev, SYS_pread64, SYS_pwrite64,
     SYS_recvmsg, SYS_sendmsg, SYS_recvfrom, SYS_sendto, SYS_recvmmsg, SYS_sendmmsg,
@@ -48,6 +49,10 @@ static const int allowed[] = {
     SYS_memfd_create, SYS_ftruncate, SYS_fallocate, SYS_unlinkat, SYS_fsync,
     SYS_fdatasync, SYS_timerfd_create, SYS_timerfd_settime, SYS_timerfd_gettime,
     SYS_prctl, SYS_membarrier,
+    /* The pairs' rings for batched TAP writes (tap_batch.h), created before
+     * the filter and restricted to writes to their TAP and to replacing it.
+     * io_uring_setup stays out: no ring without those restrictions. */
+    SYS_io_uring_enter, SYS_io_uring_register,
 #ifdef SYS_poll
     SYS_poll, SYS_select, SYS_epoll_wait, SYS_dup2, SYS_pipe, SYS_access, SYS_open,
     SYS_readlink, SYS_unlink, SYS_accept, SYS_getdents, SYS_time,

@@ -155,13 +155,75 @@ static bool tap_readable(const struct vn_qp *qp)
     return qp->tap_fd >= 0 && !atomic_load_explicit(&qp->tap_failed, memory_order_relaxed);
 }
 
-/* Returns true when it did any work. */
-static bool process_tx(struct vn_qp *qp)
+/* A chain popped off the transmit ring: true when its frame is to be
+ * written to the TAP, else it was counted as a drop. */
+static bool tx_accept(struct vn_qp *qp, int r, const struct vn_chain *c, int err)
 {
-    struct vn_vq *vq = &qp->tx;
     struct vn_dir_stats *st = &qp->st.tx;
     struct vn_dev *dev = qp->dev;
     uint32_t hdr = dev->hdr_len;
+    if (r == VN_POP_BAD) {
+        guest_error(qp, "tx", err);
+        VN_STAT_INC(st->drops[VN_DROP_BAD_CHAIN]);
+    } else if (c->nout != c->niov) {
+        guest_error(qp, "tx", VN_ERR_DESC_ORDER);
+        VN_STAT_INC(st->errors[VN_ERR_DESC_ORDER]);
+        VN_STAT_INC(st->drops[VN_DROP_BAD_CHAIN]);
+    } else if (c->out_len < hdr + 14) {
+        VN_STAT_INC(st->drops[VN_DROP_HEADER_TOO_SHORT]);
+    } else if (c->out_len > hdr + VN_MAX_FRAME) {
+        VN_STAT_INC(st->drops[VN_DROP_FRAME_TOO_BIG]);
+    } else if (!atomic_load_explicit(&dev->link_up, memory_order_relaxed)) {
+        VN_STAT_INC(st->drops[VN_DROP_LINK_DOWN]);
+    } else {
+        return true;
+    }
+    return false;
+}
+
+/* Before the write: the rx-follows-tx table learns the flow's pair. */
+static void tx_learn(struct vn_qp *qp, const struct iovec *iov, unsigned niov)
+{
+    struct vn_dev *dev = qp->dev;
+    if (!dev->learn_tx)
+        return;
+    uint8_t f[PARSE_LEN];
+    size_t n = iov_copy_out(iov, niov, dev->hdr_len, f, sizeof(f));
+    vn_steer_learn_tx(&dev->steer, f, n, qp->index);
+}
+
+/* After the write: its result (bytes, or -errno) counted. */
+static void tx_written(struct vn_qp *qp, const struct iovec *iov, unsigned niov, uint32_t out_len,
+                       ssize_t res)
+{
+    struct vn_dir_stats *st = &qp->st.tx;
+    struct vn_dev *dev = qp->dev;
+    uint32_t hdr = dev->hdr_len;
+    if (res < 0) {
+        tap_error(qp, st, (int)-res);
+        return;
+    }
+    if (vn_capture_wanted(&dev->capture, qp->index))
+        vn_capture_frame(&dev->capture, qp->index, 1, iov, niov, hdr, out_len - hdr);
+    VN_STAT_INC(st->packets);
+    VN_STAT_ADD(st->bytes, out_len - hdr);
+    VN_STAT_INC(st->size_hist[vn_size_bucket(out_len - hdr)]);
+}
+
+static void tx_batch_done(struct vn_qp *qp, unsigned done)
+{
+    struct vn_dir_stats *st = &qp->st.tx;
+    if (done > 0) {
+        VN_STAT_INC(st->batches);
+        VN_STAT_INC(st->batch_hist[vn_batch_bucket(done)]);
+        notify_guest(qp, &qp->tx, &qp->tx_coal, st, done);
+    }
+}
+
+/* One writev a frame. Returns true when it did any work. */
+static bool process_tx(struct vn_qp *qp)
+{
+    struct vn_vq *vq = &qp->tx;
     unsigned done = 0;
     while (done < TX_BUDGET) {
         struct vn_chain c;
@@ -174,45 +236,83 @@ static bool process_tx(struct vn_qp *qp)
             break;
         }
         done++;
-        if (r == VN_POP_BAD) {
-            guest_error(qp, "tx", err);
-            VN_STAT_INC(st->drops[VN_DROP_BAD_CHAIN]);
-        } else if (c.nout != c.niov) {
-            guest_error(qp, "tx", VN_ERR_DESC_ORDER);
-            VN_STAT_INC(st->errors[VN_ERR_DESC_ORDER]);
-            VN_STAT_INC(st->drops[VN_DROP_BAD_CHAIN]);
-        } else if (c.out_len < hdr + 14) {
-            VN_STAT_INC(st->drops[VN_DROP_HEADER_TOO_SHORT]);
-        } else if (c.out_len > hdr + VN_MAX_FRAME) {
-            VN_STAT_INC(st->drops[VN_DROP_FRAME_TOO_BIG]);
-        } else if (!atomic_load_explicit(&dev->link_up, memory_order_relaxed)) {
-            VN_STAT_INC(st->drops[VN_DROP_LINK_DOWN]);
-        } else {
-            if (dev->learn_tx) {
-                uint8_t f[PARSE_LEN];
-                size_t n = iov_copy_out(qp->tx_iov, c.niov, hdr, f, sizeof(f));
-                vn_steer_learn_tx(&dev->steer, f, n, qp->index);
-            }
+        if (tx_accept(qp, r, &c, err)) {
+            tx_learn(qp, qp->tx_iov, c.niov);
             ssize_t n = writev(qp->tap_fd, qp->tx_iov, (int)c.niov);
-            if (n < 0) {
-                tap_error(qp, st, errno);
-            } else {
-                if (vn_capture_wanted(&dev->capture, qp->index))
-                    vn_capture_frame(&dev->capture, qp->index, 1, qp->tx_iov, c.niov, hdr,
-                                     c.out_len - hdr);
-                VN_STAT_INC(st->packets);
-                VN_STAT_ADD(st->bytes, c.out_len - hdr);
-                VN_STAT_INC(st->size_hist[vn_size_bucket(c.out_len - hdr)]);
-            }
+            tx_written(qp, qp->tx_iov, c.niov, c.out_len, n < 0 ? -errno : n);
         }
         vn_vq_push(vq, c.head, 0);
     }
-    if (done > 0) {
-        VN_STAT_INC(st->batches);
-        VN_STAT_INC(st->batch_hist[vn_batch_bucket(done)]);
-        notify_guest(qp, vq, &qp->tx_coal, st, done);
-    }
+    tx_batch_done(qp, done);
     return done > 0;
+}
+
+/* Up to VN_TAP_BATCH_MAX frames a system call (tap_batch.h). The used ring
+ * gets the chains in the order they were popped, after their writes. */
+static bool process_tx_batched(struct vn_qp *qp)
+{
+    struct vn_vq *vq = &qp->tx;
+    struct vn_tap_batch *b = qp->txb;
+    struct {
+        uint16_t head;
+        bool write;
+        unsigned iov, niov;
+        uint32_t len;
+    } slot[VN_TAP_BATCH_MAX];
+    int32_t res[VN_TAP_BATCH_MAX];
+    unsigned done = 0;
+    bool more = true;
+    while (more && done < TX_BUDGET) {
+        unsigned n = 0, iov_used = 0;
+        while (n < VN_TAP_BATCH_MAX && done + n < TX_BUDGET &&
+               VN_TAP_BATCH_IOVS - iov_used >= VN_TX_IOV_MAX) {
+            struct vn_chain c;
+            int err;
+            int r = vn_vq_pop(vq, b->iov + iov_used, VN_TX_IOV_MAX, &c, &err);
+            if (r == VN_POP_EMPTY) {
+                more = false;
+                break;
+            }
+            if (r == VN_POP_FATAL) {
+                queue_broken(qp, "tx", err);
+                more = false;
+                break;
+            }
+            slot[n].head = c.head;
+            slot[n].write = tx_accept(qp, r, &c, err);
+            if (slot[n].write) {
+                slot[n].iov = iov_used;
+                slot[n].niov = c.niov;
+                slot[n].len = c.out_len;
+                tx_learn(qp, b->iov + iov_used, c.niov);
+                vn_tap_batch_writev(b, b->iov + iov_used, c.niov, n);
+                iov_used += c.niov;
+            }
+            n++;
+        }
+        if (n == 0)
+            break;
+        if (iov_used > 0 && vn_tap_batch_flush(b, res) < 0)
+            vn_log(qp->dev, LOG_WARNING, "queue pair %u: io_uring_enter failed: writing frame by "
+                   "frame from now on", qp->index);
+        for (unsigned i = 0; i < n; i++) {
+            if (slot[i].write)
+                tx_written(qp, b->iov + slot[i].iov, slot[i].niov, slot[i].len, res[i]);
+            vn_vq_push(vq, slot[i].head, 0);
+        }
+        done += n;
+        if (!vn_tap_batch_usable(b))
+            break;
+    }
+    tx_batch_done(qp, done);
+    return done > 0;
+}
+
+static bool transmit(struct vn_qp *qp)
+{
+    if (qp->txb != NULL && vn_tap_batch_usable(qp->txb))
+        return process_tx_batched(qp);
+    return process_tx(qp);
 }
 
 static size_t rx_need(const struct vn_dev *dev)
@@ -723,7 +823,7 @@ static bool handle_requests(struct vn_qp *qp)
     /* Before a steering change: what the guest queued for transmit under
      * the old configuration leaves first. Bounded, in case the guest keeps
      * adding. */
-    for (int i = 0; i < 64 && qp->dev->flush_tx_on_pause && vn_vq_ready(&qp->tx) && process_tx(qp); i++)
+    for (int i = 0; i < 64 && qp->dev->flush_tx_on_pause && vn_vq_ready(&qp->tx) && transmit(qp); i++)
         ;
     rx_unprefetch(qp);
     pthread_mutex_lock(&qp->lock);
@@ -825,7 +925,7 @@ void *vn_qp_worker(void *arg)
         bool rx_ok = qp->tap_fd >= 0;
         bool work = false;
         if (tx_ok)
-            work |= process_tx(qp);
+            work |= transmit(qp);
         if (rx_ok)
             work |= process_rx(qp, &rx_starved);
         uint64_t coal_wait_ns = coal_flush_due(qp);

@@ -120,6 +120,14 @@ struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu);
 void vn_dev_free(struct vn_dev *dev);
 void vn_dev_set_hooks(struct vn_dev *dev, const struct vn_hooks *hooks);
 void vn_dev_set_tap(struct vn_dev *dev, unsigned qp, int fd);
+/* Batched TAP writes through io_uring for every pair (tap_batch.h): 0, or
+ * -errno and none (the kernel has no io_uring, or it is disabled). Before
+ * the sandbox and before the workers start. */
+int vn_dev_use_tap_batching(struct vn_dev *dev);
+void vn_dev_stop_tap_batching(struct vn_dev *dev);
+int vn_tap_batch_probe(void);
+/* Every pair writes in batches (none gave up after an io_uring error). */
+bool vn_dev_tap_batching(struct vn_dev *dev);
 int vn_dev_replace_taps(struct vn_dev *dev, const int *fds, unsigned n, unsigned timeout_ms);
 int vn_dev_config_queue(struct vn_dev *dev, unsigned qidx, uint16_t size, uint64_t desc,
                         uint64_t avail, uint64_t used, uint16_t vector);
