@@ -183,6 +183,13 @@ def _wrap(words: Sequence[str], indent: int, width: int = 100) -> str:
     return ("\n" + " " * indent).join(lines)
 
 
+def _tap_io(mode: str) -> str:
+    return {
+        "io_uring": "io_uring (a ring pass's frames in one system call)",
+        "writev": "writev (one system call a frame)",
+    }.get(mode, mode)
+
+
 def _fmt_show(d: dict[str, Any]) -> str:
     steer = d["steering"]
     rss = steer["rss"]
@@ -206,6 +213,7 @@ def _fmt_show(d: dict[str, Any]) -> str:
         ("mac", mac),
         ("mtu", str(d["mtu"])),
         ("speed", f"{d['speed_mbps']} Mbit/s"),
+        ("tap i/o", _tap_io(d.get("tap_io", "-"))),
         ("link", link),
         (
             "queue pairs",

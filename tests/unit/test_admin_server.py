@@ -135,6 +135,7 @@ class FakeDevice:
             "features": list(self.features),
             "link_up": self.link_up,
             "mtu": self.opts.mtu,
+            "tap_io": "io_uring",
             "queue_pairs": self.opts.queue_pairs,
             "steering": self.steering(),
             "rx_filter": {

@@ -125,6 +125,7 @@ def test_show(run: Any, daemon: FakeDaemon) -> None:
     assert "  0: 0 1 2 3 0 1 2 3 0 1 2 3 0 1 2 3" in out
     assert "112: 0 1 2 3" in out
     assert "link:          up" in out
+    assert "tap i/o:       io_uring (a ring pass's frames in one system call)" in out
     daemon.get("vm1").set_link(False)
     assert "link:          down (operator switch down)" in run("show", "vm1").out
     daemon.get("vm1").set_link(True)

@@ -128,6 +128,7 @@ class _StubDevice:
             "features": ["MAC", "MQ"],
             "link_up": True,
             "mtu": 1500,
+            "tap_io": "io_uring",
             "queue_pairs": 2,
             "steering": {
                 "policy": "auto",
