@@ -19,6 +19,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.harness.guest import GuestPaths  # noqa: E402
+from tests.harness.server import Server  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -96,6 +97,65 @@ def machine_line(m: dict[str, str | int]) -> str:
         f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['kernel']}; "
         f"QEMU {m['qemu']}; guest Linux {m['guest_kernel']} under TCG"
     )
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def _stat_cpu(stat: str) -> float:
+    fields = stat.rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state): utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (every thread, also exited ones)."""
+    return _stat_cpu(Path(f"/proc/{pid}/stat").read_text())
+
+
+def threads_cpu_seconds(pid: int, skip: str) -> float:
+    """utime + stime of the process's live threads whose name does not start
+    with ``skip`` (QEMU's "CPU 0/TCG": the guest's own vCPUs)."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().startswith(skip):
+                continue
+            total += _stat_cpu((task / "stat").read_text())
+        except OSError:
+            continue
+    return total
+
+
+def daemon_pid(server: Server) -> int:
+    """The PID of the daemon process itself (not an ``ip netns exec`` parent)."""
+    assert server.proc is not None
+    pid = server.proc.pid
+    for candidate in [pid, *children(pid)]:
+        if "vfiouser_net" in cmdline(candidate) and "serve" in cmdline(candidate):
+            return candidate
+    raise RuntimeError(f"no vfiouser-net daemon at PID {pid} or among its children")
 
 
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shlex
 import sys
 import time
@@ -38,6 +37,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    CLK_TCK,
+    cpu_seconds,
+    daemon_pid,
     exit_cleanly_on_sigterm,
     fmt,
     machine,
@@ -49,55 +51,15 @@ from tests.harness import metrics
 from tests.harness.iperf import Direction, run_iperf3
 from tests.harness.netns import NetNS
 from tests.harness.scenarios import guest_on_vfiouser_net
-from tests.harness.server import Server
 
 log = logging.getLogger("bench.cost")
 
 DIRECTIONS: tuple[Direction, ...] = ("guest_tx", "guest_rx")
 RSS_TARGET_MIB = 64.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class BenchError(RuntimeError):
     pass
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out.append(int(entry.name))
-    return out
-
-
-def daemon_pid(server: Server) -> int:
-    """The PID of the daemon process itself (not an ``ip netns exec`` parent)."""
-    assert server.proc is not None
-    pid = server.proc.pid
-    for candidate in [pid, *_children(pid)]:
-        if "vfiouser_net" in _cmdline(candidate) and "serve" in _cmdline(candidate):
-            return candidate
-    raise BenchError(f"no vfiouser-net daemon at PID {pid} or among its children")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (every thread, also exited ones)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state): utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def _kib_fields(path: Path, keys: Sequence[str]) -> dict[str, float]:

@@ -1,18 +1,26 @@
 """Guest level: TCP throughput and latency through this device against QEMU's
-built-in virtio-net-pci, in one run.
+built-in virtio-net-pci and, where the host has Debian's dpdk-dev, a DPDK
+vhost-user back end, in one run.
 
 For each number of queue pairs the same guest (TCG, same vCPUs) boots on the
 same kind of TAP set-up (a fresh network namespace, multiqueue TAP with more
 than one pair), first on this device (the daemon in the namespace, QEMU
 attached over vfio-user), then on QEMU's own virtio-net-pci (userspace
-datapath, vhost=off, mq=on). In each boot:
+datapath, vhost=off, mq=on), then (with dpdk-testpmd on the host) on
+virtio-net-pci with a vhost-user back end: dpdk-testpmd forwarding between
+its vhost-user port and a TAP of its own (net_tap, no TSO; it busy-polls a
+host core). In each boot:
 
 - latency: ICMP echo, iputils ping from the host side of the namespace to
   the guest (one echo every 10 ms, each reply's RTT parsed), p50 and p99,
   measured first while nothing else runs;
 - throughput: iperf3 TCP with 1 and 4 streams, guest transmit and guest
   receive, the receiver's rate; the guest's virtio interrupts on vCPU 0 and
-  a single stream's iperf3 on vCPU 1 (see IRQ_CPU).
+  a single stream's iperf3 on vCPU 1 (see IRQ_CPU);
+- back-end CPU: the host CPU time outside the guest's vCPUs during each
+  iperf3 run (the daemon or dpdk-testpmd, plus QEMU's threads other than
+  its vCPU threads, which carry QEMU's own datapath and, for the other two,
+  the doorbells and interrupts), as Gbit/s per back-end core.
 
 Each device is booted ``--boots`` times (default 3), in alternating order
 (ours, QEMU, QEMU, ours, ...): on this kind of machine one boot's figures
@@ -37,7 +45,8 @@ import re
 import shlex
 import statistics
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -45,6 +54,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    cpu_seconds,
+    daemon_pid,
     exit_cleanly_on_sigterm,
     fmt,
     machine,
@@ -52,6 +63,7 @@ from common import (
     md_table,
     percentile,
     ratio,
+    threads_cpu_seconds,
     times,
 )
 
@@ -59,7 +71,9 @@ from tests.harness.guest import Guest
 from tests.harness.iperf import Direction, run_iperf3
 from tests.harness.netns import NetNS, run_cmd
 from tests.harness.scenarios import (
+    dpdk_testpmd,
     guest_on_builtin_virtio_net,
+    guest_on_dpdk_vhost_user,
     guest_on_vfiouser_net,
 )
 
@@ -67,11 +81,14 @@ log = logging.getLogger("bench.guest")
 
 DIRECTIONS: tuple[Direction, ...] = ("guest_tx", "guest_rx")
 STREAMS = (1, 4)
-OURS, QEMU = "ours", "qemu"
+OURS, QEMU, DPDK = "ours", "qemu", "dpdk"
 DEVICES = {
     OURS: "vfiouser-net (vfio-user-pci, daemon with C datapath)",
     QEMU: "QEMU virtio-net-pci (userspace datapath, vhost=off)",
+    DPDK: "virtio-net-pci on DPDK testpmd vhost-user + net_tap (busy-polls a core)",
 }
+# QEMU's vCPU threads ("CPU 0/TCG"): the guest, not the back end.
+VCPU_THREAD = "CPU "
 PING_INTERVAL = 0.01
 _RTT = re.compile(r"time=([0-9.]+) ms")
 
@@ -139,7 +156,23 @@ def pin_guest_irqs(guest: Guest, cpu: int) -> None:
     )
 
 
+def backend_cpu(dev: str, ctx: Any) -> Callable[[], float]:
+    """Host CPU seconds so far outside the guest's vCPUs, for a set-up's
+    context (guest, ns[, server or testpmd process])."""
+    guest: Guest = ctx[0]
+    assert guest.proc is not None
+    qemu = guest.proc.pid
+    if dev == OURS:
+        daemon = daemon_pid(ctx[2])
+        return lambda: cpu_seconds(daemon) + threads_cpu_seconds(qemu, VCPU_THREAD)
+    if dev == DPDK:
+        testpmd = ctx[2].pid
+        return lambda: cpu_seconds(testpmd) + threads_cpu_seconds(qemu, VCPU_THREAD)
+    return lambda: threads_cpu_seconds(qemu, VCPU_THREAD)
+
+
 def measure(
+    dev: str,
     setup: AbstractContextManager[Any],
     *,
     seconds: int,
@@ -151,6 +184,7 @@ def measure(
     with setup as ctx:
         guest: Guest = ctx[0]
         ns: NetNS = ctx[1]
+        cpu = backend_cpu(dev, ctx)
         pinned = cpus > STREAM_CPU
         if pinned:
             pin_guest_irqs(guest, IRQ_CPU)
@@ -163,6 +197,7 @@ def measure(
                 # several streams (per-stream end times), so it is recorded,
                 # not enforced: one odd report must not cost a whole run.
                 affinity = f"-A {STREAM_CPU}" if pinned and n == 1 else ""
+                c0, t0 = cpu(), time.monotonic()
                 res = run_iperf3(
                     guest,
                     ns,
@@ -172,7 +207,11 @@ def measure(
                     check=False,
                     extra_client_args=affinity,
                 )
+                c1, t1 = cpu(), time.monotonic()
                 summary = res.summary()
+                cores = (c1 - c0) / (t1 - t0)
+                summary["backend_cores"] = cores
+                summary["gbps_per_core"] = ratio(float(summary["receiver_gbps"]), cores)
                 problems = res.inconsistencies()
                 if problems:
                     log.warning("iperf3 %s x%d: %s", direction, n, "; ".join(problems))
@@ -190,6 +229,10 @@ def median_boot(boots: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
     return mid
 
 
+def devices_here() -> tuple[str, ...]:
+    return (OURS, QEMU, DPDK) if dpdk_testpmd() else (OURS, QEMU)
+
+
 def run(
     *,
     seconds: int = 8,
@@ -200,62 +243,75 @@ def run(
     boots: int = 3,
     daemon_args: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Both devices for each number of pairs, each booted ``boots`` times in
-    alternating order; rows with ratios (ours / QEMU).
+    """Every device (devices_here) for each number of pairs, each booted
+    ``boots`` times in rotating order; rows with ratios (ours / QEMU, and
+    ours / DPDK where it ran).
 
     ``daemon_args``: extra ``vfiouser-net serve`` options (e.g. ``--busy-poll-us 0``).
     """
     tcp_rows: list[dict[str, Any]] = []
     latency_rows: list[dict[str, Any]] = []
+    devices = devices_here()
     for p in pairs:
-        runs: dict[str, list[dict[str, Any]]] = {OURS: [], QEMU: []}
+        runs: dict[str, list[dict[str, Any]]] = {d: [] for d in devices}
         for b in range(boots):
-            order = (OURS, QEMU) if b % 2 == 0 else (QEMU, OURS)
+            # Rotated, and reversed every other boot: ours, QEMU, DPDK, then
+            # DPDK, QEMU, ours, ... (as alternating with two).
+            order = devices if b % 2 == 0 else tuple(reversed(devices))
             for dev in order:
                 setup: AbstractContextManager[Any]
                 if dev == OURS:
                     setup = guest_on_vfiouser_net(
                         cpus=cpus, server_args=["--queue-pairs", str(p), *daemon_args]
                     )
+                elif dev == DPDK:
+                    setup = guest_on_dpdk_vhost_user(cpus=cpus, queues=p)
                 else:
                     setup = guest_on_builtin_virtio_net(cpus=cpus, queues=p)
                 log.info("pairs %d, boot %d/%d: %s", p, b + 1, boots, DEVICES[dev])
                 runs[dev].append(
-                    measure(setup, seconds=seconds, streams=streams, pings=pings, cpus=cpus)
+                    measure(dev, setup, seconds=seconds, streams=streams, pings=pings, cpus=cpus)
                 )
         for direction in DIRECTIONS:
             for n in streams:
                 key = f"{direction}/{n}"
                 a, q = median_boot(runs[OURS], key), median_boot(runs[QEMU], key)
-                tcp_rows.append(
-                    {
-                        "pairs": p,
-                        "direction": direction,
-                        "streams": n,
-                        "ours_gbps": a["receiver_gbps"],
-                        "qemu_gbps": q["receiver_gbps"],
-                        "ratio": ratio(a["receiver_gbps"], q["receiver_gbps"]),
-                        "ours": a,
-                        "qemu": q,
+                row = {
+                    "pairs": p,
+                    "direction": direction,
+                    "streams": n,
+                    "ours_gbps": a["receiver_gbps"],
+                    "qemu_gbps": q["receiver_gbps"],
+                    "ratio": ratio(a["receiver_gbps"], q["receiver_gbps"]),
+                    "ours": a,
+                    "qemu": q,
+                }
+                if DPDK in runs:
+                    d = median_boot(runs[DPDK], key)
+                    row |= {
+                        "dpdk_gbps": d["receiver_gbps"],
+                        "dpdk_ratio": ratio(a["receiver_gbps"], d["receiver_gbps"]),
+                        "dpdk": d,
                     }
-                )
-        lat = {
+                tcp_rows.append(row)
+        lat: dict[str, dict[str, Any]] = {
             dev: rtt_stats([x for r in runs[dev] for x in r["rtts"]], pings * boots)
             | {"boots_p50_ms": [percentile(r["rtts"], 50) for r in runs[dev]]}
-            for dev in (OURS, QEMU)
+            for dev in devices
         }
         la, lb = lat[OURS], lat[QEMU]
-        latency_rows.append(
-            {
-                "pairs": p,
-                "ours": la,
-                "qemu": lb,
-                "p50_ratio": ratio(la["p50_ms"], lb["p50_ms"]),
-                "p99_ratio": ratio(la["p99_ms"], lb["p99_ms"]),
-            }
-        )
+        lrow: dict[str, Any] = {
+            "pairs": p,
+            "ours": la,
+            "qemu": lb,
+            "p50_ratio": ratio(la["p50_ms"], lb["p50_ms"]),
+            "p99_ratio": ratio(la["p99_ms"], lb["p99_ms"]),
+        }
+        if DPDK in lat:
+            lrow["dpdk"] = lat[DPDK]
+        latency_rows.append(lrow)
     return {
-        "devices": DEVICES,
+        "devices": {d: DEVICES[d] for d in devices},
         "cpus": cpus,
         "boots": boots,
         "daemon_args": list(daemon_args),
@@ -281,64 +337,58 @@ def _spread(values: Sequence[float] | None, digits: int = 2) -> str:
 
 def tables(result: dict[str, Any]) -> list[str]:
     boots = int(result.get("boots", 1))
+    dpdk = DPDK in result.get("devices", {})
     lines = [
         f"### Guest level: iperf3 TCP, {result['seconds']} s per case, TCG guest with "
         f"{result['cpus']} vCPUs (receiver's rate; median of {boots} boot(s) per device, "
         f"every boot's figure in brackets){_daemon_note(result)}",
         "",
     ]
-    lines += md_table(
-        [
-            "pairs",
-            "direction",
-            "streams",
-            "vfiouser-net Gbit/s",
-            "QEMU virtio-net-pci Gbit/s",
-            "ratio",
-        ],
-        (
-            [
-                r["pairs"],
-                r["direction"],
-                r["streams"],
-                f"{fmt(r['ours_gbps'])} {_spread(r['ours'].get('boots_gbps'))}",
-                f"{fmt(r['qemu_gbps'])} {_spread(r['qemu'].get('boots_gbps'))}",
-                f"{times(r['ratio'])}",
-            ]
-            for r in result["tcp"]
-        ),
-    )
-    lines += ["", f"### Guest level: latency, {result['latency_method']}", ""]
+    head = ["pairs", "direction", "streams", "vfiouser-net Gbit/s", "QEMU virtio-net-pci Gbit/s"]
+    head += ["ratio"] + (["DPDK vhost-user Gbit/s", "ratio to DPDK"] if dpdk else [])
+    head += ["Gbit/s per back-end core: ours / QEMU" + (" / DPDK" if dpdk else "")]
     rows: list[list[object]] = []
+    for r in result["tcp"]:
+        row: list[object] = [
+            r["pairs"],
+            r["direction"],
+            r["streams"],
+            f"{fmt(r['ours_gbps'])} {_spread(r['ours'].get('boots_gbps'))}",
+            f"{fmt(r['qemu_gbps'])} {_spread(r['qemu'].get('boots_gbps'))}",
+            f"{times(r['ratio'])}",
+        ]
+        per_core = [r["ours"].get("gbps_per_core"), r["qemu"].get("gbps_per_core")]
+        if dpdk:
+            row += [
+                f"{fmt(r['dpdk_gbps'])} {_spread(r['dpdk'].get('boots_gbps'))}",
+                f"{times(r['dpdk_ratio'])}",
+            ]
+            per_core.append(r["dpdk"].get("gbps_per_core"))
+        row.append(" / ".join(fmt(x) for x in per_core))
+        rows.append(row)
+    lines += md_table(head, rows)
+    lines += ["", f"### Guest level: latency, {result['latency_method']}", ""]
+    rows = []
     for r in result["latency"]:
-        a, b = r["ours"], r["qemu"]
+        a, b, d = r["ours"], r["qemu"], r.get("dpdk")
         for pct in ("p50", "p99"):
-            rows.append(
-                [
-                    r["pairs"],
-                    pct,
-                    fmt(a[f"{pct}_ms"], 3),
-                    fmt(b[f"{pct}_ms"], 3),
-                    f"{fmt(r[f'{pct}_ratio'])}x",
-                ]
-            )
+            row = [r["pairs"], pct, fmt(a[f"{pct}_ms"], 3), fmt(b[f"{pct}_ms"], 3)]
+            row += [f"{fmt(r[f'{pct}_ratio'])}x"]
+            if dpdk:
+                row.append(fmt(d[f"{pct}_ms"], 3) if d else "n/a")
+            rows.append(row)
         if len(a.get("boots_p50_ms", [])) > 1:
-            rows.append(
-                [
-                    r["pairs"],
-                    "p50 of each boot",
-                    _spread(a["boots_p50_ms"], 3),
-                    _spread(b["boots_p50_ms"], 3),
-                    "",
-                ]
-            )
-        rows.append(
-            [r["pairs"], "lost", f"{a['lost']}/{a['count']}", f"{b['lost']}/{b['count']}", ""]
-        )
-    lines += md_table(
-        ["pairs", "RTT", "vfiouser-net ms", "QEMU virtio-net-pci ms", "ratio (lower is better)"],
-        rows,
-    )
+            row = [r["pairs"], "p50 of each boot", _spread(a["boots_p50_ms"], 3)]
+            row += [_spread(b["boots_p50_ms"], 3), ""]
+            if dpdk:
+                row.append(_spread(d["boots_p50_ms"], 3) if d else "")
+            rows.append(row)
+        row = [r["pairs"], "lost", f"{a['lost']}/{a['count']}", f"{b['lost']}/{b['count']}", ""]
+        if dpdk:
+            row.append(f"{d['lost']}/{d['count']}" if d else "")
+        rows.append(row)
+    head = ["pairs", "RTT", "vfiouser-net ms", "QEMU virtio-net-pci ms", "ratio (lower is better)"]
+    lines += md_table(head + (["DPDK vhost-user ms"] if dpdk else []), rows)
     return lines
 
 
