@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         "'writev' makes one a frame; 'auto' (default) takes io_uring where the kernel allows",
     )
     serve.add_argument(
+        "--no-tx-inline",
+        dest="tx_inline",
+        action="store_false",
+        help="always wake a pair's worker for a transmit doorbell (by default a sleeping "
+        "worker's few frames leave from the thread that got the doorbell)",
+    )
+    serve.add_argument(
         "--busy-poll-us",
         type=int,
         default=DEFAULT_BUSY_POLL_US,
@@ -283,6 +290,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
                     notify_mode=args.notify_mode,
                     busy_poll_us=args.busy_poll_us,
                     tap_io=args.tap_io,
+                    tx_inline=args.tx_inline,
                     speed_mbps=args.speed,
                     name=args.name,
                     listen_fd=fd,

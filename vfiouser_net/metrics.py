@@ -104,6 +104,7 @@ DEVICE_EVENTS = (
     "irqs_msix_off",
     "pci_cfg_invalid",
     "rx_reselected",
+    "doorbells_inline",
 )
 
 

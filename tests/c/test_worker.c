@@ -537,6 +537,25 @@ static void test_tx_batched_in_order(void **state)
     assert_true(vn_dev_tap_batching(w->dev));
 }
 
+/* A transmit doorbell while the worker sleeps: the frame leaves from the
+ * doorbell's thread (here the test's), the worker stays asleep, and the
+ * next doorbell is asked for (EVENT_IDX: every frame here rang one). */
+static void test_tx_inline_while_worker_sleeps(void **state)
+{
+    struct wfx *w = *state;
+    vn_dev_set_tx_inline(w->dev, true);
+    start(w, F(VN_F_RING_EVENT_IDX));
+    for (int i = 0; i < 5; i++) {
+        WAIT_FOR(atomic_load(&w->dev->qp[0].sleeping));
+        send_one_tx(w);
+    }
+    struct vn_dev_stats ds;
+    vn_dev_get_dev_stats(w->dev, &ds);
+    assert_int_equal(ds.doorbells_inline, 5);
+    assert_int_equal(stats(w).tx.packets, 5);
+    assert_int_equal(stats(w).tx.doorbells, 5);
+}
+
 /* The single-frame transmit tests, batched. */
 static void test_tx_batched(void **state)
 {
@@ -608,6 +627,7 @@ int main(void)
         T(test_tx_bad_chains),
         T(test_tx_corrupt_ring),
         T(test_tx_coalescing),
+        T(test_tx_inline_while_worker_sleeps),
         B(test_tx_batched),
         B(test_tx_bad_chains_batched),
         B(test_tx_coalescing_batched),

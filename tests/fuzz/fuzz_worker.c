@@ -337,7 +337,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     for (unsigned r = 0; r < rounds; r++) {
         for (unsigned i = 0; i < pairs; i++)
             if (vn_vq_ready(&dev->qp[i].tx))
-                process_tx(&dev->qp[i]);
+                process_tx(&dev->qp[i], TX_BUDGET);
         for (unsigned i = 0; i < pairs; i++) {
             struct vn_qp *qp = &dev->qp[i];
             bool starved;

@@ -317,7 +317,7 @@ def test_add_takes_the_config_device_keys() -> None:
 
     spec = p.COMMANDS["add"]
     assert {a.name for a in spec.args} == set(_DEVICE_KEYS)
-    types = {"str": str, "int": int}
+    types = {"str": str, "int": int, "bool": bool}
     assert {a.name: types[a.type] for a in spec.args} == _DEVICE_KEYS
 
 

@@ -275,6 +275,7 @@ def _show(cmds: Commands, args: dict[str, Any], peer: Peer) -> Any:
             "notify_mode": dev.opts.notify_mode,
             "busy_poll_us": dev.opts.busy_poll_us,
             "tap_io": snap.get("tap_io", dev.opts.tap_io),
+            "tx_inline": dev.opts.tx_inline,
             "operator_link_up": bool(getattr(dev, "operator_link_up", True)),
             "steering": {
                 "policy": steer["policy"],

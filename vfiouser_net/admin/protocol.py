@@ -448,6 +448,11 @@ _ADD_ARGS = (
         metavar="MODE",
     ),
     ArgSpec(
+        "tx_inline",
+        "bool",
+        "transmit doorbells of a sleeping worker handled where they arrive (default true)",
+    ),
+    ArgSpec(
         "busy_poll_us",
         "int",
         f"busy-poll before a worker sleeps, microseconds (default {DEFAULT_BUSY_POLL_US})",

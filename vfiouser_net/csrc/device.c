@@ -814,6 +814,11 @@ int vn_dev_enable_notify_polling(struct vn_dev *dev)
     return vn_notify_page_init(&dev->notify, VN_BAR0_SIZE, VN_NOTIFY_OFF, VN_NOTIFY_LEN);
 }
 
+void vn_dev_set_tx_inline(struct vn_dev *dev, bool on)
+{
+    dev->tx_inline = on;
+}
+
 void vn_dev_set_busy_poll(struct vn_dev *dev, uint32_t usecs)
 {
     dev->busy_poll_ns = (uint64_t)usecs * 1000u;
@@ -870,10 +875,15 @@ void vn_dev_doorbell(struct vn_dev *dev, unsigned qidx)
         return;
     }
     struct vn_qp *qp = &dev->qp[qidx / 2];
-    if (qidx % 2 == 0)
+    if (qidx % 2 == 0) {
         VN_STAT_INC(qp->st.rx.doorbells);
-    else
+    } else {
         VN_STAT_INC(qp->st.tx.doorbells);
+        if (dev->tx_inline && vn_qp_tx_inline(qp)) {
+            VN_STAT_INC(dev->st.doorbells_inline);
+            return;
+        }
+    }
     eventfd_write(qp->kick_fd, 1);
 }
 

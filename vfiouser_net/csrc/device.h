@@ -90,6 +90,10 @@ struct vn_qp {
     /* Its receive queue is reset by the driver (VIRTIO_F_RING_RESET) and not
      * enabled again yet: frames for it go to another pair (steer_to). */
     _Atomic bool rx_resetting;
+    /* The worker sleeps (in ppoll) and the context thread may transmit for
+     * it, holding tx_busy (vn_qp_tx_inline, worker.c). */
+    _Atomic bool sleeping;
+    _Atomic bool tx_busy;
     int tap_fd;
     bool tap_detached; /* TUNSETQUEUE'd off while it has no worker */
     /* The TAP queue answered EBADFD: the interface was deleted. The worker
@@ -172,6 +176,9 @@ struct vn_dev_stats {
     /* Frames for a receive queue being reset, sent to another pair instead
      * (virtio 1.x 5.1.6.5.6: "SHOULD re-select another random queue"). */
     uint64_t rx_reselected;
+    /* Transmit doorbells handled on the context thread, the worker left
+     * asleep (vn_qp_tx_inline). */
+    uint64_t doorbells_inline;
     /* Control commands by class and command (class/command >= 7 fold into
      * 7) and result (0 ok, 1 error). */
     uint64_t ctrl_cmds[VN_CTRL_CLASS_SLOTS][VN_CTRL_CMD_SLOTS][2];
@@ -248,6 +255,9 @@ struct vn_dev {
     _Atomic bool ctrl_resume;
     /* Bounded busy-poll before a worker sleeps (0: off). */
     uint64_t busy_poll_ns;
+    /* Transmit doorbells handled on the context thread while the pair's
+     * worker sleeps (vn_qp_tx_inline). Set before the workers start. */
+    bool tx_inline;
     struct vn_capture capture;
     struct vn_dev_stats st;
     /* Context thread: DMA regions server.c refused itself (the rest are
@@ -428,6 +438,10 @@ void vn_log(struct vn_dev *dev, int level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
 /* Worker (worker.c). */
+/* Frames a transmit doorbell may send on the context thread. */
+#define VN_TX_INLINE_MAX 16
+bool vn_qp_tx_inline(struct vn_qp *qp);
+void vn_dev_set_tx_inline(struct vn_dev *dev, bool on);
 void *vn_qp_worker(void *arg);
 
 /* Control queue (ctrl.c). At most VN_CTRL_BUDGET commands per call: a guest

@@ -9,6 +9,7 @@
  * through a buffer of our own (and the inbox) instead of being cut. */
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -220,12 +221,12 @@ static void tx_batch_done(struct vn_qp *qp, unsigned done)
     }
 }
 
-/* One writev a frame. Returns true when it did any work. */
-static bool process_tx(struct vn_qp *qp)
+/* One writev a frame, up to `budget` chains. Returns how many it took. */
+static unsigned process_tx(struct vn_qp *qp, unsigned budget)
 {
     struct vn_vq *vq = &qp->tx;
     unsigned done = 0;
-    while (done < TX_BUDGET) {
+    while (done < budget) {
         struct vn_chain c;
         int err;
         int r = vn_vq_pop(vq, qp->tx_iov, VN_TX_IOV_MAX, &c, &err);
@@ -244,12 +245,12 @@ static bool process_tx(struct vn_qp *qp)
         vn_vq_push(vq, c.head, 0);
     }
     tx_batch_done(qp, done);
-    return done > 0;
+    return done;
 }
 
 /* Up to VN_TAP_BATCH_MAX frames a system call (tap_batch.h). The used ring
  * gets the chains in the order they were popped, after their writes. */
-static bool process_tx_batched(struct vn_qp *qp)
+static unsigned process_tx_batched(struct vn_qp *qp, unsigned budget)
 {
     struct vn_vq *vq = &qp->tx;
     struct vn_tap_batch *b = qp->txb;
@@ -262,9 +263,9 @@ static bool process_tx_batched(struct vn_qp *qp)
     int32_t res[VN_TAP_BATCH_MAX];
     unsigned done = 0;
     bool more = true;
-    while (more && done < TX_BUDGET) {
+    while (more && done < budget) {
         unsigned n = 0, iov_used = 0;
-        while (n < VN_TAP_BATCH_MAX && done + n < TX_BUDGET &&
+        while (n < VN_TAP_BATCH_MAX && done + n < budget &&
                VN_TAP_BATCH_IOVS - iov_used >= VN_TX_IOV_MAX) {
             struct vn_chain c;
             int err;
@@ -305,14 +306,62 @@ static bool process_tx_batched(struct vn_qp *qp)
             break;
     }
     tx_batch_done(qp, done);
-    return done > 0;
+    return done;
 }
 
-static bool transmit(struct vn_qp *qp)
+static unsigned transmit_up_to(struct vn_qp *qp, unsigned budget)
 {
     if (qp->txb != NULL && vn_tap_batch_usable(qp->txb))
-        return process_tx_batched(qp);
-    return process_tx(qp);
+        return process_tx_batched(qp, budget);
+    return process_tx(qp, budget);
+}
+
+/* Returns true when it did any work. */
+static bool transmit(struct vn_qp *qp)
+{
+    return transmit_up_to(qp, TX_BUDGET) > 0;
+}
+
+/* A transmit doorbell handled on the thread that received it (the context
+ * thread) while the pair's worker sleeps: the frames leave without waking
+ * the worker, one thread hop less for request/response traffic. Only small
+ * passes: more than VN_TX_INLINE_MAX frames, or more arriving meanwhile,
+ * and the worker is woken as usual (the context thread must not become
+ * every pair's transmit worker under load). Not with transmit interrupt
+ * coalescing (its timer is the worker's).
+ *
+ * Ownership of the transmit ring: the worker sets `sleeping` after its last
+ * access to the ring and, once awake, clears it and waits for tx_busy to be
+ * free before touching the ring again; the context thread takes tx_busy and
+ * then checks `sleeping`. Both sequentially consistent, so either the
+ * context thread sees the worker still asleep and the worker waits for it,
+ * or it sees it awake and leaves the ring alone. */
+bool vn_qp_tx_inline(struct vn_qp *qp)
+{
+    if (!atomic_load(&qp->sleeping) || atomic_load(&qp->tx_coal.max_packets) != 0 ||
+        atomic_load(&qp->tx_coal.max_usecs) != 0)
+        return false;
+    if (atomic_exchange(&qp->tx_busy, true))
+        return false;
+    bool done = false;
+    struct vn_vq *vq = &qp->tx;
+    if (atomic_load(&qp->sleeping) && vn_vq_ready(vq) &&
+        __atomic_load_n(&vq->mem_generation, __ATOMIC_ACQUIRE) == vq->mem->generation) {
+        unsigned n = transmit_up_to(qp, VN_TX_INLINE_MAX);
+        /* Doorbells on again for what comes next (EVENT_IDX: avail_event
+         * moves to where we are); anything already there goes to the worker. */
+        done = n < VN_TX_INLINE_MAX && !vn_vq_enable_notify(vq) && !vq->broken;
+    }
+    atomic_store(&qp->tx_busy, false);
+    return done;
+}
+
+/* The worker, just woken: wait for an inline pass in progress to end. */
+static void tx_ring_back(struct vn_qp *qp)
+{
+    atomic_store(&qp->sleeping, false);
+    while (atomic_load(&qp->tx_busy))
+        sched_yield();
 }
 
 static size_t rx_need(const struct vn_dev *dev)
@@ -992,7 +1041,9 @@ void *vn_qp_worker(void *arg)
             wait_ns = coal_wait_ns;
         struct timespec ts = { (time_t)(wait_ns / 1000000000u), (long)(wait_ns % 1000000000u) };
         uint64_t slept = now_ns();
+        atomic_store(&qp->sleeping, dev->tx_inline);
         int r = ppoll(pfd, 2, wait_ns == UINT64_MAX ? NULL : &ts, NULL);
+        tx_ring_back(qp);
         qp->last_sleep_ns = now_ns() - slept;
         if (r < 0 && errno != EINTR) {
             vn_log(dev, LOG_ERR, "queue pair %u: poll failed: %s", qp->index, strerror(errno));

@@ -77,6 +77,7 @@ struct vn_dev_stats {
     uint64_t irqs_msix_off;
     uint64_t pci_cfg_invalid;
     uint64_t rx_reselected;
+    uint64_t doorbells_inline;
     uint64_t ctrl_cmds[10][8][2];
 };
 enum vn_policy { VN_POLICY_AUTO = 0, VN_POLICY_SINGLE = 1, VN_POLICY_RSS = 2,
@@ -126,6 +127,7 @@ void vn_dev_set_tap(struct vn_dev *dev, unsigned qp, int fd);
 int vn_dev_use_tap_batching(struct vn_dev *dev);
 void vn_dev_stop_tap_batching(struct vn_dev *dev);
 int vn_tap_batch_probe(void);
+void vn_dev_set_tx_inline(struct vn_dev *dev, bool on);
 /* Every pair writes in batches (none gave up after an io_uring error). */
 bool vn_dev_tap_batching(struct vn_dev *dev);
 int vn_dev_replace_taps(struct vn_dev *dev, const int *fds, unsigned n, unsigned timeout_ms);
