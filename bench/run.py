@@ -63,8 +63,9 @@ DEFAULT_OUT = REPO / "bench" / "results"
 DEVICE_MIN_RATIO = 0.9  # device level, of the TAP ceiling, per direction (issue #14)
 BATCHED_MIN_RATIO = 1.2  # batched (io_uring) 64 B transmit, of the one-syscall ceiling
 SCALING_MIN = 1.6  # packet rate with 2 pairs over 1 pair
-GUEST_TCP_MIN_RATIO = 1.2  # over QEMU's virtio-net-pci
+GUEST_TCP_MIN_RATIO = 1.0  # over QEMU's virtio-net-pci (issue #14; 1.2x stays the goal)
 LATENCY_P50_MAX_RATIO = 1.1  # over QEMU's virtio-net-pci
+LATENCY_P99_MAX_RATIO = 1.2  # over QEMU's virtio-net-pci
 DOORBELLS_MAX = 0.05  # per packet at saturation (device level)
 INTERRUPTS_MAX = 0.1  # per packet at saturation (device level)
 RSS_MAX_MIB = 64.0  # with 16 queue pairs
@@ -176,18 +177,19 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         shown = ", ".join(f"x{r['streams']}/{r['pairs']}p {times(r['ratio'])}" for r in rows)
         v = float(worst["ratio"])
         out.append(_target(name, f"min {times(v)} ({shown})", v, v >= GUEST_TCP_MIN_RATIO))
-    name = f"latency p50 <= {LATENCY_P50_MAX_RATIO}x QEMU virtio-net-pci (ICMP echo)"
-    rows = guest["latency"] if _usable(guest) else []
-    if rows:
-        worst = max(rows, key=lambda r: float(r["p50_ratio"]))
-        v = float(worst["p50_ratio"])
-        shown = (
-            f"{times(v)} ({fmt(worst['ours']['p50_ms'], 3)} vs "
-            f"{fmt(worst['qemu']['p50_ms'], 3)} ms, {worst['pairs']} pair(s))"
-        )
-        out.append(_target(name, shown, v, v <= LATENCY_P50_MAX_RATIO))
-    else:
-        out.append(_missing(name, guest))
+    for pct, limit in (("p50", LATENCY_P50_MAX_RATIO), ("p99", LATENCY_P99_MAX_RATIO)):
+        name = f"latency {pct} <= {limit}x QEMU virtio-net-pci (ICMP echo)"
+        rows = guest["latency"] if _usable(guest) else []
+        if rows:
+            worst = max(rows, key=lambda r: float(r[f"{pct}_ratio"]))
+            v = float(worst[f"{pct}_ratio"])
+            shown = (
+                f"{times(v)} ({fmt(worst['ours'][f'{pct}_ms'], 3)} vs "
+                f"{fmt(worst['qemu'][f'{pct}_ms'], 3)} ms, {worst['pairs']} pair(s))"
+            )
+            out.append(_target(name, shown, v, v <= limit))
+        else:
+            out.append(_missing(name, guest))
     c: Any = results.get("cost")
     name = f"daemon RSS < {RSS_MAX_MIB:g} MiB with 16 queue pairs"
     rows = [r for r in c["rows"] if r["pairs"] == 16] if _usable(c) else []
