@@ -230,6 +230,8 @@ def device_tables(part: dict[str, Any]) -> list[str]:
                 fmt(c["gbps"]),
                 fmt(d["doorbells_per_packet"], 3),
                 fmt(d["interrupts_per_packet"], 3),
+                fmt(_mega(r["batched"]["pps"]), 3) if "batched" in r else "-",
+                times(r["batched"]["ratio"]) if "batched" in r else "-",
             ]
         )
     lines += md_table(
@@ -244,6 +246,8 @@ def device_tables(part: dict[str, Any]) -> list[str]:
             "ceiling Gbit/s",
             "doorbells/packet",
             "interrupts/packet",
+            "batched Mpps",
+            "batched / ceiling",
         ],
         rows,
     )

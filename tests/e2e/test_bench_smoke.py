@@ -34,6 +34,7 @@ import pytest
 
 from tests.e2e.device_fixtures import check_prerequisites, require
 from tests.harness.netns import cleanup_stale
+from tests.harness.scenarios import dpdk_testpmd
 
 log = logging.getLogger(__name__)
 
@@ -147,16 +148,21 @@ def check_guest(guest: dict[str, Any]) -> None:
     assert "ICMP echo" in guest["latency_method"]
     cases = {(r["pairs"], r["direction"], r["streams"]) for r in guest["tcp"]}
     assert cases == {(1, d, s) for d in ("guest_tx", "guest_rx") for s in (1, 4)}, cases
+    # The DPDK vhost-user peer runs wherever dpdk-testpmd is installed.
+    devs = ["ours", "qemu"] + (["dpdk"] if dpdk_testpmd() else [])
+    assert sorted(guest["devices"]) == sorted(devs), guest["devices"]
     for r in guest["tcp"]:
         case = f"{r['direction']} x{r['streams']}"
         number(r["ours_gbps"], f"{case} vfiouser-net Gbit/s", 0.01, 100)
         number(r["qemu_gbps"], f"{case} QEMU Gbit/s", 0.01, 100)
         number(r["ratio"], f"{case} ratio", 0.0, 1000)
-        for dev in ("ours", "qemu"):
+        for dev in devs:
             assert r[dev]["sent_bytes"] > 0 and r[dev]["received_bytes"] > 0, r[dev]
+            number(r[dev]["backend_cores"], f"{case} {dev} back-end cores", 0.0, 64)
+            number(r[dev]["gbps_per_core"], f"{case} {dev} Gbit/s per core", 0.0, 10000)
     assert [r["pairs"] for r in guest["latency"]] == [1]
     for r in guest["latency"]:
-        for dev in ("ours", "qemu"):
+        for dev in devs:
             lat = r[dev]
             assert lat["received"] > 0, f"{dev}: no echo replies"
             assert lat["received"] + lat["lost"] == lat["count"]
