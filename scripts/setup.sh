@@ -11,7 +11,8 @@
 #                                     guest, a second driver -> $VN_CACHE/guest/dpdk/
 #   5. a Python venv at $VN_CACHE/venv with the tools, and the project
 #      installed editable (built against the libvfio-user above) with its
-#      `bench` extra (matplotlib, for the benchmark's plot).
+#      `bench` extra (matplotlib, for the benchmark's plot); its
+#      `vfiouser-net` command linked into /usr/local/bin (VN_BIN_DIR).
 #
 # Why: fresh machines and CI must be able to rebuild the whole environment
 # from the package registries alone; everything expensive lives in
@@ -98,6 +99,17 @@ setup_venv() {
     echo "$venv ($what)"
 }
 step venv setup_venv
+
+# The daemon on PATH for operators (README's first commands, systemd units
+# that name it): a link to the venv's console script, replaced each time.
+link_command() {
+    local target=$VN_CACHE/venv/bin/vfiouser-net link=${VN_BIN_DIR:-/usr/local/bin}/vfiouser-net
+    [[ -x $target ]] || { echo "no $target: not linked"; return 0; }
+    mkdir -p "$(dirname "$link")"
+    ln -sfn "$target" "$link"
+    echo "$link -> $target"
+}
+step command link_command
 
 vn_log "done in $(($(date +%s) - T0)) s (cache: $VN_CACHE)"
 printf '%s\n' "${SUMMARY[@]}" >&2

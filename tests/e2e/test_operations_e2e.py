@@ -900,6 +900,16 @@ def test_print_capabilities() -> None:
     assert caps["pci"]["pci_cfg_access"] and not caps["pci"]["intx"]
     assert set(caps["steering"]) == {"auto", "single", "rss", "rx-follows-tx"}
     assert caps["socket_activation"] is True
+    assert caps["tap_io"]["modes"] == ["auto", "io_uring", "writev"]
+    # After the README's set-up the command is on PATH (scripts/setup.sh
+    # links it into /usr/local/bin), also where the venv is not.
+    venv_bin = vfiouser_net_binary().parent.resolve()
+    path = os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p).resolve() != venv_bin
+    )
+    on_path = shutil.which("vfiouser-net", path=path)
+    assert on_path is not None, "vfiouser-net is not on PATH"
+    assert Path(on_path).resolve() == vfiouser_net_binary().resolve(), on_path
 
 
 # -- (d) refused configurations and flags ----------------------------------------------
