@@ -327,6 +327,10 @@ def test_constants_match_the_daemon() -> None:
 
     assert p.STEERING_POLICIES == device.STEERING_POLICIES
     assert p.NOTIFY_MODES == device.NOTIFY_MODES
+    assert p.TAP_IO_MODES == device.TAP_IO_MODES
+    # The schema refuses what the datapath cannot do.
+    assert p.MAX_QUEUE_PAIRS == device.lib.VN_MAX_QUEUE_PAIRS
+    assert p.MAX_QUEUE_SIZE == device.lib.VN_VQ_MAX_SIZE
     assert p.DEFAULT_BUSY_POLL_US == device.DEFAULT_BUSY_POLL_US
     assert p.MAX_BUSY_POLL_US == device.MAX_BUSY_POLL_US
     assert tuple(LOG_LEVELS) == p.LOG_LEVELS

@@ -513,7 +513,7 @@ def test_add_refusals(server: AdminServer) -> None:
         ({**base, "mac": "52:54:00"}, p.BAD_REQUEST, "MAC"),  # from config.device_options
         ({**base, "mac": "01:00:00:00:00:01"}, p.BAD_REQUEST, "unicast"),
         ({**base, "queue_size": 300}, p.BAD_REQUEST, "power of two"),
-        ({**base, "queue_pairs": 200}, p.BAD_REQUEST, "queue pairs"),
+        ({**base, "queue_pairs": 200}, p.BAD_REQUEST, "at most 16"),
         ({**base, "tap": "tap-vm1"}, p.FAILED, "already used"),
         ({**base, "socket": "/x/vm1", "tap": "t9"}, p.FAILED, "already exists"),
     ]

@@ -71,6 +71,9 @@ ERROR_CODES = (
 STEERING_POLICIES = ("auto", "single", "rss", "rx-follows-tx")
 NOTIFY_MODES = ("message", "poll")
 TAP_IO_MODES = ("auto", "io_uring", "writev")
+# The datapath's limits (csrc: VN_MAX_QUEUE_PAIRS, VN_VQ_MAX_SIZE).
+MAX_QUEUE_PAIRS = 16
+MAX_QUEUE_SIZE = 4096
 DEFAULT_BUSY_POLL_US = 50
 MAX_BUSY_POLL_US = 10000
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -416,14 +419,19 @@ _ADD_ARGS = (
     ),
     ArgSpec("mtu", "int", "MTU offered (default 1500)", minimum=68, maximum=65535, metavar="N"),
     ArgSpec(
-        "queue_pairs", "int", "queue pairs offered (default 1)", minimum=1, maximum=256, metavar="N"
+        "queue_pairs",
+        "int",
+        "queue pairs offered (default 1)",
+        minimum=1,
+        maximum=MAX_QUEUE_PAIRS,
+        metavar="N",
     ),
     ArgSpec(
         "queue_size",
         "int",
         "maximum virtqueue size, a power of two (default 256)",
         minimum=2,
-        maximum=4096,
+        maximum=MAX_QUEUE_SIZE,
         metavar="N",
     ),
     ArgSpec(
