@@ -173,11 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
         "'writev' makes one a frame; 'auto' (default) takes io_uring where the kernel allows",
     )
     serve.add_argument(
-        "--no-tx-inline",
-        dest="tx_inline",
-        action="store_false",
-        help="always wake a pair's worker for a transmit doorbell (by default a sleeping "
-        "worker's few frames leave from the thread that got the doorbell)",
+        "--tx-inline",
+        action="store_true",
+        help="a sleeping worker's few frames leave from the thread that got the transmit "
+        "doorbell, instead of waking the worker (default off)",
     )
     serve.add_argument(
         "--busy-poll-us",

@@ -168,7 +168,7 @@ class DeviceProcess:
             "--mac", format_mac(o.mac), "--mtu", str(o.mtu), "--queue-size", str(o.queue_size),
             "--queue-pairs", str(o.queue_pairs), "--steering", o.steering,
             "--notify-mode", o.notify_mode, "--busy-poll-us", str(o.busy_poll_us),
-            "--tap-io", o.tap_io, *([] if o.tx_inline else ["--no-tx-inline"]),
+            "--tap-io", o.tap_io, *(["--tx-inline"] if o.tx_inline else []),
             "--speed", str(o.speed_mbps), "--metrics-addr", "none",
             "--admin-socket", self.admin_path, "--capture-dir", self.capture_dir, "--sandbox",
             "--sandbox-nofile", str(self.budget.nofile),

@@ -320,6 +320,29 @@ def test_tx_bursts_in_order_either_tap_io(
         s.close()
 
 
+@pytest.mark.parametrize("inline", [True, False])
+def test_sparse_tx_with_and_without_tx_inline(
+    env_factory: Callable[..., DeviceEnv], inline: bool
+) -> None:
+    """``--tx-inline``: frames sent one at a time, the worker asleep in
+    between, leave from the thread that got the doorbell (counted
+    doorbells_inline) and reach the TAP intact; without it, none does."""
+    env = env_factory(*(["--tx-inline"] if inline else []))
+    s = open_session(env)
+    try:
+        drv = s.driver
+        drv.bring_up()
+        for i in range(10):
+            time.sleep(0.05)  # longer than the worker's busy-poll: it sleeps
+            frame = tagged_frame(BROADCAST, f"sp{i}".encode(), src=GUEST_MAC, size=90)
+            drv.send_packet(frame)
+            assert env.port.recv(functools.partial(has_tag, tag=f"sp{i}".encode())) == frame
+        inline_doorbells = env.counters()["device"]["doorbells_inline"]
+        assert (inline_doorbells >= 5) if inline else (inline_doorbells == 0), inline_doorbells
+    finally:
+        s.close()
+
+
 def test_rx_from_tap(session: GuestSession) -> None:
     drv = session.driver
     drv.bring_up()

@@ -458,7 +458,7 @@ _ADD_ARGS = (
     ArgSpec(
         "tx_inline",
         "bool",
-        "transmit doorbells of a sleeping worker handled where they arrive (default true)",
+        "transmit doorbells of a sleeping worker handled where they arrive (default false)",
     ),
     ArgSpec(
         "busy_poll_us",
