@@ -451,7 +451,7 @@ _ADD_ARGS = (
     ArgSpec(
         "tap_io",
         "str",
-        "frames to the TAP batched through io_uring, or one writev each (default auto)",
+        "frames to the TAP batched through io_uring, or one writev each (default writev)",
         choices=TAP_IO_MODES,
         metavar="MODE",
     ),
