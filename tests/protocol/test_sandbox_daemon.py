@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.harness.metrics import scrape_text
 from tests.harness.procstat import proc_status
 from tests.harness.virtio_pci_driver import VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC
@@ -33,12 +35,15 @@ def traffic(env: DeviceEnv, label: str, frames: int = 10) -> None:
         s.close()
 
 
+@pytest.mark.parametrize("tap_io", ["writev", "io_uring"])
 def test_sandboxed_daemon_serves_and_refuses_nothing(
-    env_factory: Callable[..., DeviceEnv],
+    env_factory: Callable[..., DeviceEnv], tap_io: str
 ) -> None:
+    """Also with batched TAP writes: the seccomp filter lets the device use
+    the rings it made before it (io_uring_enter), nothing more."""
     with tempfile.TemporaryDirectory(prefix="vn-sb-") as d:
         admin = Path(d) / "admin.sock"
-        env = env_factory("--sandbox", "--admin-socket", str(admin))
+        env = env_factory("--sandbox", "--admin-socket", str(admin), "--tap-io", tap_io)
         assert env.server.proc is not None
         pid = env.server.proc.pid
         st = proc_status(pid)
@@ -56,6 +61,7 @@ def test_sandboxed_daemon_serves_and_refuses_nothing(
         )  # fmt: skip
         assert ctl.returncode == 0, ctl.stderr
         assert env.counters()["queues"][0]["tx"]["packets"] >= 20
+        assert env.counters()["tap_io"] == tap_io
         page = scrape_text(env.ns, env.server.metrics_url())
         assert "vfiouser_net_queue_packets_total" in page
         env.assert_alive()
