@@ -208,6 +208,19 @@ void vn_dev_set_tap(struct vn_dev *dev, unsigned qp, int fd)
         qp_set_tap(&dev->qp[qp], fd);
 }
 
+/* Back to one writev a frame for every pair (a ring that failed to set up). */
+static void stop_tap_batching(struct vn_dev *dev)
+{
+    for (unsigned i = 0; i < dev->max_qps; i++) {
+        struct vn_qp *qp = &dev->qp[i];
+        if (qp->txb == NULL)
+            continue;
+        vn_tap_batch_free(qp->txb);
+        free(qp->txb);
+        qp->txb = NULL;
+    }
+}
+
 int vn_dev_use_tap_batching(struct vn_dev *dev)
 {
     for (unsigned i = 0; i < dev->max_qps; i++) {
@@ -220,25 +233,13 @@ int vn_dev_use_tap_batching(struct vn_dev *dev)
         int r = vn_tap_batch_init(b);
         if (r < 0) {
             free(b);
-            vn_dev_stop_tap_batching(dev);
+            stop_tap_batching(dev);
             return r;
         }
         qp->txb = b;
         qp_set_tap(qp, qp->tap_fd);
     }
     return 0;
-}
-
-void vn_dev_stop_tap_batching(struct vn_dev *dev)
-{
-    for (unsigned i = 0; i < dev->max_qps; i++) {
-        struct vn_qp *qp = &dev->qp[i];
-        if (qp->txb == NULL)
-            continue;
-        vn_tap_batch_free(qp->txb);
-        free(qp->txb);
-        qp->txb = NULL;
-    }
 }
 
 bool vn_dev_tap_batching(struct vn_dev *dev)

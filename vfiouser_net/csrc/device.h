@@ -299,7 +299,6 @@ void vn_dev_set_tap(struct vn_dev *dev, unsigned qp, int fd);
  * -errno and none (the kernel has no io_uring, or it is disabled). Before
  * the sandbox and before the workers start. */
 int vn_dev_use_tap_batching(struct vn_dev *dev);
-void vn_dev_stop_tap_batching(struct vn_dev *dev);
 /* Every pair writes in batches (none gave up after an io_uring error). */
 bool vn_dev_tap_batching(struct vn_dev *dev);
 /* Swap in the queues of a re-created TAP while the device runs (any thread

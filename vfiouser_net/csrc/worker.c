@@ -1043,7 +1043,8 @@ void *vn_qp_worker(void *arg)
         uint64_t slept = now_ns();
         atomic_store(&qp->sleeping, dev->tx_inline);
         int r = ppoll(pfd, 2, wait_ns == UINT64_MAX ? NULL : &ts, NULL);
-        tx_ring_back(qp);
+        if (dev->tx_inline)
+            tx_ring_back(qp);
         qp->last_sleep_ns = now_ns() - slept;
         if (r < 0 && errno != EINTR) {
             vn_log(dev, LOG_ERR, "queue pair %u: poll failed: %s", qp->index, strerror(errno));

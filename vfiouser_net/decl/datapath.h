@@ -125,7 +125,6 @@ void vn_dev_set_tap(struct vn_dev *dev, unsigned qp, int fd);
  * -errno and none (the kernel has no io_uring, or it is disabled). Before
  * the sandbox and before the workers start. */
 int vn_dev_use_tap_batching(struct vn_dev *dev);
-void vn_dev_stop_tap_batching(struct vn_dev *dev);
 int vn_tap_batch_probe(void);
 void vn_dev_set_tx_inline(struct vn_dev *dev, bool on);
 /* Every pair writes in batches (none gave up after an io_uring error). */
