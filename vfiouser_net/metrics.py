@@ -105,6 +105,7 @@ DEVICE_EVENTS = (
     "pci_cfg_invalid",
     "rx_reselected",
     "doorbells_inline",
+    "rx_inline",
 )
 
 

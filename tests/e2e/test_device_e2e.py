@@ -313,7 +313,13 @@ def test_daemon_sigterm_exits_cleanly(stack: DeviceStack) -> None:
     assert not stack.socket_path.exists()
     # The guest is no longer connected to anything: drop it now (the next test
     # of the module, if any, gets a new daemon and guest from the fixture).
-    stack.require_guest().close()
+    # QEMU itself may already have quit: a guest access to a device whose
+    # server is gone is an error QEMU may stop the VM on (no reconnect in
+    # its vfio-user client); that is QEMU's choice, not ours to test.
+    guest = stack.guest
+    assert guest is not None
+    log.info("QEMU %s after the daemon exited", "still runs" if guest.alive else "has quit")
+    guest.close()
 
 
 def ring_sizes(ethtool_g: str) -> dict[str, tuple[int, int]]:

@@ -110,6 +110,15 @@ class Server:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def thread_names(self) -> list[str]:
+        """The names of the daemon's threads (/proc/PID/task/*/comm)."""
+        assert self.proc is not None
+        names = []
+        for comm in Path(f"/proc/{self.proc.pid}/task").glob("*/comm"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                names.append(comm.read_text().strip())
+        return sorted(names)
+
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM and wait; returns the exit code (kills on timeout)."""
         if self.proc is None:

@@ -339,6 +339,52 @@ def test_sparse_tx_with_and_without_tx_inline(
             assert env.port.recv(functools.partial(has_tag, tag=f"sp{i}".encode())) == frame
         inline_doorbells = env.counters()["device"]["doorbells_inline"]
         assert (inline_doorbells >= 5) if inline else (inline_doorbells == 0), inline_doorbells
+        # The threads that did it, by name (top -H, perf): the context
+        # thread and the pair's worker.
+        names = env.server.thread_names()
+        assert {"vn-ctx", "vn-qp0"} <= set(names), names
+    finally:
+        s.close()
+
+
+def _arp_request(sender_ip: str, target_ip: str) -> bytes:
+    def ip4(a: str) -> bytes:
+        return bytes(int(x) for x in a.split("."))
+
+    arp = struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, 1) + GUEST_MAC + ip4(sender_ip)
+    arp += bytes(6) + ip4(target_ip)
+    return eth_frame(BROADCAST, GUEST_MAC, ETH_P_ARP, arp)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_replies_placed_inline(env_factory: Callable[..., DeviceEnv], inline: bool) -> None:
+    """``--tx-inline``: the namespace's kernel answers an ARP request inside
+    the TAP write, so the thread that sent it finds the reply and places it
+    too (counted rx_inline), the worker asleep throughout; every reply
+    arrives intact either way."""
+    env = env_factory(*(["--tx-inline"] if inline else []))
+    s = open_session(env)
+    try:
+        drv = s.driver
+        drv.bring_up()
+        request = _arp_request(env.ns.guest_addr(0), env.ns.host_addr)
+        tap_mac = bytes.fromhex(
+            env.ns.run(["cat", f"/sys/class/net/{env.tap.name}/address"])
+            .stdout.strip()
+            .replace(":", "")
+        )
+        for _ in range(10):
+            time.sleep(0.05)  # longer than the worker's busy-poll: it sleeps
+            drv.send_packet(request)
+            _, reply = drv.recv_packet(timeout=3)
+            while struct.unpack_from("!H", reply, 12)[0] != ETH_P_ARP:
+                _, reply = drv.recv_packet(timeout=3)  # IPv6 neighbour discovery
+            assert reply[:12] == GUEST_MAC + tap_mac, reply.hex()
+            assert struct.unpack_from("!H", reply, 20)[0] == 2, reply.hex()  # an ARP reply
+            assert reply[22:28] == tap_mac, reply.hex()
+        counters = env.counters()["device"]
+        rx_inline = counters["rx_inline"]
+        assert (rx_inline >= 5) if inline else (rx_inline == 0), counters
     finally:
         s.close()
 

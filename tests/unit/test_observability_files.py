@@ -156,6 +156,7 @@ class _StubDevice:
                 "pci_cfg_invalid": 1,
                 "rx_reselected": 1,
                 "doorbells_inline": 1,
+                "rx_inline": 1,
                 "ctrl_budget_exhausted": 0,
                 "ctrl_cmds": {"0": {"0": [1, 0]}, "4": {"0": [1, 1]}},
             },

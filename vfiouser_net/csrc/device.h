@@ -94,6 +94,9 @@ struct vn_qp {
      * it, holding tx_busy (vn_qp_tx_inline, worker.c). */
     _Atomic bool sleeping;
     _Atomic bool tx_busy;
+    /* The sleeping worker polls its TAP: it would read it if woken (not
+     * starved, no switch holding reads). The inline pass reads it then too. */
+    _Atomic bool sleep_reads_tap;
     int tap_fd;
     bool tap_detached; /* TUNSETQUEUE'd off while it has no worker */
     /* The TAP queue answered EBADFD: the interface was deleted. The worker
@@ -179,6 +182,9 @@ struct vn_dev_stats {
     /* Transmit doorbells handled on the context thread, the worker left
      * asleep (vn_qp_tx_inline). */
     uint64_t doorbells_inline;
+    /* Inline passes that also placed received frames (the replies to what
+     * they transmitted, usually), the worker still asleep (rx_inline). */
+    uint64_t rx_inline;
     /* Control commands by class and command (class/command >= 7 fold into
      * 7) and result (0 ok, 1 error). */
     uint64_t ctrl_cmds[VN_CTRL_CLASS_SLOTS][VN_CTRL_CMD_SLOTS][2];

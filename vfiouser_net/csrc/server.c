@@ -16,6 +16,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <syslog.h>
 
 #include "device.h"
@@ -351,6 +352,9 @@ int vn_server_run(struct vn_dev *dev)
     vfu_ctx_t *ctx = dev->vfu;
     bool attached = false;
     unsigned accept_errors = 0;
+    /* Named for top -H, perf and the SIGUSR2 dump: the thread that owns the
+     * vfio-user context (and handles inline doorbells). */
+    prctl(PR_SET_NAME, "vn-ctx", 0, 0, 0);
     for (;;) {
         struct pollfd pfd[3] = {
             { .fd = vfu_get_poll_fd(ctx), .events = POLLIN },

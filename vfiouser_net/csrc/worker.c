@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <syslog.h>
 #include <time.h>
 #include <unistd.h>
@@ -336,6 +337,33 @@ static bool transmit(struct vn_qp *qp)
  * then checks `sleeping`. Both sequentially consistent, so either the
  * context thread sees the worker still asleep and the worker waits for it,
  * or it sees it awake and leaves the ring alone. */
+static bool process_rx(struct vn_qp *qp, bool *starved);
+
+static bool ring_current(const struct vn_vq *vq)
+{
+    return vn_vq_ready(vq) &&
+           __atomic_load_n(&vq->mem_generation, __ATOMIC_ACQUIRE) == vq->mem->generation;
+}
+
+/* The receive half of an inline pass: a reply to what was just written is
+ * often in the TAP already (the host's kernel answers inside the writev), so
+ * placing it here saves the worker's wake-up on the way back too. Only when
+ * the sleeping worker would itself read the TAP (not starved, no steering
+ * switch holding reads) and without receive coalescing (its timer is the
+ * worker's). The TAP's readiness still wakes the worker; it then finds
+ * nothing to do. */
+static void rx_inline(struct vn_qp *qp)
+{
+    struct vn_dev *dev = qp->dev;
+    if (!atomic_load_explicit(&qp->sleep_reads_tap, memory_order_relaxed) ||
+        atomic_load(&qp->rx_coal.max_packets) != 0 || atomic_load(&qp->rx_coal.max_usecs) != 0 ||
+        !tap_readable(qp) || !ring_current(&qp->rx) || vn_dev_steering_hold(dev))
+        return;
+    bool starved;
+    if (process_rx(qp, &starved))
+        VN_STAT_INC(dev->st.rx_inline);
+}
+
 bool vn_qp_tx_inline(struct vn_qp *qp)
 {
     if (!atomic_load(&qp->sleeping) || atomic_load(&qp->tx_coal.max_packets) != 0 ||
@@ -345,12 +373,13 @@ bool vn_qp_tx_inline(struct vn_qp *qp)
         return false;
     bool done = false;
     struct vn_vq *vq = &qp->tx;
-    if (atomic_load(&qp->sleeping) && vn_vq_ready(vq) &&
-        __atomic_load_n(&vq->mem_generation, __ATOMIC_ACQUIRE) == vq->mem->generation) {
+    if (atomic_load(&qp->sleeping) && ring_current(vq)) {
         unsigned n = transmit_up_to(qp, VN_TX_INLINE_MAX);
         /* Doorbells on again for what comes next (EVENT_IDX: avail_event
          * moves to where we are); anything already there goes to the worker. */
         done = n < VN_TX_INLINE_MAX && !vn_vq_enable_notify(vq) && !vq->broken;
+        if (done && n > 0)
+            rx_inline(qp);
     }
     atomic_store(&qp->tx_busy, false);
     return done;
@@ -964,6 +993,11 @@ void *vn_qp_worker(void *arg)
     struct vn_qp *qp = arg;
     struct vn_dev *dev = qp->dev;
     bool rx_starved = false;
+    /* One device per process: "vn-qp3" is pair 3 of this process's device,
+     * as top -H, perf and /proc show it. */
+    char name[16];
+    snprintf(name, sizeof(name), "vn-qp%u", qp->index);
+    prctl(PR_SET_NAME, name, 0, 0, 0);
 
     for (;;) {
         if (!handle_requests(qp))
@@ -1041,6 +1075,7 @@ void *vn_qp_worker(void *arg)
             wait_ns = coal_wait_ns;
         struct timespec ts = { (time_t)(wait_ns / 1000000000u), (long)(wait_ns % 1000000000u) };
         uint64_t slept = now_ns();
+        atomic_store_explicit(&qp->sleep_reads_tap, read_tap, memory_order_relaxed);
         atomic_store(&qp->sleeping, dev->tx_inline);
         int r = ppoll(pfd, 2, wait_ns == UINT64_MAX ? NULL : &ts, NULL);
         if (dev->tx_inline)

@@ -78,6 +78,7 @@ struct vn_dev_stats {
     uint64_t pci_cfg_invalid;
     uint64_t rx_reselected;
     uint64_t doorbells_inline;
+    uint64_t rx_inline;
     uint64_t ctrl_cmds[10][8][2];
 };
 enum vn_policy { VN_POLICY_AUTO = 0, VN_POLICY_SINGLE = 1, VN_POLICY_RSS = 2,
