@@ -32,7 +32,7 @@ targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=(tests/unit tests/protocol tests/e2e
     --ignore=tests/e2e/test_soak_e2e.py --ignore=tests/e2e/test_bench_smoke.py
     --ignore=tests/e2e/test_device_level_bench.py --ignore=tests/unit/test_c_datapath.py
-    --ignore=tests/e2e/test_isolation_e2e.py)
+    --ignore=tests/e2e/test_isolation_e2e.py --ignore=tests/e2e/test_wheel_e2e.py)
 PYTHONPATH=$WORK VN_EXPECT_NATIVE_IN=$WORK LD_PRELOAD=$(gcc -print-file-name=libasan.so) \
     ASAN_OPTIONS=detect_leaks=0:log_path=$LOGS/asan \
     UBSAN_OPTIONS=print_stacktrace=1:log_path=$LOGS/ubsan \

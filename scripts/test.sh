@@ -8,7 +8,8 @@
 #     C unit tests (plain and sanitized), the 5-minute soak
 #     (VN_SOAK_SECONDS), the benchmark smoke runs, the security e2e test
 #     again (its memory check means nothing under ASan's quarantine) and the
-#     isolation e2e test (a device process sent SIGSEGV makes an ASan report);
+#     isolation e2e test (a device process sent SIGSEGV makes an ASan report)
+#     and the wheel test (a wheel built and run in a fresh venv);
 #  4. every fuzz target for VN_FUZZ_SECONDS (default 20) seconds.
 # With arguments, only pytest runs, with them, on the production build
 # (e.g. -k ping, or tests/unit).
@@ -33,7 +34,7 @@ echo "== pytest: C unit tests, soak and benchmark smoke runs, production build"
 "$VENV/bin/pytest" -ra -p no:cacheprovider tests/unit/test_c_datapath.py \
     tests/e2e/test_soak_e2e.py tests/e2e/test_bench_smoke.py \
     tests/e2e/test_device_level_bench.py tests/e2e/test_security_e2e.py \
-    tests/e2e/test_isolation_e2e.py || status=1
+    tests/e2e/test_isolation_e2e.py tests/e2e/test_wheel_e2e.py || status=1
 echo "== fuzz"
 bash "$HERE/fuzz.sh" --seconds "${VN_FUZZ_SECONDS:-20}" || status=1
 exit "$status"

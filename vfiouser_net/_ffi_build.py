@@ -4,8 +4,11 @@ libvfio-user calls the control plane makes.
 The datapath is compiled by csrc/Makefile (strict C11 flags, -Werror) into a
 static library; this script only links it with cffi's generated glue, which
 is not held to -Werror. LIBVFIO_USER_PREFIX points at the libvfio-user build
-(scripts/setup/libvfio-user.sh); the extension carries an rpath to it so that
-no LD_LIBRARY_PATH is needed. VN_SANITIZE=1 builds with ASan and UBSan.
+(scripts/setup/libvfio-user.sh): its static, position-independent library is
+linked into the extension, so the extension needs nothing of that build at
+run time (no rpath into the cache; a wheel runs on any host with json-c and
+liburing, Debian's libjson-c5 and liburing2). VN_SANITIZE=1 builds with ASan
+and UBSan.
 """
 
 from __future__ import annotations
@@ -28,11 +31,19 @@ def _decls() -> str:
     )
 
 
+LIBVFIO_USER_STATIC = PREFIX / "lib" / "libvfio-user.a"
+
+
 def _build_datapath() -> Path:
     if not (PREFIX / "include" / "vfio-user" / "libvfio-user.h").exists():
         raise SystemExit(
             f"libvfio-user not found under {PREFIX}: run scripts/setup.sh "
             "or set LIBVFIO_USER_PREFIX"
+        )
+    if not LIBVFIO_USER_STATIC.exists():
+        raise SystemExit(
+            f"{LIBVFIO_USER_STATIC} missing (a build from before the static library): "
+            "run scripts/setup.sh"
         )
     args = ["make", "-s", "-C", str(CSRC), f"LIBVFIO_USER_PREFIX={PREFIX}"]
     if SANITIZE:
@@ -61,13 +72,13 @@ ffibuilder.set_source(
     #include "tap.h"
     """,
     include_dirs=[str(CSRC), str(PREFIX / "include"), str(PREFIX / "include" / "vfio-user")],
-    extra_objects=[str(_build_datapath())],
+    # The datapath first: it takes from libvfio-user, which takes from json-c.
+    extra_objects=[str(_build_datapath()), str(LIBVFIO_USER_STATIC)],
     # liburing: batched TAP writes (csrc/tap_batch.c).
-    libraries=["vfio-user", "uring", "pthread"],
-    library_dirs=[str(PREFIX / "lib")],
-    runtime_library_dirs=[str(PREFIX / "lib")],
+    libraries=["json-c", "uring", "pthread"],
     extra_compile_args=["-std=gnu11", "-D_GNU_SOURCE", *_san_flags],
-    extra_link_args=_san_flags,
+    # libvfio-user stays private to the extension: none of its symbols exported.
+    extra_link_args=["-Wl,--exclude-libs,ALL", *_san_flags],
 )
 
 if __name__ == "__main__":

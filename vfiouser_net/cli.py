@@ -168,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tap-io",
         choices=TAP_IO_MODES,
-        default="writev",
-        help="frames to the TAP: 'writev' (default) makes one system call a frame, 'io_uring' "
-        "batches a ring pass's writes in one; 'auto' takes io_uring where the kernel allows",
+        default="auto",
+        help="frames to the TAP: 'io_uring' batches a ring pass's writes in one system call, "
+        "'writev' makes one a frame; 'auto' (default) takes io_uring where the kernel allows",
     )
     serve.add_argument(
         "--tx-inline",

@@ -21,7 +21,7 @@
     steering = "auto"                                # optional
     notify_mode = "message"                          # optional: or "poll" (a core per pair)
     busy_poll_us = 50                                # optional: 0 turns it off
-    tap_io = "writev"                                # optional: "io_uring" or "auto"
+    tap_io = "auto"                                  # optional: "io_uring" or "writev"
     tx_inline = false                                # optional: true handles doorbells inline
     speed = 10000                                    # optional, Mbit/s
     nofile = 1024                                    # optional: device_nofile for this one
@@ -125,7 +125,7 @@ def device_options(where: str, entry: dict[str, Any]) -> DeviceOptions:
             steering=entry.get("steering", "auto"),
             notify_mode=entry.get("notify_mode", "message"),
             busy_poll_us=entry.get("busy_poll_us", DEFAULT_BUSY_POLL_US),
-            tap_io=entry.get("tap_io", "writev"),
+            tap_io=entry.get("tap_io", "auto"),
             tx_inline=entry.get("tx_inline", False),
             speed_mbps=entry.get("speed", 10000),
             name=entry.get("name", ""),

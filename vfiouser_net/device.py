@@ -74,8 +74,8 @@ MULTIQUEUE_FEATURES = feature_mask(NetFeature.MQ, NetFeature.RSS, NetFeature.HAS
 STEERING_POLICIES = ("auto", "single", "rss", "rx-follows-tx")
 NOTIFY_MODES = ("message", "poll")
 # How frames reach the TAP: "io_uring" batches a ring pass's writes into one
-# system call (csrc/tap_batch.h), "writev" (the default) makes one a frame;
-# "auto" takes io_uring where the kernel allows it.
+# system call (csrc/tap_batch.h), "writev" makes one a frame; "auto" (the
+# default) takes io_uring where the kernel allows it.
 TAP_IO_MODES = ("auto", "io_uring", "writev")
 DEFAULT_BUSY_POLL_US = 50
 MAX_BUSY_POLL_US = 10000
@@ -106,7 +106,7 @@ class DeviceOptions:
     # Bounded busy-poll before a worker sleeps, in microseconds (0: off).
     busy_poll_us: int = DEFAULT_BUSY_POLL_US
     # Not yet the default: see the README's limits.
-    tap_io: str = "writev"
+    tap_io: str = "auto"
     # Transmit doorbells handled on the context thread while the pair's
     # worker sleeps (one thread wake-up less per request/response). Off by
     # default: its gain was within the noise of this project's measurements.

@@ -12,7 +12,8 @@
 # build adds -Werror and aborts on asserts).
 #
 # Output:
-#   $VN_CACHE/libvfio-user/prefix      installed headers + libvfio-user.so
+#   $VN_CACHE/libvfio-user/prefix      installed headers, libvfio-user.a (static, PIC:
+#                                      the extension links it) and libvfio-user.so
 #   $VN_CACHE/libvfio-user/build       build dir (samples/server, samples/gpio-pci-idio-16, ...)
 #   $VN_CACHE/libvfio-user/REVISION    the verified upstream git revision
 #   $VN_CACHE/libvfio-user/SOURCE      the Debian source package version used
@@ -47,6 +48,9 @@ cached_ok() {
     [[ -f $BASE/REVISION && $(cat "$BASE/REVISION") == "$EXPECTED_REV" ]] || return 1
     [[ -f $BASE/PATCHES && $(cat "$BASE/PATCHES") == "$(patches_hash)" ]] || return 1
     [[ -n $(header_path) && -n $(lib_path) ]] || return 1
+    # The static, position-independent library the extension links (no
+    # runtime path into this cache); the shared one serves the samples.
+    [[ -f $PREFIX/lib/libvfio-user.a ]] || return 1
     [[ -f $PREFIX/lib/pkgconfig/libvfio-user.pc ]] || return 1
     [[ -x $BUILD/samples/server && -x $BUILD/samples/gpio-pci-idio-16 ]] || return 1
 }
@@ -168,7 +172,8 @@ done
 
 # Build (release) and install.
 rm -rf "$BUILD" "$PREFIX"
-meson setup "$BUILD" "$SRC" -Dbuildtype=release --prefix="$PREFIX" --libdir=lib >&2
+meson setup "$BUILD" "$SRC" -Dbuildtype=release --prefix="$PREFIX" --libdir=lib \
+    -Ddefault_library=both -Db_staticpic=true >&2
 ninja -C "$BUILD" >&2
 ninja -C "$BUILD" install >&2
 

@@ -443,12 +443,16 @@ class Guest:
         begin = re.compile(rb"__VN_" + token.encode() + rb"_B\r?\n")
         end = re.compile(rb"__VN_" + token.encode() + rb"_E_(\d+)_")
         payload = base64.b64encode(cmd.encode() + b"\n").decode()
-        lines = [f"rm -f /tmp/.vn.b64; printf '%s_%s_B\\n' __VN {token}"]
+        # The markers are printed by a subshell: the console shell's own
+        # write to the tty fails with EINTR (and busybox's printf drops the
+        # text) when a background job of its ends at that moment, e.g. a ping
+        # the command just killed; a subshell has no jobs to be told about.
+        lines = [f"rm -f /tmp/.vn.b64; (printf '%s_%s_B\\n' __VN {token})"]
         for i in range(0, len(payload), _CHUNK):
             lines.append(f"printf %s '{payload[i : i + _CHUNK]}' >>/tmp/.vn.b64")
         lines.append(
             "base64 -d /tmp/.vn.b64 >/tmp/.vn.sh; . /tmp/.vn.sh </dev/null 2>&1; "
-            f"printf '\\n%s_%s_E_%d_\\n' __VN {token} $?"
+            f"(printf '\\n%s_%s_E_%d_\\n' __VN {token} $?)"
         )
         log.debug("%s$ %s", self.name, cmd)
         with self._cond:

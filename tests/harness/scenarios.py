@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -43,9 +44,15 @@ def builtin_virtio_net_args(tap: str, queues: int = 1) -> list[str]:
 
 @contextlib.contextmanager
 def guest_on_vfiouser_net(
-    *, cpus: int = 2, server_args: Sequence[str] = (), log_level: str = "info"
+    *,
+    cpus: int = 2,
+    server_args: Sequence[str] = (),
+    log_level: str = "info",
+    python: str | Path = sys.executable,
+    server_env: dict[str, str] | None = None,
 ) -> Iterator[tuple[Guest, NetNS, Server]]:
-    """Daemon in a namespace serving its TAP; QEMU (outside) attached to it."""
+    """Daemon in a namespace serving its TAP; QEMU (outside) attached to it.
+    ``python``: the interpreter that runs it (another venv's, for a wheel)."""
     queues = 1
     if "--queue-pairs" in server_args:
         queues = int(server_args[list(server_args).index("--queue-pairs") + 1])
@@ -54,7 +61,15 @@ def guest_on_vfiouser_net(
         ns.add_tap(TAP_NAME, multi_queue=multi_queue)
         sock = Path(tmp) / "vn.sock"
         args = ["--mac", GUEST_MAC, *server_args]
-        server = Server(sock, TAP_NAME, netns=ns.name, extra_args=args, log_level=log_level)
+        server = Server(
+            sock,
+            TAP_NAME,
+            netns=ns.name,
+            extra_args=args,
+            log_level=log_level,
+            env=server_env,
+            python=python,
+        )
         guest = Guest(cpus=cpus, extra_args=vfio_user_pci_args(sock), name="vn-guest")
         with server, guest:
             configure_guest_ip(guest, ns, queues)

@@ -34,6 +34,7 @@ class Server:
         extra_args: Sequence[str] = (),
         log_level: str = "info",
         env: dict[str, str] | None = None,
+        python: str | Path = sys.executable,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.tap = tap
@@ -45,7 +46,7 @@ class Server:
         # -P: not the working directory first on sys.path, so that PYTHONPATH
         # (scripts/test-asan.sh's sanitized build) decides which package runs.
         self.argv = [
-            sys.executable,
+            str(python),
             "-P",
             "-m",
             "vfiouser_net",

@@ -451,7 +451,8 @@ _ADD_ARGS = (
     ArgSpec(
         "tap_io",
         "str",
-        "frames to the TAP batched through io_uring, or one writev each (default writev)",
+        "frames to the TAP batched through io_uring, or one writev each (default auto: io_uring"
+        " where the kernel allows it)",
         choices=TAP_IO_MODES,
         metavar="MODE",
     ),
