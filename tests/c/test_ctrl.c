@@ -16,6 +16,7 @@
 
 #include <cmocka.h>
 
+#include "ctrl.h"
 #include "device.h"
 #include "fake_driver.h"
 #include "le.h"

@@ -12,6 +12,7 @@
 #include <cmocka.h>
 
 #include "coalesce.h"
+#include "ctrl.h"
 #include "ctrl_coal.h"
 #include "ctrl_stats.h"
 #include "device.h"

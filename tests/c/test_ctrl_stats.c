@@ -19,6 +19,7 @@
 
 #include <cmocka.h>
 
+#include "ctrl.h"
 #include "ctrl_stats.h"
 #include "device.h"
 #include "fake_driver.h"

@@ -18,6 +18,7 @@
 
 #include <cmocka.h>
 
+#include "ctrl.h"
 #include "device.h"
 #include "fake_driver.h"
 #include "le.h"

@@ -32,6 +32,7 @@
 
 #include <cmocka.h>
 
+#include "ctrl.h"
 #include "device.h"
 #include "fake_driver.h"
 #include "le.h"

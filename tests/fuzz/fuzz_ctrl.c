@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ctrl.h"
 #include "ctrl_coal.h"
 #include "ctrl_stats.h"
 #include "fuzz_common.h"

@@ -9,6 +9,7 @@
 #include <sys/eventfd.h>
 #include <syslog.h>
 
+#include "ctrl.h"
 #include "ctrl_coal.h"
 #include "ctrl_stats.h"
 #include "device.h"
@@ -171,7 +172,7 @@ static uint8_t ctrl_mq(struct vn_dev *dev, uint8_t cmd, const uint8_t *data, uin
             return VN_CTRL_ERR;
         }
         vn_dev_steering_begin(dev);
-        dev->steer.rss = cfg;
+        vn_steering_set_rss(&dev->steer, &cfg);
         vn_dev_steering_commit(dev, tx);
         vn_log(dev, LOG_INFO, "RSS: %u pairs, table of %u, hash types 0x%x, key %u bytes", tx,
                cfg.table_len, cfg.hash_types, cfg.key_len);
@@ -182,7 +183,7 @@ static uint8_t ctrl_mq(struct vn_dev *dev, uint8_t cmd, const uint8_t *data, uin
         if (!VN_HAS(dev->features, VN_F_HASH_REPORT) || vn_hash_config_parse(data, len, &cfg) < 0)
             return VN_CTRL_ERR;
         vn_dev_steering_begin(dev);
-        dev->steer.rss = cfg;
+        vn_steering_set_rss(&dev->steer, &cfg);
         vn_dev_steering_commit(dev, dev->active_qps);
         return VN_CTRL_OK;
     }

@@ -8,11 +8,6 @@
 
 struct vn_dev;
 
-#define VN_CTRL_NOTF_COAL 6
-#define VN_CTRL_NOTF_COAL_TX_SET 0
-#define VN_CTRL_NOTF_COAL_RX_SET 1
-#define VN_CTRL_NOTF_COAL_VQ_SET 2
-#define VN_CTRL_NOTF_COAL_VQ_GET 3
 
 #define VN_F_VQ_NOTF_COAL 52
 #define VN_F_NOTF_COAL 53

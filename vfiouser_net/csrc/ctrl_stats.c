@@ -34,6 +34,7 @@
  * reserved fields are ignored. */
 #include <string.h>
 
+#include "ctrl.h"
 #include "ctrl_stats.h"
 #include "device.h"
 #include "le.h"

@@ -24,7 +24,7 @@ struct vn_dev;
  * keep the ack in the last device-writable byte. */
 static inline bool vn_ctrl_has_result(uint8_t cls)
 {
-    return cls == VN_CTRL_STATS || cls == 6 /* VN_CTRL_NOTF_COAL: VQ_GET */;
+    return cls == VN_CTRL_STATS || cls == VN_CTRL_NOTF_COAL;
 }
 
 /* Handles VIRTIO_NET_CTRL_STATS command `cmd` whose command-specific-data is
@@ -38,13 +38,5 @@ static inline bool vn_ctrl_has_result(uint8_t cls)
  * counted: the CVQ block includes it, as the spec asks). */
 uint8_t vn_ctrl_stats(struct vn_dev *dev, uint8_t cmd, const uint8_t *data, uint32_t len,
                       uint8_t *reply, uint32_t reply_cap, uint32_t *reply_len);
-
-/* vn_ctrl_handle() (ctrl.c) for commands with a command-specific-result:
- * req[0..len) is the whole device-readable part (class, command, data) and
- * reply[0..reply_cap) the device-writable bytes besides the ack. On
- * VN_CTRL_OK *reply_len bytes of result were written (0 for every class
- * but STATS); on VN_CTRL_ERR none. vn_ctrl_handle() is this with no room. */
-uint8_t vn_ctrl_handle_reply(struct vn_dev *dev, const uint8_t *req, uint32_t len, uint8_t *reply,
-                             uint32_t reply_cap, uint32_t *reply_len);
 
 #endif

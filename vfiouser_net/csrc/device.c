@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ctrl.h"
 #include "layout.h"
 #include "le.h"
 #include "libvfio-user.h"
@@ -132,7 +133,7 @@ struct vn_dev *vn_dev_new(unsigned max_qps, const uint8_t mac[6], uint32_t mtu)
     dev->hdr_len = VN_NET_HDR_LEN;
     dev->drain_grace_ns = VN_STEER_DRAIN_GRACE_NS;
     atomic_store(&dev->requested_policy, -1);
-    dev->steer.policy = VN_POLICY_AUTO;
+    vn_steering_set_policy(&dev->steer, VN_POLICY_AUTO);
     vn_steering_reset(&dev->steer);
     for (unsigned i = 0; i < max_qps; i++) {
         struct vn_qp *qp = &dev->qp[i];
@@ -723,7 +724,7 @@ void vn_dev_apply_requested_policy(struct vn_dev *dev)
         return;
     int before = vn_steering_effective(&dev->steer);
     vn_dev_steering_begin(dev);
-    dev->steer.policy = policy;
+    vn_steering_set_policy(&dev->steer, policy);
     vn_dev_steering_commit(dev, dev->started ? dev->active_qps : 0);
     vn_log(dev, LOG_INFO, "steering policy %s (effective %s, was %s)", vn_policy_name(policy),
            vn_policy_name(vn_steering_effective(&dev->steer)), vn_policy_name(before));

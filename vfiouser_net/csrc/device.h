@@ -449,16 +449,4 @@ bool vn_qp_tx_inline(struct vn_qp *qp);
 void vn_dev_set_tx_inline(struct vn_dev *dev, bool on);
 void *vn_qp_worker(void *arg);
 
-/* Control queue (ctrl.c). At most VN_CTRL_BUDGET commands per call: a guest
- * re-posting commands as fast as they are answered would otherwise keep the
- * context thread in the control queue for good (no vfio-user message, no
- * interrupt flush, no stop request served). With commands left it sets
- * ctrl_resume and writes cmd_fd, and the context thread's loop comes back
- * (vn_dev_ctrl_poll_kick) after serving what else is pending, with no new
- * doorbell needed. 64 is well above what Linux ever has outstanding (one
- * command at a time, it waits for each ack). */
-#define VN_CTRL_BUDGET 64
-void vn_ctrl_process(struct vn_dev *dev);
-uint8_t vn_ctrl_handle(struct vn_dev *dev, const uint8_t *req, uint32_t len);
-
 #endif

@@ -74,6 +74,12 @@
 #define VN_CTRL_GUEST_OFFLOADS_SET 0
 
 /* Device statistics (virtio 1.3, 5.1.6.5.x "Device Statistics"). */
+#define VN_CTRL_NOTF_COAL 6
+#define VN_CTRL_NOTF_COAL_TX_SET 0
+#define VN_CTRL_NOTF_COAL_RX_SET 1
+#define VN_CTRL_NOTF_COAL_VQ_SET 2
+#define VN_CTRL_NOTF_COAL_VQ_GET 3
+
 #define VN_CTRL_STATS 8
 #define VN_CTRL_STATS_QUERY 0
 #define VN_CTRL_STATS_GET 1

@@ -19,6 +19,7 @@
 #include <sys/prctl.h>
 #include <syslog.h>
 
+#include "ctrl.h"
 #include "device.h"
 #include "layout.h"
 #include "le.h"

@@ -25,6 +25,16 @@ void vn_steering_reset(struct vn_steering *s)
         atomic_store_explicit(&s->flows[i], 0, memory_order_relaxed);
 }
 
+void vn_steering_set_rss(struct vn_steering *s, const struct vn_rss_config *cfg)
+{
+    s->rss = *cfg;
+}
+
+void vn_steering_set_policy(struct vn_steering *s, int policy)
+{
+    s->policy = policy;
+}
+
 int vn_steering_effective(const struct vn_steering *s)
 {
     if (s->policy == VN_POLICY_AUTO)

@@ -59,6 +59,12 @@ struct vn_steering {
 const char *vn_policy_name(int policy);
 void vn_steering_reset(struct vn_steering *s);
 int vn_steering_effective(const struct vn_steering *s);
+/* The rule's inputs, changed only through these (and only between
+ * vn_dev_steering_begin and _commit, which pause the workers and hand frames
+ * of the old rule over): the driver's RSS_CONFIG or HASH_CONFIG, as
+ * vn_rss_config_parse gave it, and the operator's policy. */
+void vn_steering_set_rss(struct vn_steering *s, const struct vn_rss_config *cfg);
+void vn_steering_set_policy(struct vn_steering *s, int policy);
 
 /* Receive queue (< active) for a frame; also the hash and its type for the
  * guest's header when hash reports are on. */
