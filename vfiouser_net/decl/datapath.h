@@ -1,4 +1,8 @@
-/* The C datapath's interface to the control plane (vfiouser_net/csrc). */
+/* The C datapath's interface to the control plane (vfiouser_net/csrc).
+ * Sizes and values are the C headers' own: `...` lets cffi take an array's
+ * length, a struct's layout and a constant from the compiler instead of a
+ * copy here (only a MAC's 6 bytes and a command counter's [ok, error] pair,
+ * fixed by the protocol, are written out). */
 
 /* Layout (csrc/layout.h). */
 #define VN_BAR0_SIZE ...
@@ -50,12 +54,13 @@ struct vn_dir_stats {
     uint64_t batches;
     uint64_t bounced;
     uint64_t steered_out;
-    uint64_t drops[13];
-    uint64_t errors[10];
+    uint64_t drops[...];
+    uint64_t errors[...];
     uint64_t avail_seen;
     uint64_t used_idx;
-    uint64_t batch_hist[10];
-    uint64_t size_hist[11];
+    uint64_t batch_hist[...];
+    uint64_t size_hist[...];
+    ...;
 };
 struct vn_qp_stats { struct vn_dir_stats rx; struct vn_dir_stats tx; };
 struct vn_dev_stats {
@@ -79,7 +84,8 @@ struct vn_dev_stats {
     uint64_t rx_reselected;
     uint64_t doorbells_inline;
     uint64_t rx_inline;
-    uint64_t ctrl_cmds[10][8][2];
+    uint64_t ctrl_cmds[...][...][2];
+    ...;
 };
 enum vn_policy { VN_POLICY_AUTO = 0, VN_POLICY_SINGLE = 1, VN_POLICY_RSS = 2,
                  VN_POLICY_RX_FOLLOWS_TX = 3, VN_POLICY__COUNT };
@@ -93,9 +99,10 @@ struct vn_steer_info {
     uint32_t hash_types;
     unsigned table_len;
     unsigned unclassified;
-    uint16_t table[128];
+    uint16_t table[...];
     unsigned key_len;
-    uint8_t key[40];
+    uint8_t key[...];
+    ...;
 };
 struct vn_rx_filter {
     uint8_t mac[6];
@@ -104,10 +111,11 @@ struct vn_rx_filter {
     bool uni_overflow;
     bool multi_overflow;
     unsigned n_uc, n_mc;
-    uint8_t uc[64][6];
-    uint8_t mc[64][6];
+    uint8_t uc[...][6];
+    uint8_t mc[...][6];
     bool vlan_filter;
-    uint64_t vlans[64];
+    uint64_t vlans[...];
+    ...;
 };
 struct vn_hooks {
     void *py;
