@@ -33,18 +33,21 @@ from vfiouser_net.config import ConfigError, DaemonConfig, default_mac
 from vfiouser_net.config import load as load_config
 from vfiouser_net.daemon import LOG_LEVELS, Daemon, DaemonError
 from vfiouser_net.device import (
-    DEFAULT_BUSY_POLL_US,
     MULTIQUEUE_FEATURES,
-    NOTIFY_MODES,
     OFFERED_FEATURES,
-    STEERING_POLICIES,
-    TAP_IO_MODES,
     DeviceError,
     DeviceOptions,
     parse_mac,
 )
 from vfiouser_net.metrics import DEFAULT_METRICS_PORT, parse_metrics_addr, serve_metrics
 from vfiouser_net.native import lib
+from vfiouser_net.options import (
+    DEFAULT_BUSY_POLL_US,
+    DEFAULT_TAP_IO,
+    NOTIFY_MODES,
+    STEERING_POLICIES,
+    TAP_IO_MODES,
+)
 from vfiouser_net.sandbox import SandboxError, SandboxLimits, sanitizer_loaded
 from vfiouser_net.sandbox import enter as enter_sandbox
 from vfiouser_net.tap import TapError
@@ -168,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tap-io",
         choices=TAP_IO_MODES,
-        default="auto",
+        default=DEFAULT_TAP_IO,
         help="frames to the TAP: 'io_uring' batches a ring pass's writes in one system call, "
         "'writev' makes one a frame; 'auto' (default) takes io_uring where the kernel allows",
     )

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from vfiouser_net.budget import DEFAULT_MEMORY_MIB, DEFAULT_NOFILE, Budget
-from vfiouser_net.device import DEFAULT_BUSY_POLL_US, DeviceError, DeviceOptions, parse_mac
+from vfiouser_net.device import DeviceError, DeviceOptions, parse_mac
+from vfiouser_net.options import DEFAULT_BUSY_POLL_US, DEFAULT_TAP_IO
 
 
 class ConfigError(ValueError):
@@ -125,7 +126,7 @@ def device_options(where: str, entry: dict[str, Any]) -> DeviceOptions:
             steering=entry.get("steering", "auto"),
             notify_mode=entry.get("notify_mode", "message"),
             busy_poll_us=entry.get("busy_poll_us", DEFAULT_BUSY_POLL_US),
-            tap_io=entry.get("tap_io", "auto"),
+            tap_io=entry.get("tap_io", DEFAULT_TAP_IO),
             tx_inline=entry.get("tx_inline", False),
             speed_mbps=entry.get("speed", 10000),
             name=entry.get("name", ""),

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 
+from vfiouser_net import options
 from vfiouser_net.budget import Budget
 from vfiouser_net.device import DeviceError, DeviceOptions, VirtioNetDevice
 from vfiouser_net.device_process import DeviceProcess
@@ -23,12 +24,8 @@ Device = VirtioNetDevice | DeviceProcess
 log = logging.getLogger(__name__)
 
 LINK_POLL_SECONDS = 0.2
-LOG_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
+# Level names (options.LOG_LEVELS) to logging's numbers.
+LOG_LEVELS = {name: logging.getLevelNamesMapping()[name.upper()] for name in options.LOG_LEVELS}
 
 
 class DaemonError(RuntimeError):

@@ -25,6 +25,14 @@ from typing import Any
 from vfiouser_net import pci_config
 from vfiouser_net.native import ffi, lib
 from vfiouser_net.net_config import NET_CONFIG_SIZE, NetConfig
+from vfiouser_net.options import (
+    DEFAULT_BUSY_POLL_US,
+    DEFAULT_TAP_IO,
+    MAX_BUSY_POLL_US,
+    NOTIFY_MODES,
+    STEERING_POLICIES,
+    TAP_IO_MODES,
+)
 from vfiouser_net.tap import Tap, TapError, interface_exists
 from vfiouser_net.unix_socket import SocketPathError, claim_socket_path
 from vfiouser_net.virtio_pci import NO_VECTOR, VirtioPciTransport
@@ -71,14 +79,6 @@ USO_FEATURES = feature_mask(NetFeature.HOST_USO, NetFeature.GUEST_USO4, NetFeatu
 # Offered with more than one queue pair.
 MULTIQUEUE_FEATURES = feature_mask(NetFeature.MQ, NetFeature.RSS, NetFeature.HASH_REPORT)
 
-STEERING_POLICIES = ("auto", "single", "rss", "rx-follows-tx")
-NOTIFY_MODES = ("message", "poll")
-# How frames reach the TAP: "io_uring" batches a ring pass's writes into one
-# system call (csrc/tap_batch.h), "writev" makes one a frame; "auto" (the
-# default) takes io_uring where the kernel allows it.
-TAP_IO_MODES = ("auto", "io_uring", "writev")
-DEFAULT_BUSY_POLL_US = 50
-MAX_BUSY_POLL_US = 10000
 # How long the operator thread waits for the context thread to swap TAP queues.
 TAP_REPLACE_TIMEOUT_MS = 5000
 
@@ -106,7 +106,7 @@ class DeviceOptions:
     # Bounded busy-poll before a worker sleeps, in microseconds (0: off).
     busy_poll_us: int = DEFAULT_BUSY_POLL_US
     # Not yet the default: see the README's limits.
-    tap_io: str = "auto"
+    tap_io: str = DEFAULT_TAP_IO
     # Transmit doorbells handled on the context thread while the pair's
     # worker sleeps (one thread wake-up less per request/response). Off by
     # default: its gain was within the noise of this project's measurements.

@@ -321,19 +321,37 @@ def test_add_takes_the_config_device_keys() -> None:
     assert {a.name: types[a.type] for a in spec.args} == _DEVICE_KEYS
 
 
-def test_constants_match_the_daemon() -> None:
-    from vfiouser_net import device
-    from vfiouser_net.daemon import LOG_LEVELS
+def test_option_names_and_limits_have_one_source() -> None:
+    from vfiouser_net import daemon, device, options
+    from vfiouser_net.native import ffi, lib
 
-    assert p.STEERING_POLICIES == device.STEERING_POLICIES
-    assert p.NOTIFY_MODES == device.NOTIFY_MODES
-    assert p.TAP_IO_MODES == device.TAP_IO_MODES
-    # The schema refuses what the datapath cannot do.
-    assert p.MAX_QUEUE_PAIRS == device.lib.VN_MAX_QUEUE_PAIRS
-    assert p.MAX_QUEUE_SIZE == device.lib.VN_VQ_MAX_SIZE
-    assert p.DEFAULT_BUSY_POLL_US == device.DEFAULT_BUSY_POLL_US
-    assert p.MAX_BUSY_POLL_US == device.MAX_BUSY_POLL_US
-    assert tuple(LOG_LEVELS) == p.LOG_LEVELS
+    # The schema and the device take them from options, not from copies.
+    for name in (
+        "STEERING_POLICIES",
+        "NOTIFY_MODES",
+        "TAP_IO_MODES",
+        "MAX_QUEUE_PAIRS",
+        "MAX_QUEUE_SIZE",
+        "DEFAULT_BUSY_POLL_US",
+        "MAX_BUSY_POLL_US",
+        "LOG_LEVELS",
+    ):
+        assert getattr(p, name) is getattr(options, name), name
+    for name in (
+        "STEERING_POLICIES",
+        "NOTIFY_MODES",
+        "TAP_IO_MODES",
+        "DEFAULT_BUSY_POLL_US",
+        "MAX_BUSY_POLL_US",
+    ):
+        assert getattr(device, name) is getattr(options, name), name
+    assert tuple(daemon.LOG_LEVELS) == options.LOG_LEVELS
+    # What the datapath defines: the policies in enum order, and the schema
+    # refuses what the datapath cannot do.
+    names = [ffi.string(lib.vn_policy_name(i)).decode() for i in range(lib.VN_POLICY__COUNT)]
+    assert tuple(names) == options.STEERING_POLICIES
+    assert options.MAX_QUEUE_PAIRS == lib.VN_MAX_QUEUE_PAIRS
+    assert options.MAX_QUEUE_SIZE == lib.VN_VQ_MAX_SIZE
 
 
 def test_status_and_hash_type_names() -> None:

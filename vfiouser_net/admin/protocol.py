@@ -34,6 +34,17 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
+from vfiouser_net.options import (
+    DEFAULT_BUSY_POLL_US,
+    LOG_LEVELS,
+    MAX_BUSY_POLL_US,
+    MAX_QUEUE_PAIRS,
+    MAX_QUEUE_SIZE,
+    NOTIFY_MODES,
+    STEERING_POLICIES,
+    TAP_IO_MODES,
+)
+
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1 << 20
 HEADER = struct.Struct(">I")
@@ -64,19 +75,6 @@ ERROR_CODES = (
     BUSY,
     INTERNAL,
 )
-
-# Kept equal to device.STEERING_POLICIES, NOTIFY_MODES, TAP_IO_MODES, the busy-poll bounds and
-# daemon.LOG_LEVELS (a unit test checks); repeated here so that a client does
-# not import the datapath.
-STEERING_POLICIES = ("auto", "single", "rss", "rx-follows-tx")
-NOTIFY_MODES = ("message", "poll")
-TAP_IO_MODES = ("auto", "io_uring", "writev")
-# The datapath's limits (csrc: VN_MAX_QUEUE_PAIRS, VN_VQ_MAX_SIZE).
-MAX_QUEUE_PAIRS = 16
-MAX_QUEUE_SIZE = 4096
-DEFAULT_BUSY_POLL_US = 50
-MAX_BUSY_POLL_US = 10000
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 # -- errors -------------------------------------------------------------------------
