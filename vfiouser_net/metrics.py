@@ -25,14 +25,16 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from vfiouser_net.device import DeviceOptions, format_mac
 from vfiouser_net.device_process import COMMON_EXIT_REASONS
+from vfiouser_net.native import lib
 
 log = logging.getLogger(__name__)
 
 PREFIX = "vfiouser_net"
 DEFAULT_METRICS_PORT = 9742
 
-BATCH_BOUNDS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-SIZE_BOUNDS = [64, 128, 256, 512, 1024, 1518, 4096, 9216, 16384, 65535]
+# The datapath's histogram buckets (csrc/stats.h), upper bounds.
+BATCH_BOUNDS = [int(lib.vn_batch_bucket_bound(i)) for i in range(lib.VN_BATCH_BUCKETS)]
+SIZE_BOUNDS = [int(lib.vn_size_bucket_bound(i)) for i in range(lib.VN_SIZE_BUCKETS)]
 
 CTRL_CLASSES = ["rx", "mac", "vlan", "announce", "mq", "guest_offloads", "notf_coal", "7", "stats"]
 CTRL_COMMANDS: dict[str, list[str]] = {

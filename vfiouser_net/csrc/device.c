@@ -56,6 +56,17 @@ const char *vn_error_reason_name(int reason)
     return reason >= 0 && reason < VN_ERR__COUNT ? error_names[reason] : "unknown";
 }
 
+uint32_t vn_batch_bucket_bound(unsigned i)
+{
+    return i < VN_BATCH_BUCKETS ? 1u << i : 0;
+}
+
+uint32_t vn_size_bucket_bound(unsigned i)
+{
+    static const uint32_t bounds[VN_SIZE_BUCKETS] = VN_SIZE_BOUNDS;
+    return i < VN_SIZE_BUCKETS ? bounds[i] : 0;
+}
+
 static void log_line(struct vn_dev *dev, int level, const char *msg)
 {
     if (dev->hooks.log != NULL)

@@ -42,9 +42,11 @@ enum vn_error_reason {
     VN_ERR__COUNT
 };
 
-/* Histogram buckets (upper bounds); the last slot counts larger values. */
+/* Histogram buckets (upper bounds); the last slot counts larger values.
+ * The metrics take the bounds from here (vn_*_bucket_bound). */
 #define VN_BATCH_BUCKETS 9   /* 1 2 4 8 16 32 64 128 256 */
-#define VN_SIZE_BUCKETS 10   /* 64 128 256 512 1024 1518 4096 9216 16384 65535 */
+#define VN_SIZE_BUCKETS 10
+#define VN_SIZE_BOUNDS { 64, 128, 256, 512, 1024, 1518, 4096, 9216, 16384, 65535 }
 
 struct vn_dir_stats {
     uint64_t packets;
@@ -77,8 +79,7 @@ static inline unsigned vn_batch_bucket(uint64_t n)
 
 static inline unsigned vn_size_bucket(uint64_t n)
 {
-    static const uint32_t bounds[VN_SIZE_BUCKETS] = { 64,   128,  256,  512,   1024,
-                                                      1518, 4096, 9216, 16384, 65535 };
+    static const uint32_t bounds[VN_SIZE_BUCKETS] = VN_SIZE_BOUNDS;
     unsigned i = 0;
     while (i < VN_SIZE_BUCKETS && n > bounds[i])
         i++;
@@ -98,6 +99,9 @@ struct vn_qp_stats {
 #define VN_STAT_STORE(field, v) __atomic_store_n(&(field), (uint64_t)(v), __ATOMIC_RELAXED)
 
 const char *vn_drop_reason_name(int reason);
+/* Upper bound of histogram bucket i (< VN_*_BUCKETS). */
+uint32_t vn_batch_bucket_bound(unsigned i);
+uint32_t vn_size_bucket_bound(unsigned i);
 const char *vn_error_reason_name(int reason);
 
 #endif

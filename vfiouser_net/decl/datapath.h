@@ -182,6 +182,10 @@ struct vn_ring_state {
 };
 int vn_dev_get_ring_state(struct vn_dev *dev, unsigned qidx, struct vn_ring_state *out);
 const char *vn_drop_reason_name(int reason);
+#define VN_BATCH_BUCKETS ...
+#define VN_SIZE_BUCKETS ...
+uint32_t vn_batch_bucket_bound(unsigned i);
+uint32_t vn_size_bucket_bound(unsigned i);
 const char *vn_error_reason_name(int reason);
 
 /* RSS hashing (csrc/rss_hash.h), exported for its verification tests. */
