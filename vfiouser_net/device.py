@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from vfiouser_net import pci_config
+from vfiouser_net import counters, pci_config
+from vfiouser_net.counters import format_mac
 from vfiouser_net.native import ffi, lib
 from vfiouser_net.net_config import NET_CONFIG_SIZE, NetConfig
 from vfiouser_net.options import (
@@ -160,10 +161,6 @@ def parse_mac(text: str) -> bytes:
             f"invalid MAC address {text!r} (expected six hex pairs, aa:bb:cc:dd:ee:ff)"
         )
     return bytes(int(p, 16) for p in parts)
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
 
 
 def _check_listening_socket(fd: int) -> None:
@@ -666,85 +663,21 @@ class VirtioNetDevice:
     # -- observation ---------------------------------------------------------------
 
     def queue_stats(self, qp: int) -> dict[str, dict[str, Any]]:
-        st = ffi.new("struct vn_qp_stats *")
-        lib.vn_dev_get_qp_stats(self._dev, qp, st)
-        out = {"rx": _dir_stats(st.rx), "tx": _dir_stats(st.tx)}
-        for i, direction in enumerate(("rx", "tx")):
-            # What the guest's ethtool -C asked for (NOTF_COAL); 0: off.
-            coal = lib.vn_dev_get_coal(self._dev, 2 * qp + i)
-            out[direction]["coalesce_max_packets"] = int(coal.max_packets)
-            out[direction]["coalesce_max_usecs"] = int(coal.max_usecs)
-        return out
+        return counters.queue_stats(self._dev, qp)
 
     def ctrl_stats(self) -> dict[str, Any]:
-        st = ffi.new("struct vn_dir_stats *")
-        lib.vn_dev_get_ctrl_stats(self._dev, st)
-        return _dir_stats(st[0])
+        return counters.ctrl_stats(self._dev)
 
-    def device_stats(self) -> dict[str, int]:
-        st = ffi.new("struct vn_dev_stats *")
-        lib.vn_dev_get_dev_stats(self._dev, st)
-        out: dict[str, Any] = {
-            name: int(getattr(st, name))
-            for name, _ in ffi.typeof(st[0]).fields
-            if name != "ctrl_cmds"
-        }
-        # {class: {command: [ok, err]}} for the slots that saw any command.
-        cmds: dict[str, dict[str, list[int]]] = {}
-        for cls in range(10):
-            for cmd in range(8):
-                ok, err = int(st.ctrl_cmds[cls][cmd][0]), int(st.ctrl_cmds[cls][cmd][1])
-                if ok or err:
-                    cmds.setdefault(str(cls), {})[str(cmd)] = [ok, err]
-        out["ctrl_cmds"] = cmds
-        return out
+    def device_stats(self) -> dict[str, Any]:
+        return counters.device_stats(self._dev)
 
     def rx_filter(self) -> dict[str, Any]:
-        f = ffi.new("struct vn_rx_filter *")
-        lib.vn_dev_get_filter(self._dev, f)
-        return {
-            "mac": format_mac(bytes(f.mac)),
-            "promisc": bool(f.promisc),
-            "allmulti": bool(f.allmulti),
-            "unicast": [format_mac(bytes(f.uc[i])) for i in range(f.n_uc)],
-            "multicast": [format_mac(bytes(f.mc[i])) for i in range(f.n_mc)],
-            "uni_overflow": bool(f.uni_overflow),
-            "multi_overflow": bool(f.multi_overflow),
-        }
+        return counters.rx_filter(self._dev)
 
     def ring_state(self) -> list[dict[str, Any]]:
         """Per virtqueue, as the device sees it (indices, in flight, flags)."""
         with self._in_use():
-            return self._ring_state()
-
-    def _ring_state(self) -> list[dict[str, Any]]:
-        out = []
-        st = ffi.new("struct vn_ring_state *")
-        for qidx in range(self.num_queues):
-            if lib.vn_dev_get_ring_state(self._dev, qidx, st) < 0:
-                continue
-            kind = "ctrl" if qidx == self.num_queues - 1 else ("rx" if qidx % 2 == 0 else "tx")
-            out.append(
-                {
-                    "index": qidx,
-                    "kind": kind,
-                    "pair": qidx // 2 if kind != "ctrl" else None,
-                    "configured": bool(st.configured),
-                    "ready": bool(st.ready),
-                    "broken": bool(st.broken),
-                    "event_idx": bool(st.event_idx),
-                    "size": int(st.size),
-                    "msix_vector": int(st.msix_vector),
-                    "avail_idx": int(st.avail_seen),
-                    "last_avail_idx": int(st.last_avail),
-                    "used_idx": int(st.used_idx),
-                    "in_flight": (int(st.avail_seen) - int(st.used_idx)) & 0xFFFF,
-                    "desc": hex(int(st.desc_gpa)),
-                    "driver": hex(int(st.avail_gpa)),
-                    "device": hex(int(st.used_gpa)),
-                }
-            )
-        return out
+            return counters.ring_state(self._dev, self.num_queues)
 
     def capture(
         self,
@@ -822,33 +755,6 @@ class VirtioNetDevice:
             "ctrl": self.ctrl_stats(),
             "device": self.device_stats(),
         }
-
-
-def _dir_stats(d: Any) -> dict[str, Any]:
-    return {
-        "packets": int(d.packets),
-        "bytes": int(d.bytes),
-        "doorbells": int(d.doorbells),
-        "interrupts": int(d.interrupts),
-        "interrupts_suppressed": int(d.interrupts_suppressed),
-        "interrupts_coalesced": int(d.interrupts_coalesced),
-        "ring_full": int(d.ring_full),
-        "batches": int(d.batches),
-        "bounced": int(d.bounced),
-        "steered_out": int(d.steered_out),
-        "avail_seen": int(d.avail_seen),
-        "used_idx": int(d.used_idx),
-        "batch_hist": [int(x) for x in d.batch_hist],
-        "size_hist": [int(x) for x in d.size_hist],
-        "drops": {
-            ffi.string(lib.vn_drop_reason_name(i)).decode(): int(d.drops[i])
-            for i in range(lib.VN_DROP__COUNT)
-        },
-        "errors": {
-            ffi.string(lib.vn_error_reason_name(i)).decode(): int(d.errors[i])
-            for i in range(lib.VN_ERR__COUNT)
-        },
-    }
 
 
 # Callbacks from C: find the device through the handle and never let an
