@@ -24,7 +24,7 @@ from typing import Any
 
 from vfiouser_net import counters, pci_config
 from vfiouser_net.counters import format_mac
-from vfiouser_net.native import ffi, lib
+from vfiouser_net.native import ffi, lib, vfu_check, vn_check
 from vfiouser_net.net_config import NET_CONFIG_SIZE, NetConfig
 from vfiouser_net.options import (
     DEFAULT_BUSY_POLL_US,
@@ -316,8 +316,7 @@ class VirtioNetDevice:
 
     def _setup_pci(self, ctx: Any, log_level: int) -> None:
         def check(rc: int, what: str) -> None:
-            if rc < 0:
-                raise DeviceError(f"{what} failed: {os.strerror(ffi.errno)}")
+            vfu_check(rc, what, DeviceError)
 
         check(
             lib.vfu_pci_init(ctx, lib.VFU_PCI_TYPE_CONVENTIONAL, lib.PCI_HEADER_TYPE_NORMAL, 0),
@@ -354,13 +353,11 @@ class VirtioNetDevice:
         lib.vn_dev_set_busy_poll(self._dev, self.opts.busy_poll_us)
         lib.vn_dev_set_tx_inline(self._dev, self.opts.tx_inline)
         if self.opts.notify_mode == "poll":
-            rc = lib.vn_dev_enable_notify_polling(self._dev)
-            if rc < 0:
-                raise DeviceError(f"doorbell polling page: {os.strerror(-rc)}")
+            vn_check(
+                lib.vn_dev_enable_notify_polling(self._dev), "doorbell polling page", DeviceError
+            )
         syslog_level = {10: 7, 20: 6, 30: 4, 40: 3, 50: 2}.get(log_level, 6)
-        rc = lib.vn_server_setup(self._dev, ctx, syslog_level)
-        if rc < 0:
-            raise DeviceError(f"device setup failed: {os.strerror(-rc)}")
+        vn_check(lib.vn_server_setup(self._dev, ctx, syslog_level), "device setup", DeviceError)
         check(lib.vfu_realize_ctx(ctx), "realizing the device")
 
     # -- lifecycle ------------------------------------------------------------

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from vfiouser_net.native import ffi, lib
+from vfiouser_net.native import ffi, lib, vn_check
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ def enter(limits: SandboxLimits) -> None:
             "the sandbox must be entered before the process starts a thread "
             f"({len(os.listdir('/proc/self/task'))} threads now)"
         )
-    if r < 0:
-        raise SandboxError(f"entering the sandbox failed: {os.strerror(-r)}")
+    vn_check(r, "entering the sandbox failed", SandboxError)
     log.info(
         "sandbox entered: no new privileges, no capabilities, seccomp allow-list%s%s",
         f", at most {limits.nofile} files" if limits.nofile else "",
