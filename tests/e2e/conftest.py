@@ -22,22 +22,17 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from tests.harness import prereq  # noqa: E402
 from tests.harness.guest import Guest, GuestPaths  # noqa: E402
 from tests.harness.netns import NetNS, Tap, create_netns, netns_with_tap  # noqa: E402
+from tests.harness.prereq import SETUP_HINT  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
 
 def require(ok: bool, what: str) -> None:
-    """Skip the test (fail under CI=true) when a prerequisite is missing."""
-    if ok:
-        return
-    message = f"{what} (run: sudo bash scripts/setup.sh)"
-    if IN_CI:
-        pytest.fail(f"CI=true and {message}", pytrace=False)
-    pytest.skip(message)
+    """A prerequisite the set-up provides."""
+    prereq.require(ok, what, SETUP_HINT)
 
 
 @pytest.fixture(scope="session")

@@ -35,14 +35,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import prereq
 from tests.harness.guest import Guest, GuestError, GuestPaths, vfio_user_pci_args
 from tests.harness.netns import NetNS, Tap, create_netns
+from tests.harness.prereq import SETUP_HINT, VN_CACHE
 from tests.harness.server import Server
 
 log = logging.getLogger(__name__)
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
-VN_CACHE = Path(os.environ.get("VN_CACHE", "/var/cache/vfiouser-net"))
 
 DEVICE_MAC = "52:54:00:5e:a1:01"
 DEVICE_MTU = 1400  # not the default 1500, so that the guest must read it from the device
@@ -57,13 +57,8 @@ _PING_RE = re.compile(
 
 
 def require(ok: bool, what: str) -> None:
-    """Skip the test when a prerequisite is missing (fail under CI=true)."""
-    if ok:
-        return
-    message = f"{what} (run: sudo bash scripts/setup.sh)"
-    if IN_CI:
-        pytest.fail(f"CI=true and {message}", pytrace=False)
-    pytest.skip(message)
+    """A prerequisite of the device stack (the set-up provides it)."""
+    prereq.require(ok, what, SETUP_HINT)
 
 
 def _native_importable() -> bool:

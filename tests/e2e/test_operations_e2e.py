@@ -71,6 +71,7 @@ import vfiouser_net
 from tests.e2e.device_fixtures import PingResult, check_prerequisites, require
 from tests.harness.guest import Guest, GuestPaths, vfio_user_pci_args
 from tests.harness.netns import NetNS, netns
+from tests.harness.prereq import IN_CI
 from tests.harness.procstat import proc_status
 from tests.harness.systemd_unit import (
     UnitFile,
@@ -85,7 +86,6 @@ log = logging.getLogger(__name__)
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-IN_CI = os.environ.get("CI", "").lower() == "true"
 DEPLOY = ROOT / "deploy"
 INSTANCE_SERVICE = DEPLOY / "systemd" / "vfiouser-net@.service"
 INSTANCE_SOCKET = DEPLOY / "systemd" / "vfiouser-net@.socket"

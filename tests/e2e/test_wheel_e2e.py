@@ -28,12 +28,13 @@ import sys
 from pathlib import Path
 
 from tests.e2e.device_fixtures import check_prerequisites
+from tests.harness.prereq import VN_CACHE
 from tests.harness.scenarios import guest_on_vfiouser_net
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-VN_CACHE = Path(os.environ.get("VN_CACHE", "/var/cache/vfiouser-net"))
+
 # What a wheel is built from: the package metadata and the package itself.
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "vfiouser_net")
 # Build products of the checkout's own (editable, maybe sanitized) builds.

@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.harness.guest_memory import GuestMemory
 from tests.harness.netns import NetNS, Tap, netns
+from tests.harness.prereq import require
 from tests.harness.server import Server
 from tests.harness.vfio_user_client import VfioUserClient
 from tests.harness.virtio_pci_driver import (
@@ -54,7 +53,6 @@ from tests.harness.virtio_pci_driver import (
 
 log = logging.getLogger(__name__)
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 TAP_NAME = "vntap0"
 GUEST_MAC = bytes.fromhex("02766e000001")
@@ -69,15 +67,6 @@ PACKET_OUTGOING = 4
 
 GUEST_FEATURES = DEFAULT_NET_FEATURES | bit(VIRTIO_NET_F_CTRL_RX) | bit(VIRTIO_NET_F_CTRL_MAC_ADDR)
 GUEST_MEM_SIZE = 8 << 20
-
-
-def require(ok: bool, what: str) -> None:
-    """Skip when a prerequisite is missing; under CI=true that is a failure."""
-    if ok:
-        return
-    if IN_CI:
-        pytest.fail(f"CI=true and {what}", pytrace=False)
-    pytest.skip(what)
 
 
 def check_prerequisites() -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.prereq import require
 from tests.harness.systemd_unit import (
     UnitFile,
     exec_argv,
@@ -65,16 +66,13 @@ RUN_DIR = "/run/vfiouser-net"
 SERVICE_USER = "vfiouser-net"
 QEMU_GROUP = "kvm"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-IN_CI = os.environ.get("CI", "").lower() == "true"
 MAX_EXPOSURE = 3.0  # systemd-analyze security: 0 (locked down) .. 10 (exposed)
 
 
 def _tool(name: str, package: str) -> str:
     path = shutil.which(name)
-    if path is None:
-        if IN_CI:
-            pytest.fail(f"CI=true and {name} is not installed ({package} package)", pytrace=False)
-        pytest.skip(f"{name} is not installed ({package} package)")
+    require(path is not None, f"{name} is not installed ({package} package)")
+    assert path is not None
     return path
 
 
@@ -174,7 +172,7 @@ def test_sysusers_and_tmpfiles(tmp_path: Path) -> None:
     sysusers = _tool("systemd-sysusers", "systemd")
     tmpfiles = _tool("systemd-tmpfiles", "systemd")
     if os.geteuid() != 0:
-        pytest.skip("needs root (systemd-tmpfiles --root chowns)")
+        require(False, "needs root (systemd-tmpfiles --root chowns)")
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     for tool, conf in ((sysusers, SYSUSERS), (tmpfiles, TMPFILES)):

@@ -15,7 +15,6 @@ where that is a failure.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ from typing import Any, cast
 import pytest
 
 from tests.harness import dashboards
+from tests.harness.prereq import require
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -36,7 +36,6 @@ GRAFANA = ROOT / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "vfiouser-net.json"
 DS_PROVISIONING = GRAFANA / "provisioning" / "datasources" / "prometheus.yaml"
 DASH_PROVISIONING = GRAFANA / "provisioning" / "dashboards" / "vfiouser-net.yaml"
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 REQUIRED_ALERTS = {
     "VfiouserNetClientDisconnected",
@@ -59,10 +58,8 @@ GRAFANA_MACROS = {"__rate_interval", "__interval", "__range"}
 @pytest.fixture(scope="module")
 def promtool() -> str:
     path = shutil.which("promtool")
-    if path is None:
-        if IN_CI:
-            pytest.fail("CI=true and promtool is not installed (prometheus package)", pytrace=False)
-        pytest.skip("promtool is not installed (prometheus package)")
+    require(path is not None, "promtool is not installed (prometheus package)")
+    assert path is not None
     return path
 
 
