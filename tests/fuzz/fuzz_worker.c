@@ -20,7 +20,11 @@
  *                packet capture on (frames copied from guest memory to a
  *                socket: a copy the kernel refuses with EFAULT is counted as
  *                missed, and none may be); bit 4 TAP writes fail with EIO,
- *                bit 5 with EBADFD (the interface was deleted)
+ *                bit 5 with EBADFD (the interface was deleted); bit 6 the
+ *                transmit ring is served as an inline doorbell would serve it
+ *                (vn_qp_tx_inline: the context thread, the worker asleep,
+ *                then the replies read in the same pass), the worker's own
+ *                pass only for what it leaves
  *   le16 n, then n bytes of guest image (fuzz_common.h); queue k (rx0, tx0,
  *        rx1, tx1) has its descriptor table at A + 0x400 k, its available
  *        ring right after it, and its used ring at B + 0x1000 + 0x200 k
@@ -250,7 +254,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint16_t qsize = (uint16_t)(1u << (fz_u8(&in) % 6));
     uint8_t rb = fz_u8(&in);
     unsigned rounds = 1u + (rb & 3);
-    bool coal = rb & 4, capture = rb & 8;
+    bool coal = rb & 4, capture = rb & 8, inline_tx = rb & 0x40;
     size_t image_len;
     const uint8_t *image = fz_bytes(&in, fz_u16(&in), &image_len);
     memset(&tap, 0, sizeof(tap));
@@ -335,9 +339,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (capture)
         FZ_CHECK(vn_capture_start(dev, -1, 1000) == 0, "capture");
     for (unsigned r = 0; r < rounds; r++) {
-        for (unsigned i = 0; i < pairs; i++)
-            if (vn_vq_ready(&dev->qp[i].tx))
-                process_tx(&dev->qp[i], TX_BUDGET);
+        for (unsigned i = 0; i < pairs; i++) {
+            struct vn_qp *qp = &dev->qp[i];
+            if (!vn_vq_ready(&qp->tx))
+                continue;
+            if (inline_tx) {
+                /* A doorbell while the worker sleeps polling its TAP; what
+                 * the inline pass does not finish, the woken worker does. */
+                atomic_store(&qp->sleep_reads_tap, true);
+                atomic_store(&qp->sleeping, true);
+                bool done = vn_qp_tx_inline(qp);
+                atomic_store(&qp->sleeping, false);
+                check_rx_state(qp);
+                if (done)
+                    continue;
+            }
+            process_tx(qp, TX_BUDGET);
+        }
         for (unsigned i = 0; i < pairs; i++) {
             struct vn_qp *qp = &dev->qp[i];
             bool starved;

@@ -331,6 +331,8 @@ def worker_seeds() -> dict[str, bytes]:
     ]
     out["mergeable"] = worker_seed(0b011, MTU[1500] << 4, size, 1, img, host)
     out["mergeable-capture"] = worker_seed(0b011, MTU[1500] << 4, size, 0b1001, img, host)
+    # The same served by inline doorbells (the replies read in the same pass).
+    out["mergeable-inline"] = worker_seed(0b011, MTU[1500] << 4, size, 0b1000001, img, host)
     # TAP errors: a read fails with EIO, then with EBADFD (the interface was
     # deleted: the worker stops reading it); writes fail with EIO.
     errors = [host[0], struct.pack("<H", 0xFFFE)[:0], host[1]]
@@ -373,6 +375,7 @@ def worker_seeds() -> dict[str, bytes]:
     tx_frames(img, rings[3], [fr["ipv6-tcp"]], hdr=20)
     host = [vnet_hdr(20) + fr[k] for k in ("ipv4-tcp", "ipv4-udp", "ipv6-tcp", "ipv6-udp", "arp")]
     out["mq-rss-hash"] = worker_seed(0b1001011, MTU[576] << 4, size, 2, img, host)
+    out["mq-rss-hash-inline"] = worker_seed(0b1001011, MTU[576] << 4, size, 0b1000010, img, host)
     # rx-follows-tx: the guest sends flows on pair 1, replies come back.
     opt = 0b1000 | MTU[576] << 4
     rev = [
