@@ -3,7 +3,7 @@
 
 Both guests ping the host side of their own TAP continuously (one ping every
 0.2 s) while the hostile client, the hostile driver library
-(tests/harness/hostile_driver.py) on a 4-pair device, does in turn:
+(tests/harness/hostile_driver/) on a 4-pair device, does in turn:
 
 1. DMA_MAP with neither READ nor WRITE (and WRITE only), rings there, DRIVER_OK;
 2. a region longer than its file (1 GiB over 4 KiB), and a memfd truncated

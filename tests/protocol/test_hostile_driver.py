@@ -1,4 +1,4 @@
-"""The hostile driver (tests/harness/hostile_driver.py) against a real daemon:
+"""The hostile driver (tests/harness/hostile_driver/) against a real daemon:
 a 4-pair device on a multiqueue TAP in a fresh namespace, the whole attack
 catalogue while healthy traffic runs on pairs 1-3, and the command-line form
 with its JSON report.
