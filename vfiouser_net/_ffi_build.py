@@ -64,6 +64,7 @@ ffibuilder.set_source(
     #include "libvfio-user.h"
     #include "capture.h"
     #include "device.h"
+    #include "irq.h"
     #include "layout.h"
     #include "server.h"
     #include "rss_hash.h"

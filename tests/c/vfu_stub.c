@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "fake_driver.h"
+#include "irq.h"
 #include "libvfio-user.h"
 
 #define STUB_VECTORS 64

@@ -60,6 +60,7 @@
 
 #include "device.h"
 #include "fuzz_common.h"
+#include "irq.h"
 #include "layout.h"
 #include "libvfio-user.h"
 #include "server.h"

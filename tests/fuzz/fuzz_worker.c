@@ -58,6 +58,7 @@ static int fz_vq_pop(struct vn_vq *vq, struct iovec *iov, unsigned iov_max, stru
 #define read fz_tap_read
 #define vn_vq_pop fz_vq_pop
 #include "worker.c"
+#include "worker.h"
 #undef readv
 #undef writev
 #undef read

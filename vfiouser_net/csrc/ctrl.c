@@ -13,7 +13,9 @@
 #include "ctrl_coal.h"
 #include "ctrl_stats.h"
 #include "device.h"
+#include "irq.h"
 #include "le.h"
+#include "log.h"
 #include "net_hdr.h"
 #include "tap.h"
 

@@ -11,11 +11,14 @@
 #include <unistd.h>
 
 #include "ctrl.h"
+#include "irq.h"
 #include "layout.h"
 #include "le.h"
 #include "libvfio-user.h"
+#include "log.h"
 #include "net_hdr.h"
 #include "tap.h"
+#include "worker.h"
 
 static const char *const drop_names[VN_DROP__COUNT] = {
     [VN_DROP_BAD_CHAIN] = "bad_chain",

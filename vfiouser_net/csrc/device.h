@@ -367,10 +367,6 @@ void vn_dev_get_steering(struct vn_dev *dev, struct vn_steer_info *out);
 /* True while TAP reads must wait after a switch (any thread). */
 bool vn_dev_steering_hold(struct vn_dev *dev);
 
-/* Packets in flight between queues (worker.c). */
-void vn_pkt_place_done(struct vn_dev *dev, struct vn_pkt *pkt);
-void vn_inbox_drain(struct vn_dev *dev, struct vn_qp *qp, int drop_reason);
-
 /* Mark the device broken (DEVICE_NEEDS_RESET) and raise the config interrupt. */
 void vn_dev_fatal(struct vn_dev *dev, const char *why);
 
@@ -395,25 +391,11 @@ void vn_dev_ctrl_poll_kick(struct vn_dev *dev);
 /* Doorbell for queue qidx (context thread). */
 void vn_dev_doorbell(struct vn_dev *dev, unsigned qidx);
 
-/* Interrupts: safe from any thread. */
-void vn_irq_raise(struct vn_dev *dev, uint16_t vector);
 /* VIRTIO_F_RING_RESET: reset one queue / enable it again with these rings
  * (context thread, after DRIVER_OK). */
 int vn_dev_queue_reset(struct vn_dev *dev, unsigned qidx);
 int vn_dev_queue_enable(struct vn_dev *dev, unsigned qidx, uint16_t size, uint64_t desc,
                         uint64_t avail, uint64_t used, uint16_t vector);
-/* A used buffer notification for a queue on vector (any thread): with MSI-X
- * on, vector's interrupt unless NO_VECTOR; with it off, the ISR queue bit.
- * Returns whether an interrupt was requested. */
-bool vn_irq_notify_queue(struct vn_dev *dev, uint16_t vector);
-/* The ISR status bits the datapath set since the last call (read clears). */
-uint8_t vn_dev_take_isr(struct vn_dev *dev);
-void vn_dev_raise_isr(struct vn_dev *dev, uint8_t bits);
-
-#define VN_ISR_QUEUE 0x1
-#define VN_ISR_CONFIG 0x2
-void vn_irq_flush_pending(struct vn_dev *dev);
-
 /* Counters snapshot (lock-free relaxed reads). */
 void vn_dev_get_qp_stats(struct vn_dev *dev, unsigned qp, struct vn_qp_stats *out);
 void vn_dev_get_ctrl_stats(struct vn_dev *dev, struct vn_dir_stats *out);
@@ -436,17 +418,9 @@ struct vn_ring_state {
 };
 int vn_dev_get_ring_state(struct vn_dev *dev, unsigned qidx, struct vn_ring_state *out);
 
-/* Log through the control plane (any thread). Warnings and errors: at most
- * VN_LOG_PER_SEC a second and device; then how many were left out. */
-#define VN_LOG_PER_SEC 20
-void vn_log(struct vn_dev *dev, int level, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
 
-/* Worker (worker.c). */
-/* Frames a transmit doorbell may send on the context thread. */
-#define VN_TX_INLINE_MAX 16
-bool vn_qp_tx_inline(struct vn_qp *qp);
+/* Transmit doorbells on the thread that received them while the pair's
+ * worker sleeps (vn_qp_tx_inline, worker.h). Set before the workers start. */
 void vn_dev_set_tx_inline(struct vn_dev *dev, bool on);
-void *vn_qp_worker(void *arg);
 
 #endif

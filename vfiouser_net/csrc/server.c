@@ -21,9 +21,11 @@
 
 #include "ctrl.h"
 #include "device.h"
+#include "irq.h"
 #include "layout.h"
 #include "le.h"
 #include "libvfio-user.h"
+#include "log.h"
 #include "mem_guard.h"
 
 static struct vn_dev *dev_of(vfu_ctx_t *ctx)

@@ -20,8 +20,11 @@
 #include <unistd.h>
 
 #include "device.h"
+#include "irq.h"
 #include "le.h"
+#include "log.h"
 #include "net_hdr.h"
+#include "worker.h"
 
 #define TX_BUDGET 256
 #define RX_BUDGET 256
