@@ -63,7 +63,7 @@ ffibuilder.set_source(
     #include <linux/pci_regs.h>
     #include "libvfio-user.h"
     #include "capture.h"
-    #include "device.h"
+    #include "device_api.h"
     #include "irq.h"
     #include "layout.h"
     #include "server.h"
@@ -71,6 +71,8 @@ ffibuilder.set_source(
     #include "sandbox.h"
     #include "steering.h"
     #include "tap.h"
+    #include "tap_batch.h"
+    #include "virtq.h"
     """,
     include_dirs=[str(CSRC), str(PREFIX / "include"), str(PREFIX / "include" / "vfio-user")],
     # The datapath first: it takes from libvfio-user, which takes from json-c.
