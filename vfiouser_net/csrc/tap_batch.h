@@ -19,6 +19,11 @@
 /* Frames per io_uring_enter, and the ring's size; iovecs for one batch's
  * frames (a batch ends early when fewer than a chain's maximum are left). */
 #define VN_TAP_BATCH_MAX 32
+/* A batch also ends once it holds this many bytes: the guest sees none of
+ * its completions before the whole batch is written, and a TCP sender paced
+ * by its completions (TSO frames of 64 KiB, the stack's small queues) would
+ * wait for up to 32 of them; small frames still go 32 at a time. */
+#define VN_TAP_BATCH_BYTES (64u * 1024)
 #define VN_TAP_BATCH_IOVS 1024
 
 struct vn_tap_batch {

@@ -269,7 +269,8 @@ static unsigned process_tx_batched(struct vn_qp *qp, unsigned budget)
     bool more = true;
     while (more && done < budget) {
         unsigned n = 0, iov_used = 0;
-        while (n < VN_TAP_BATCH_MAX && done + n < budget &&
+        uint64_t bytes = 0;
+        while (n < VN_TAP_BATCH_MAX && done + n < budget && bytes < VN_TAP_BATCH_BYTES &&
                VN_TAP_BATCH_IOVS - iov_used >= VN_TX_IOV_MAX) {
             struct vn_chain c;
             int err;
@@ -292,6 +293,7 @@ static unsigned process_tx_batched(struct vn_qp *qp, unsigned budget)
                 tx_learn(qp, b->iov + iov_used, c.niov);
                 vn_tap_batch_writev(b, b->iov + iov_used, c.niov, n);
                 iov_used += c.niov;
+                bytes += c.out_len;
             }
             n++;
         }
