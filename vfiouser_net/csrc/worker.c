@@ -328,20 +328,6 @@ static bool transmit(struct vn_qp *qp)
     return transmit_up_to(qp, TX_BUDGET) > 0;
 }
 
-/* A transmit doorbell handled on the thread that received it (the context
- * thread) while the pair's worker sleeps: the frames leave without waking
- * the worker, one thread hop less for request/response traffic. Only small
- * passes: more than VN_TX_INLINE_MAX frames, or more arriving meanwhile,
- * and the worker is woken as usual (the context thread must not become
- * every pair's transmit worker under load). Not with transmit interrupt
- * coalescing (its timer is the worker's).
- *
- * Ownership of the transmit ring: the worker sets `sleeping` after its last
- * access to the ring and, once awake, clears it and waits for tx_busy to be
- * free before touching the ring again; the context thread takes tx_busy and
- * then checks `sleeping`. Both sequentially consistent, so either the
- * context thread sees the worker still asleep and the worker waits for it,
- * or it sees it awake and leaves the ring alone. */
 static bool process_rx(struct vn_qp *qp, bool *starved);
 
 static bool ring_current(const struct vn_vq *vq)
@@ -369,6 +355,20 @@ static void rx_inline(struct vn_qp *qp)
         VN_STAT_INC(dev->st.rx_inline);
 }
 
+/* A transmit doorbell handled on the thread that received it (the context
+ * thread) while the pair's worker sleeps: the frames leave without waking
+ * the worker, one thread hop less for request/response traffic. Only small
+ * passes: more than VN_TX_INLINE_MAX frames, or more arriving meanwhile,
+ * and the worker is woken as usual (the context thread must not become
+ * every pair's transmit worker under load). Not with transmit interrupt
+ * coalescing (its timer is the worker's).
+ *
+ * Ownership of the transmit ring: the worker sets `sleeping` after its last
+ * access to the ring and, once awake, clears it and waits for tx_busy to be
+ * free before touching the ring again; the context thread takes tx_busy and
+ * then checks `sleeping`. Both sequentially consistent, so either the
+ * context thread sees the worker still asleep and the worker waits for it,
+ * or it sees it awake and leaves the ring alone. */
 bool vn_qp_tx_inline(struct vn_qp *qp)
 {
     if (!atomic_load(&qp->sleeping) || atomic_load(&qp->tx_coal.max_packets) != 0 ||
@@ -998,8 +998,9 @@ void *vn_qp_worker(void *arg)
     struct vn_qp *qp = arg;
     struct vn_dev *dev = qp->dev;
     bool rx_starved = false;
-    /* One device per process: "vn-qp3" is pair 3 of this process's device,
-     * as top -H, perf and /proc show it. */
+    /* "vn-qp3" is pair 3 of a device, as top -H, perf and /proc show it (a
+     * daemon with isolate = false serves several devices in one process:
+     * their workers share the names). */
     char name[16];
     snprintf(name, sizeof(name), "vn-qp%u", qp->index);
     prctl(PR_SET_NAME, name, 0, 0, 0);
