@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from vfiouser_net.budget import (
@@ -370,11 +370,11 @@ def serve(args: argparse.Namespace) -> int:
     # starts them, and they open their TAPs with its capabilities first.
     sandbox_self = args.sandbox and not cfg.isolate
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
+    def on_stop(sig: signal.Signals) -> None:
+        log.info("received %s, stopping", sig.name)
         daemon.stop()
 
-    def on_usr1(signum: int, frame: FrameType | None) -> None:
+    def on_usr1(sig: signal.Signals) -> None:
         # Cycles every device's steering policy (the admin channel sets one).
         for dev in daemon.devices():
             nxt = STEERING_POLICIES[(STEERING_POLICIES.index(dev.opts.steering) + 1) % 4]
@@ -384,17 +384,26 @@ def serve(args: argparse.Namespace) -> int:
             except DeviceError as exc:  # stopped meanwhile
                 log.warning("SIGUSR1: %s", exc)
 
-    def on_usr2(signum: int, frame: FrameType | None) -> None:
+    def on_usr2(sig: signal.Signals) -> None:
         for dev in daemon.devices():
             try:
                 log.info("device %s: counters %s", dev.name, json.dumps(dev.snapshot()))
             except DeviceError as exc:
                 log.warning("SIGUSR2: %s", exc)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGUSR1, on_usr1)
-    signal.signal(signal.SIGUSR2, on_usr2)
+    # Handled on the main thread's loop (Daemon.run), not in the handlers.
+    daemon.handle_signals(
+        {
+            signal.SIGTERM: on_stop,
+            signal.SIGINT: on_stop,
+            signal.SIGUSR1: on_usr1,
+            signal.SIGUSR2: on_usr2,
+        }
+    )
+    # A daemon that hangs (a stop that never ends) shows where: every
+    # thread's Python stack on stderr, printed from the signal handler itself,
+    # so also while the main thread is blocked in C. The daemon goes on.
+    faulthandler.register(signal.SIGQUIT, all_threads=True, chain=False)
     admin = None
     try:
         # With --sandbox nothing may start a thread before the sandbox is

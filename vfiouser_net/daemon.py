@@ -8,10 +8,15 @@ daemon's own loop only polls links, catching whatever one device raises.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import select
 import shutil
+import signal
 import tempfile
 import threading
+from collections.abc import Callable
 
 from vfiouser_net import options
 from vfiouser_net.budget import Budget
@@ -24,6 +29,7 @@ Device = VirtioNetDevice | DeviceProcess
 log = logging.getLogger(__name__)
 
 LINK_POLL_SECONDS = 0.2
+SignalHandler = Callable[[signal.Signals], None]
 # Level names (options.LOG_LEVELS) to logging's numbers.
 LOG_LEVELS = {name: logging.getLevelNamesMapping()[name.upper()] for name in options.LOG_LEVELS}
 
@@ -45,7 +51,14 @@ class Daemon:
         self.isolate = isolate
         self.capture_dir = capture_dir
         self.device_budget = device_budget or Budget()
-        self.stop_event = threading.Event()
+        # stop() and the signals wake run() through this pipe. A Python signal
+        # handler runs between two bytecodes of the main thread, maybe while
+        # that thread holds a lock (threading.Event.set() there deadlocks on
+        # the event's own lock, as a SIGTERM that lands inside Event.wait()
+        # once did): handlers take no lock, they leave a byte here.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
+        self._on_signal: dict[int, SignalHandler] = {}
         self._lock = threading.RLock()
         self._devices: dict[str, Device] = {}
         # The device processes' admin sockets: the supervisor's alone.
@@ -125,17 +138,49 @@ class Daemon:
                 except DeviceError as exc:
                     log.warning("%s", exc)
 
+    def handle_signals(self, handlers: dict[signal.Signals, SignalHandler]) -> None:
+        """Run handlers[sig] on the main thread, in run(), when sig arrives.
+
+        Python's own handler only lets the interpreter note the signal;
+        set_wakeup_fd has its number written to the wake pipe (from C), and
+        run() reads it there and calls the handler outside any lock."""
+        for sig in handlers:
+            signal.signal(sig, _noted)
+        self._on_signal = {int(sig): fn for sig, fn in handlers.items()}
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
     def run(self) -> None:
-        """Until stop(): follow every device's link (the TAP's IFF_UP)."""
-        while not self.stop_event.wait(LINK_POLL_SECONDS):
+        """Until stop(): follow every device's link (the TAP's IFF_UP) and
+        handle the signals of handle_signals()."""
+        while not self._stopping:
+            ready, _, _ = select.select([self._wake_r], [], [], LINK_POLL_SECONDS)
+            if ready:
+                self._dispatch_signals()
+            if self._stopping:
+                break
             for dev in self.devices():
                 try:
                     dev.poll_link()
                 except Exception:
                     log.exception("device %s: link poll failed", dev.name)
 
+    def _dispatch_signals(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            for signum in os.read(self._wake_r, 256):
+                handler = self._on_signal.get(signum)
+                if handler is None:
+                    continue
+                try:
+                    handler(signal.Signals(signum))
+                except Exception:
+                    log.exception("handling %s failed", signal.Signals(signum).name)
+
     def stop(self) -> None:
-        self.stop_event.set()
+        """Make run() return. Any thread, also a signal handler: no lock."""
+        self._stopping = True
+        with contextlib.suppress(BlockingIOError):
+            if self._wake_w >= 0:  # not yet shut down
+                os.write(self._wake_w, b"\0")
 
     def shutdown(self) -> None:
         """Stop every device (workers, guest memory, sockets)."""
@@ -146,3 +191,14 @@ class Daemon:
                 log.exception("device %s: stop failed", dev.name)
         if self._run_dir:
             shutil.rmtree(self._run_dir, ignore_errors=True)
+        if self._on_signal:
+            signal.set_wakeup_fd(-1)
+        wake_r, wake_w = self._wake_r, self._wake_w
+        self._wake_r = self._wake_w = -1
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def _noted(signum: int, frame: object) -> None:
+    """Python's handler for the signals of Daemon.handle_signals: nothing to
+    do here, set_wakeup_fd has told run()."""

@@ -130,9 +130,32 @@ class Server:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 log.error("server ignored SIGTERM for %.0f s; killing", timeout)
+                self.dump_stacks()
                 self.kill()
         self.returncode = self.proc.returncode
         return self.returncode
+
+    def dump_stacks(self) -> None:
+        """Append every thread's stacks to the log: Python's (the daemon's
+        SIGQUIT handler) and C's (gdb, where installed). For a hang."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGQUIT)
+        time.sleep(0.5)
+        try:
+            gdb = subprocess.run(
+                ["gdb", "-p", str(self.proc.pid), "-batch", "-nx", "-ex", "thread apply all bt"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            text = f"gdb: {exc}\n"
+        else:
+            text = gdb.stdout + gdb.stderr[-2000:]
+        with self.log_path.open("a") as out:
+            out.write("\n== C stacks (gdb) ==\n" + text)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -339,7 +339,7 @@ def device_env(
                     log.error("server log:\n%s", text[-6000:])
                 if ok and not stopped:
                     assert alive, f"the server died during the test:\n{text[-3000:]}"
-                    assert rc == 0, f"server exited {rc} on SIGTERM:\n{text[-3000:]}"
+                    assert rc == 0, f"server exited {rc} on SIGTERM:\n{text[-12000:]}"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
