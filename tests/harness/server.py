@@ -66,7 +66,8 @@ class Server:
         self.returncode: int | None = None
 
     def start(self, timeout: float = 20.0) -> Server:
-        with self.log_path.open("wb") as out:
+        # Appending: dump_stacks() adds to the log while the daemon writes it.
+        with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 self.argv,
                 stdout=out,
