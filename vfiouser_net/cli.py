@@ -32,13 +32,8 @@ from vfiouser_net.capture import (
 from vfiouser_net.config import ConfigError, DaemonConfig, default_mac
 from vfiouser_net.config import load as load_config
 from vfiouser_net.daemon import LOG_LEVELS, Daemon, DaemonError
-from vfiouser_net.device import (
-    MULTIQUEUE_FEATURES,
-    OFFERED_FEATURES,
-    DeviceError,
-    DeviceOptions,
-    parse_mac,
-)
+from vfiouser_net.device import MULTIQUEUE_FEATURES, OFFERED_FEATURES
+from vfiouser_net.device_options import DeviceError, DeviceOptions, parse_mac
 from vfiouser_net.metrics import DEFAULT_METRICS_PORT, parse_metrics_addr, serve_metrics
 from vfiouser_net.native import lib
 from vfiouser_net.options import (

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from vfiouser_net.budget import DEFAULT_MEMORY_MIB, DEFAULT_NOFILE, Budget
-from vfiouser_net.device import DeviceError, DeviceOptions, parse_mac
+from vfiouser_net.device_options import DeviceError, DeviceOptions, parse_mac
 from vfiouser_net.options import DEFAULT_BUSY_POLL_US, DEFAULT_TAP_IO
 
 

@@ -1,7 +1,8 @@
 """The datapath's counters and state read into plain data: per queue pair and
-direction, the control queue, the device's events, the receive filter, and
-each ring as the device sees it. Device.snapshot() puts them together; the
-metrics, the admin channel, `ctl` and the SIGUSR2 dump read that.
+direction, the control queue, the device's events, the receive filter, the
+steering rule, and each ring as the device sees it. Device.snapshot() puts
+them together; the metrics, the admin channel, `ctl` and the SIGUSR2 dump
+read that.
 
 Each reader takes the datapath's device handle; the sizes of the arrays they
 walk are the C structures' own (decl/datapath.h takes them from the headers).
@@ -81,6 +82,29 @@ def device_stats(dev: Any) -> dict[str, Any]:
                 cmds.setdefault(str(cls), {})[str(cmd)] = [int(ok), int(err)]
     out["ctrl_cmds"] = cmds
     return out
+
+
+def steering(dev: Any) -> dict[str, Any]:
+    """The steering rule in force: policy, pairs, switches, the RSS
+    configuration the driver set."""
+    info = ffi.new("struct vn_steer_info *")
+    lib.vn_dev_get_steering(dev, info)
+    return {
+        "policy": ffi.string(lib.vn_policy_name(info.policy)).decode(),
+        "effective": ffi.string(lib.vn_policy_name(info.effective)).decode(),
+        "active_queue_pairs": int(info.active_qps),
+        "max_queue_pairs": int(info.max_qps),
+        "switches": int(info.epoch),
+        "rss": {
+            "configured": bool(info.rss_configured),
+            "hash_types": int(info.hash_types),
+            "table": [int(info.table[i]) for i in range(info.table_len)]
+            if info.rss_configured
+            else [],
+            "unclassified_queue": int(info.unclassified),
+            "key": bytes(info.key[0 : info.key_len]).hex(),
+        },
+    }
 
 
 def rx_filter(dev: Any) -> dict[str, Any]:

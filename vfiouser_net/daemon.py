@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 from vfiouser_net import options
 from vfiouser_net.budget import Budget
-from vfiouser_net.device import DeviceError, DeviceOptions, VirtioNetDevice
+from vfiouser_net.device import VirtioNetDevice
+from vfiouser_net.device_options import DeviceError, DeviceOptions
 from vfiouser_net.device_process import DeviceProcess
 
 # A device served in this process, or in a process of its own.

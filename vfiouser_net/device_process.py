@@ -32,7 +32,8 @@ from typing import Any
 from vfiouser_net.admin.protocol import AdminClient, ProtocolError, RemoteError, Unreachable
 from vfiouser_net.budget import EXIT_REASONS, Budget
 from vfiouser_net.capture import CAPTURE_MAX_FRAMES
-from vfiouser_net.device import DeviceError, DeviceOptions, format_mac
+from vfiouser_net.counters import format_mac
+from vfiouser_net.device_options import DeviceError, DeviceOptions
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from vfiouser_net.device import DeviceOptions, format_mac
+from vfiouser_net.counters import format_mac
+from vfiouser_net.device_options import DeviceOptions
 from vfiouser_net.device_process import COMMON_EXIT_REASONS
 from vfiouser_net.native import lib
 

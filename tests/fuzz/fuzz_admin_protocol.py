@@ -27,7 +27,7 @@ with atheris.instrument_imports(include=["vfiouser_net"]):
     from vfiouser_net.admin import protocol as p
     from vfiouser_net.admin.commands import CommandError, Commands, Peer
     from vfiouser_net.daemon import DaemonError
-    from vfiouser_net.device import DeviceOptions
+    from vfiouser_net.device_options import DeviceOptions
 
 EXECUTED = ("help", "version", "add", "remove", "link", "steering", "log-level")
 MAC = bytes([0x52, 0x54, 0, 0, 0, 1])

@@ -1,6 +1,6 @@
 """atheris target: the guest's BAR0 accesses that Python handles.
 
-vfiouser_net.device.VirtioNetDevice.bar_access (common configuration through
+vfiouser_net.bar0.Bar0.access (common configuration through
 the VirtioPciTransport state machine, ISR, the virtio-net device
 configuration of net_config.py) gets what server.c's bar0_access passes on:
 any offset outside the notify area, 1 to 8 bytes, any value. The transport's
@@ -38,6 +38,7 @@ import atheris
 
 with atheris.instrument_imports(include=["vfiouser_net"]):
     from vfiouser_net import device as devmod
+    from vfiouser_net.bar0 import Bar0
     from vfiouser_net.native import ffi, lib
     from vfiouser_net.net_config import NetConfig
     from vfiouser_net.virtio_pci import NO_VECTOR, QueueConfig, VirtioPciTransport
@@ -121,11 +122,9 @@ class CheckingBackend:
         return bits
 
 
-def make_device() -> tuple[devmod.VirtioNetDevice, CheckingBackend]:
-    # Only what bar_access and _device_config use: no TAP, no context.
-    dev = devmod.VirtioNetDevice.__new__(devmod.VirtioNetDevice)
-    dev.name = "fuzz"
-    dev.config = NetConfig(
+def make_bar0() -> tuple[Bar0, Any, CheckingBackend]:
+    """BAR0 as a device has it, over a real C device (no TAP, no context)."""
+    config = NetConfig(
         mac=MAC,
         mtu=1500,
         max_queue_pairs=MAX_QPS,
@@ -134,15 +133,15 @@ def make_device() -> tuple[devmod.VirtioNetDevice, CheckingBackend]:
         rss_max_table_len=lib.VN_RSS_MAX_TABLE,
         supported_hash_types=lib.VN_HASH_TYPES_SUPPORTED,
     )
-    dev._dev = lib.vn_dev_new(MAX_QPS, MAC, 1500)
-    assert dev._dev != ffi.NULL
+    dp = lib.vn_dev_new(MAX_QPS, MAC, 1500)
+    assert dp != ffi.NULL
     backend = CheckingBackend()
-    dev.transport = VirtioPciTransport(OFFERED, NUM_QUEUES, QUEUE_SIZE, NUM_VECTORS, backend)
-    backend.transport = dev.transport
-    return dev, backend
+    transport = VirtioPciTransport(OFFERED, NUM_QUEUES, QUEUE_SIZE, NUM_VECTORS, backend)
+    backend.transport = transport
+    return Bar0("fuzz", dp, transport, config), dp, backend
 
 
-DEV, BACKEND = make_device()
+DEV, DP, BACKEND = make_bar0()
 
 
 def access(where: int, size: int) -> int | None:
@@ -186,13 +185,13 @@ def do_read(off: int, size: int) -> bytes:
     buf = ffi.new("uint8_t[]", size)
     for i in range(size):
         buf[i] = 0xA5
-    assert DEV.bar_access(off, buf, size, False) == 0
+    assert DEV.access(off, buf, size, False) == 0
     return bytes(ffi.buffer(buf, size))
 
 
 def do_write(off: int, value: bytes) -> None:
     buf = ffi.new("uint8_t[]", value)
-    assert DEV.bar_access(off, buf, len(value), True) == 0
+    assert DEV.access(off, buf, len(value), True) == 0
 
 
 def test_one_input(data: bytes) -> None:
@@ -200,7 +199,7 @@ def test_one_input(data: bytes) -> None:
     t.reset()
     BACKEND.broken = False
     BACKEND.starts = BACKEND.resets = 0
-    lib.vn_dev_set_announce(DEV._dev, False)
+    lib.vn_dev_set_announce(DP, False)
     fdp = atheris.FuzzedDataProvider(data)
     frozen: list[Any] | None = None
     while fdp.remaining_bytes() > 0:
@@ -242,7 +241,7 @@ def test_one_input(data: bytes) -> None:
                 frozen = None
                 assert BACKEND.starts == starts
         elif kind == 6:
-            lib.vn_dev_set_announce(DEV._dev, bool(op & 8))
+            lib.vn_dev_set_announce(DP, bool(op & 8))
             vector = t.config_changed()
             assert vector == NO_VECTOR or (t.driver_ok and vector == t.config_vector)
         else:

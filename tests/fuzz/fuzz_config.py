@@ -3,7 +3,7 @@
 The first byte chooses: even, the rest is a configuration file's bytes for
 vfiouser_net.config.load (ConfigError is its only documented error: a
 broken file must give a message naming the file, never a traceback); odd,
-the rest is a MAC address for vfiouser_net.device.parse_mac (DeviceError;
+the rest is a MAC address for vfiouser_net.device_options.parse_mac (DeviceError;
 what it accepts is six two-digit hex pairs and prints back the same).
 A loaded configuration is valid: every device passes its own validation,
 names are unique, the log level is known.
@@ -22,7 +22,8 @@ import atheris
 
 with atheris.instrument_imports(include=["vfiouser_net"]):
     from vfiouser_net import config
-    from vfiouser_net.device import DeviceError, format_mac, parse_mac
+    from vfiouser_net.counters import format_mac
+    from vfiouser_net.device_options import DeviceError, parse_mac
 
 HEX = set("0123456789abcdefABCDEF")
 _DIR = tempfile.mkdtemp(prefix="vn-fuzz-config-")

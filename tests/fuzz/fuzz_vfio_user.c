@@ -994,7 +994,7 @@ static void virtio_cap(uint8_t type, uint32_t off, uint32_t len, bool notify)
     add_cap(c, VFU_CAP_FLAG_READONLY);
 }
 
-/* What vfiouser_net/device.py does: identity, virtio and MSI-X capabilities,
+/* What vfiouser_net/pci_setup.py does: identity, virtio and MSI-X capabilities,
  * server.c's callbacks, realize. */
 static void setup(uint8_t how)
 {

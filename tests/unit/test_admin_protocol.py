@@ -322,7 +322,7 @@ def test_add_takes_the_config_device_keys() -> None:
 
 
 def test_option_names_and_limits_have_one_source() -> None:
-    from vfiouser_net import daemon, device, options
+    from vfiouser_net import daemon, device_options, options
     from vfiouser_net.native import ffi, lib
 
     # The schema and the device take them from options, not from copies.
@@ -341,10 +341,12 @@ def test_option_names_and_limits_have_one_source() -> None:
         "STEERING_POLICIES",
         "NOTIFY_MODES",
         "TAP_IO_MODES",
+        "MAX_QUEUE_PAIRS",
+        "MAX_QUEUE_SIZE",
         "DEFAULT_BUSY_POLL_US",
         "MAX_BUSY_POLL_US",
     ):
-        assert getattr(device, name) is getattr(options, name), name
+        assert getattr(device_options, name) is getattr(options, name), name
     assert tuple(daemon.LOG_LEVELS) == options.LOG_LEVELS
     # What the datapath defines: the policies in enum order, and the schema
     # refuses what the datapath cannot do.

@@ -37,8 +37,9 @@ from vfiouser_net.admin.server import AdminServer, AdminServerError, start_admin
 from vfiouser_net.capture import DEFAULT_CAPTURE_DIR, CaptureError, create_capture_file
 from vfiouser_net.cli import capture_hook
 from vfiouser_net.config import ConfigError, DaemonConfig
+from vfiouser_net.counters import format_mac
 from vfiouser_net.daemon import DaemonError
-from vfiouser_net.device import DeviceError, DeviceOptions, format_mac, parse_mac
+from vfiouser_net.device_options import DeviceError, DeviceOptions, parse_mac
 
 NOBODY = 65534
 PCAP_HEADER = b"\x4d\x3c\xb2\xa1" + bytes(20)

@@ -8,7 +8,7 @@ import pytest
 
 from vfiouser_net import pci_config
 from vfiouser_net.cli import build_parser, default_mac
-from vfiouser_net.device import DeviceError, DeviceOptions, parse_mac
+from vfiouser_net.device_options import DeviceError, DeviceOptions, parse_mac
 from vfiouser_net.net_config import NET_CONFIG_SIZE, NetConfig
 
 

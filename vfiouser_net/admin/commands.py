@@ -22,8 +22,9 @@ from typing import Any, Protocol
 from vfiouser_net import __version__
 from vfiouser_net.admin import protocol as p
 from vfiouser_net.config import ConfigError, device_options
+from vfiouser_net.counters import format_mac
 from vfiouser_net.daemon import DaemonError
-from vfiouser_net.device import DeviceError, DeviceOptions, format_mac
+from vfiouser_net.device_options import DeviceError, DeviceOptions
 from vfiouser_net.tap import TapError
 from vfiouser_net.virtio_spec import DeviceStatus
 
