@@ -9,17 +9,14 @@ import os
 import platform
 import signal
 import subprocess
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import FrameType
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from vfiouser_net_harness.guest import GuestPaths
+from vfiouser_net_harness.server import Server
 
-from tests.harness.guest import GuestPaths  # noqa: E402
-from tests.harness.server import Server  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:

@@ -34,8 +34,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from common import (
     CLK_TCK,
     cpu_seconds,
@@ -46,11 +44,10 @@ from common import (
     machine_line,
     md_table,
 )
-
-from tests.harness import metrics
-from tests.harness.iperf import Direction, run_iperf3
-from tests.harness.netns import NetNS
-from tests.harness.scenarios import guest_on_vfiouser_net
+from vfiouser_net_harness import metrics
+from vfiouser_net_harness.iperf import Direction, run_iperf3
+from vfiouser_net_harness.netns import NetNS
+from vfiouser_net_harness.scenarios import guest_on_vfiouser_net
 
 log = logging.getLogger("bench.cost")
 

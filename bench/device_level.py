@@ -61,15 +61,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from tests.harness.guest_memory import GuestMemory  # noqa: E402
-from tests.harness.netns import NetNS, Tap, netns  # noqa: E402
-from tests.harness.server import Server  # noqa: E402
-from tests.harness.vfio_user_client import VfioUserClient  # noqa: E402
-from tests.harness.virtio_pci_driver import (  # noqa: E402
+from vfiouser_net_harness.guest_memory import GuestMemory
+from vfiouser_net_harness.netns import NetNS, Tap, netns
+from vfiouser_net_harness.server import Server
+from vfiouser_net_harness.vfio_user_client import VfioUserClient
+from vfiouser_net_harness.virtio_pci_driver import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_CTRL_VQ,
@@ -82,6 +78,8 @@ from tests.harness.virtio_pci_driver import (  # noqa: E402
     VirtioNetDriver,
     bit,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench.device_level")
 

@@ -51,8 +51,6 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from common import (
     cpu_seconds,
     daemon_pid,
@@ -66,11 +64,10 @@ from common import (
     threads_cpu_seconds,
     times,
 )
-
-from tests.harness.guest import Guest
-from tests.harness.iperf import Direction, run_iperf3
-from tests.harness.netns import NetNS, run_cmd
-from tests.harness.scenarios import (
+from vfiouser_net_harness.guest import Guest
+from vfiouser_net_harness.iperf import Direction, run_iperf3
+from vfiouser_net_harness.netns import NetNS, run_cmd
+from vfiouser_net_harness.scenarios import (
     dpdk_testpmd,
     guest_on_builtin_virtio_net,
     guest_on_dpdk_vhost_user,

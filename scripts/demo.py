@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.harness.iperf import run_iperf3
-from tests.harness.scenarios import guest_on_vfiouser_net
+from vfiouser_net_harness.iperf import run_iperf3
+from vfiouser_net_harness.scenarios import guest_on_vfiouser_net
 
 log = logging.getLogger("demo")
 

@@ -63,7 +63,7 @@ setup_venv() {
         "$VN_PYTHON" -c 'import sys; print(sys.version)'
         cat "$VN_CACHE/libvfio-user/REVISION"
         cat "$VN_CACHE/libvfio-user/PATCHES"
-        for f in pyproject.toml setup.py setup.cfg; do
+        for f in pyproject.toml setup.py setup.cfg harness/pyproject.toml; do
             [[ -f $REPO/$f ]] && echo "$f $(sha256sum <"$REPO/$f")"
         done
         # Inputs of the project's compiled (cffi) extension.
@@ -72,7 +72,7 @@ setup_venv() {
         echo "$REPO"
     )
     if [[ -x $venv/bin/python && -f $stamp && $(cat "$stamp") == "$want" ]] &&
-        "$venv/bin/python" -c 'import cffi, msgpack, prometheus_client, pytest, matplotlib, atheris' 2>/dev/null; then
+        "$venv/bin/python" -c 'import cffi, msgpack, prometheus_client, pytest, matplotlib, atheris, vfiouser_net_harness' 2>/dev/null; then
         vn_log "cached: $venv"
         echo "$venv (cached)"
         return 0
@@ -90,8 +90,9 @@ setup_venv() {
         vn_log "pip install -e $REPO (LIBVFIO_USER_PREFIX=$VN_CACHE/libvfio-user/prefix)"
         LIBVFIO_USER_PREFIX=$VN_CACHE/libvfio-user/prefix \
             PKG_CONFIG_PATH=$VN_CACHE/libvfio-user/prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH} \
-            "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "${REPO}[bench]" >&2
-        what="tools + project (editable, bench extra)"
+            "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "${REPO}[bench]" \
+            -e "$REPO/harness" >&2
+        what="tools + project and its test harness (editable, bench extra)"
     else
         vn_log "no $REPO/pyproject.toml: project not installed"
     fi

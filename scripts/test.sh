@@ -20,7 +20,7 @@ bash "$HERE/setup.sh"
 VENV=${VN_CACHE:-/var/cache/vfiouser-net}/venv
 cd "$REPO"
 echo "== ruff"
-"$VENV/bin/ruff" check vfiouser_net tests bench scripts
+"$VENV/bin/ruff" check vfiouser_net harness tests bench scripts
 echo "== mypy"
 "$VENV/bin/mypy"
 if [[ $# -gt 0 ]]; then

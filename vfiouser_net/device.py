@@ -12,6 +12,7 @@ context and calls back into this object for BAR0 accesses outside the
 doorbells, resets, logs and events; other threads may change the link and
 the steering and read statistics at any time.
 """
+
 from __future__ import annotations
 
 import contextlib

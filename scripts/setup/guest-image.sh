@@ -27,7 +27,7 @@
 #
 # Per-test files: the kernel accepts several cpio archives concatenated into
 # one initrd, so a test appends a small archive (compressed or not) to
-# base.cpio.gz. tests/harness/guest.py has `make_cpio()` for that, and
+# base.cpio.gz. harness/vfiouser_net_harness/guest.py has `make_cpio()` for that, and
 # `guest-image.sh extra DIR OUT.cpio` packs a directory with cpio.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -22,10 +22,10 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from tests.harness import prereq  # noqa: E402
-from tests.harness.guest import Guest, GuestPaths  # noqa: E402
-from tests.harness.netns import NetNS, Tap, create_netns, netns_with_tap  # noqa: E402
-from tests.harness.prereq import SETUP_HINT  # noqa: E402
+from vfiouser_net_harness import prereq  # noqa: E402
+from vfiouser_net_harness.guest import Guest, GuestPaths  # noqa: E402
+from vfiouser_net_harness.netns import NetNS, Tap, create_netns, netns_with_tap  # noqa: E402
+from vfiouser_net_harness.prereq import SETUP_HINT  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -34,12 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from tests.harness import prereq
-from tests.harness.guest import Guest, GuestError, GuestPaths, vfio_user_pci_args
-from tests.harness.netns import NetNS, Tap, create_netns
-from tests.harness.prereq import SETUP_HINT, VN_CACHE
-from tests.harness.server import Server
+from vfiouser_net_harness import prereq
+from vfiouser_net_harness.guest import Guest, GuestError, GuestPaths, vfio_user_pci_args
+from vfiouser_net_harness.netns import NetNS, Tap, create_netns
+from vfiouser_net_harness.prereq import SETUP_HINT, VN_CACHE
+from vfiouser_net_harness.server import Server
 
 log = logging.getLogger(__name__)
 

@@ -44,8 +44,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
+from vfiouser_net_harness.netns import NetNS
+
 from tests.e2e.device_fixtures import require
-from tests.harness.netns import NetNS
 
 log = logging.getLogger(__name__)
 

@@ -61,11 +61,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vfiouser_net_harness.guest import Guest, GuestError, GuestPaths, vfio_user_pci_args
+from vfiouser_net_harness.netns import NetNS, Tap, create_netns
+from vfiouser_net_harness.server import Server
 
 from tests.e2e.device_fixtures import check_prerequisites, require
-from tests.harness.guest import Guest, GuestError, GuestPaths, vfio_user_pci_args
-from tests.harness.netns import NetNS, Tap, create_netns
-from tests.harness.server import Server
 from vfiouser_net import __version__
 from vfiouser_net.admin import protocol as p
 

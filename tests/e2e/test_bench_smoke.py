@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vfiouser_net_harness.netns import cleanup_stale
+from vfiouser_net_harness.scenarios import dpdk_testpmd
 
 from tests.e2e.device_fixtures import check_prerequisites, require
-from tests.harness.netns import cleanup_stale
-from tests.harness.scenarios import dpdk_testpmd
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from tests.harness.guest import Guest
-from tests.harness.iperf import run_iperf3
-from tests.harness.netns import NetNS, Tap
-from tests.harness.scenarios import GUEST_MAC, builtin_virtio_net_args
+from vfiouser_net_harness.guest import Guest
+from vfiouser_net_harness.iperf import run_iperf3
+from vfiouser_net_harness.netns import NetNS, Tap
+from vfiouser_net_harness.scenarios import GUEST_MAC, builtin_virtio_net_args
 
 log = logging.getLogger(__name__)
 

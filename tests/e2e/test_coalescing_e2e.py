@@ -14,13 +14,13 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from vfiouser_net_harness import metrics
+from vfiouser_net_harness.guest import Guest, GuestPaths
+from vfiouser_net_harness.netns import NetNS
+from vfiouser_net_harness.scenarios import guest_on_vfiouser_net
+from vfiouser_net_harness.server import Server
 
 from tests.e2e.conftest import require
-from tests.harness import metrics
-from tests.harness.guest import Guest, GuestPaths
-from tests.harness.netns import NetNS
-from tests.harness.scenarios import guest_on_vfiouser_net
-from tests.harness.server import Server
 
 pytestmark = pytest.mark.e2e
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from vfiouser_net_harness.iperf import run_iperf3
 
 from tests.e2e.device_fixtures import (
     DEVICE_MAC,
@@ -33,7 +34,6 @@ from tests.e2e.device_fixtures import (
     device_stack_fixture,  # noqa: F401 (fixture "device_stack")
     stack_fixture,  # noqa: F401 (fixture "stack")
 )
-from tests.harness.iperf import run_iperf3
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vfiouser_net_harness.netns import list_netns
 
 from bench import device_level
 from bench.device_level import ALL_CASES, NETNS_PREFIX, Case
 from tests.e2e.conftest import require
-from tests.harness.netns import list_netns
 
 log = logging.getLogger(__name__)
 

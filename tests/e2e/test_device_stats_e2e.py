@@ -37,13 +37,13 @@ import time
 from typing import Any
 
 import pytest
+from vfiouser_net_harness.guest import Guest
+from vfiouser_net_harness.iperf import run_iperf3
+from vfiouser_net_harness.netns import NetNS
+from vfiouser_net_harness.scenarios import GUEST_MAC, TAP_NAME, guest_on_vfiouser_net
+from vfiouser_net_harness.server import Server
 
 from tests.e2e.device_fixtures import check_prerequisites
-from tests.harness.guest import Guest
-from tests.harness.iperf import run_iperf3
-from tests.harness.netns import NetNS
-from tests.harness.scenarios import GUEST_MAC, TAP_NAME, guest_on_vfiouser_net
-from tests.harness.server import Server
 
 log = logging.getLogger(__name__)
 

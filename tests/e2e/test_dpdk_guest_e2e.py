@@ -19,11 +19,12 @@ import re
 import time
 from pathlib import Path
 
+from vfiouser_net_harness import metrics
+from vfiouser_net_harness.guest import Guest, vfio_user_pci_args
+from vfiouser_net_harness.netns import NetNS
+from vfiouser_net_harness.server import Server
+
 from tests.e2e.device_fixtures import VN_CACHE, check_prerequisites, require
-from tests.harness import metrics
-from tests.harness.guest import Guest, vfio_user_pci_args
-from tests.harness.netns import NetNS
-from tests.harness.server import Server
 
 log = logging.getLogger(__name__)
 

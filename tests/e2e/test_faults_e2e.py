@@ -23,6 +23,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from vfiouser_net_harness.guest import GuestError
+from vfiouser_net_harness.procstat import fd_targets, proc_stat
+
 from tests.e2e.mq_fixtures import (
     POLICIES,
     QUEUE_PAIRS,
@@ -34,8 +37,6 @@ from tests.e2e.mq_fixtures import (
     mq_fixture,
     mq_stack_fixture,
 )
-from tests.harness.guest import GuestError
-from tests.harness.procstat import fd_targets, proc_stat
 
 __all__ = ["mq_fixture", "mq_stack_fixture"]
 

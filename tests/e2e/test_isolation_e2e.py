@@ -34,6 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vfiouser_net_harness.guest import GuestPaths
+from vfiouser_net_harness.metrics import scrape_text
+from vfiouser_net_harness.netns import NetNS
+from vfiouser_net_harness.procstat import proc_status
+from vfiouser_net_harness.vfio_user_client import VfioUserClient, VfioUserError
 
 from tests.e2e.device_fixtures import check_prerequisites
 from tests.e2e.test_security_e2e import (
@@ -45,11 +50,6 @@ from tests.e2e.test_security_e2e import (
     start_ping,
     stop_ping,
 )
-from tests.harness.guest import GuestPaths
-from tests.harness.metrics import scrape_text
-from tests.harness.netns import NetNS
-from tests.harness.procstat import proc_status
-from tests.harness.vfio_user_client import VfioUserClient, VfioUserError
 from vfiouser_net.capture import PCAP_MAGIC_NS
 
 log = logging.getLogger(__name__)

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
+from vfiouser_net_harness.iperf import Direction, IperfResult, run_iperf3
 
 from tests.e2e.mq_fixtures import (
     QUEUE_PAIRS,
@@ -50,7 +51,6 @@ from tests.e2e.mq_fixtures import (
     mq_stack_fixture,  # noqa: F401 (fixture "mq_stack")
     run_iperf3_udp_rx,
 )
-from tests.harness.iperf import Direction, IperfResult, run_iperf3
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vfiouser_net_harness.guest import DEFAULT_CMDLINE, Guest, vfio_user_pci_args
+from vfiouser_net_harness.netns import NetNS
+from vfiouser_net_harness.server import Server
 
 from tests.e2e.device_fixtures import VN_CACHE, check_prerequisites, require
-from tests.harness.guest import DEFAULT_CMDLINE, Guest, vfio_user_pci_args
-from tests.harness.netns import NetNS
-from tests.harness.server import Server
 
 log = logging.getLogger(__name__)
 

@@ -42,6 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vfiouser_net_harness.dashboards import dashboard_queries
+from vfiouser_net_harness.guest import Guest
+from vfiouser_net_harness.iperf import IperfResult, run_iperf3
+from vfiouser_net_harness.netns import NetNS
+from vfiouser_net_harness.scenarios import GUEST_MAC, TAP_NAME, guest_on_vfiouser_net
+from vfiouser_net_harness.server import Server
 
 from tests.e2e.device_fixtures import check_prerequisites
 from tests.e2e.obs_fixtures import (
@@ -57,12 +63,6 @@ from tests.e2e.obs_fixtures import (
     vector_selectors,
     without_thresholds,
 )
-from tests.harness.dashboards import dashboard_queries
-from tests.harness.guest import Guest
-from tests.harness.iperf import IperfResult, run_iperf3
-from tests.harness.netns import NetNS
-from tests.harness.scenarios import GUEST_MAC, TAP_NAME, guest_on_vfiouser_net
-from tests.harness.server import Server
 
 log = logging.getLogger(__name__)
 

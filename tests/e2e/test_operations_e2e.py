@@ -66,20 +66,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-import vfiouser_net
-from tests.e2e.device_fixtures import PingResult, check_prerequisites, require
-from tests.harness.guest import Guest, GuestPaths, vfio_user_pci_args
-from tests.harness.netns import NetNS, netns
-from tests.harness.prereq import IN_CI
-from tests.harness.procstat import proc_status
-from tests.harness.systemd_unit import (
+from vfiouser_net_harness.guest import Guest, GuestPaths, vfio_user_pci_args
+from vfiouser_net_harness.netns import NetNS, netns
+from vfiouser_net_harness.prereq import IN_CI
+from vfiouser_net_harness.procstat import proc_status
+from vfiouser_net_harness.systemd_unit import (
     UnitFile,
     exec_argv,
     parse_unit,
     service_environment,
 )
-from tests.harness.vfio_user_client import VfioUserClient
+from vfiouser_net_harness.vfio_user_client import VfioUserClient
+
+import vfiouser_net
+from tests.e2e.device_fixtures import PingResult, check_prerequisites, require
 
 log = logging.getLogger(__name__)
 

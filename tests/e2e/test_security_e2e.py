@@ -3,7 +3,7 @@
 
 Both guests ping the host side of their own TAP continuously (one ping every
 0.2 s) while the hostile client, the hostile driver library
-(tests/harness/hostile_driver/) on a 4-pair device, does in turn:
+(harness/vfiouser_net_harness/hostile_driver/) on a 4-pair device, does in turn:
 
 1. DMA_MAP with neither READ nor WRITE (and WRITE only), rings there, DRIVER_OK;
 2. a region longer than its file (1 GiB over 4 KiB), and a memfd truncated
@@ -40,12 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vfiouser_net_harness.guest import Guest, GuestPaths, vfio_user_pci_args
+from vfiouser_net_harness.hostile_driver import HostileDriver, admin_sources, daemon_rss_anon_kib
+from vfiouser_net_harness.netns import NetNS
+from vfiouser_net_harness.procstat import fd_targets
+from vfiouser_net_harness.vfio_user_client import VfioUserClient
+
 from tests.e2e.device_fixtures import check_prerequisites
-from tests.harness.guest import Guest, GuestPaths, vfio_user_pci_args
-from tests.harness.hostile_driver import HostileDriver, admin_sources, daemon_rss_anon_kib
-from tests.harness.netns import NetNS
-from tests.harness.procstat import fd_targets
-from tests.harness.vfio_user_client import VfioUserClient
 from tests.protocol.support import open_packet_socket
 
 log = logging.getLogger(__name__)

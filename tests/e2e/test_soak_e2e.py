@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from vfiouser_net_harness.procstat import ProcStat, fd_targets, proc_stat
 
 from tests.e2e.mq_fixtures import QUEUE_PAIRS, Counters, MQStack, _kill_group, deltas
 from tests.e2e.mq_fixtures import mq_stack_fixture as mq_stack_fixture
-from tests.harness.procstat import ProcStat, fd_targets, proc_stat
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from tests.harness.guest import Guest, vfio_user_pci_args
+from vfiouser_net_harness.guest import Guest, vfio_user_pci_args
 
 
 @pytest.mark.e2e

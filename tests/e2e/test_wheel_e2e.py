@@ -27,9 +27,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vfiouser_net_harness.prereq import VN_CACHE
+from vfiouser_net_harness.scenarios import guest_on_vfiouser_net
+
 from tests.e2e.device_fixtures import check_prerequisites
-from tests.harness.prereq import VN_CACHE
-from tests.harness.scenarios import guest_on_vfiouser_net
 
 log = logging.getLogger(__name__)
 

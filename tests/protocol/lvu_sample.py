@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.harness.prereq import require
+from vfiouser_net_harness.prereq import require
 
 CANDIDATES = [
     "/var/cache/vfiouser-net/libvfio-user/build/samples/server",

@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness.guest_memory import GuestMemory
-from tests.harness.netns import NetNS, Tap, netns
-from tests.harness.prereq import require
-from tests.harness.server import Server
-from tests.harness.vfio_user_client import VfioUserClient
-from tests.harness.virtio_pci_driver import (
+from vfiouser_net_harness.guest_memory import GuestMemory
+from vfiouser_net_harness.netns import NetNS, Tap, netns
+from vfiouser_net_harness.prereq import require
+from vfiouser_net_harness.server import Server
+from vfiouser_net_harness.vfio_user_client import VfioUserClient
+from vfiouser_net_harness.virtio_pci_driver import (
     DEFAULT_NET_FEATURES,
     VIRTIO_NET_F_CTRL_MAC_ADDR,
     VIRTIO_NET_F_CTRL_RX,

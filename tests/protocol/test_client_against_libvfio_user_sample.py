@@ -22,9 +22,9 @@ import struct
 import time
 
 import pytest
+from vfiouser_net_harness import vfio_user_client as vu
+from vfiouser_net_harness.guest_memory import GuestMemory
 
-from tests.harness import vfio_user_client as vu
-from tests.harness.guest_memory import GuestMemory
 from tests.protocol.lvu_sample import SampleServer
 
 log = logging.getLogger(__name__)

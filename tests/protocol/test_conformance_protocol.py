@@ -20,13 +20,14 @@ import struct
 import time
 from collections.abc import Callable
 
-from tests.harness import vfio_user_client as vu
-from tests.harness.virtio_pci_driver import (
+from vfiouser_net_harness import vfio_user_client as vu
+from vfiouser_net_harness.virtio_pci_driver import (
     CfgType,
     VirtioPciTransport,
     parse_virtio_caps,
     walk_capabilities,
 )
+
 from tests.protocol.support import (
     GUEST_MAC,
     DeviceEnv,

@@ -18,9 +18,8 @@ import time
 from collections.abc import Callable
 
 import pytest
-
-from tests.harness import vfio_user_client as vu
-from tests.harness.virtio_pci_driver import (
+from vfiouser_net_harness import vfio_user_client as vu
+from vfiouser_net_harness.virtio_pci_driver import (
     COMMON_CFGGENERATION,
     COMMON_DF,
     COMMON_DFSELECT,
@@ -62,6 +61,7 @@ from tests.harness.virtio_pci_driver import (
     parse_virtio_caps,
     walk_capabilities,
 )
+
 from tests.protocol.support import (
     BROADCAST,
     ETH_P_ARP,

@@ -1,4 +1,4 @@
-"""The hostile driver (tests/harness/hostile_driver/) against a real daemon:
+"""The hostile driver (harness/vfiouser_net_harness/hostile_driver/) against a real daemon:
 a 4-pair device on a multiqueue TAP in a fresh namespace, the whole attack
 catalogue while healthy traffic runs on pairs 1-3, and the command-line form
 with its JSON report.
@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.harness.hostile_driver import (
+from vfiouser_net_harness.hostile_driver import (
     CATALOGUE,
     SECURITY_ATTACKS,
     HostileDriver,
     admin_sources,
 )
+
 from tests.protocol.support import DeviceEnv
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,7 +127,7 @@ def test_hostile_driver_command_line(env_factory: Callable[..., DeviceEnv], tmp_
         [
             sys.executable,
             "-m",
-            "tests.harness.hostile_driver",
+            "vfiouser_net_harness.hostile_driver",
             "--socket",
             str(env.socket_path),
             "--tap",

@@ -23,10 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
-from tests.harness import vfio_user_client as vu
-from tests.harness.guest_memory import GuestMemory
-from tests.harness.virtio_pci_driver import (
+from vfiouser_net_harness import vfio_user_client as vu
+from vfiouser_net_harness.guest_memory import GuestMemory
+from vfiouser_net_harness.virtio_pci_driver import (
     COMMON_Q_MSIX,
     COMMON_Q_SIZE,
     NET_HDR_SIZE,
@@ -58,6 +57,7 @@ from tests.harness.virtio_pci_driver import (
     bit,
     parse_virtio_caps,
 )
+
 from tests.protocol.support import (
     BROADCAST,
     GUEST_FEATURES,

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vfiouser_net_harness import vfio_user_client as vu
+from vfiouser_net_harness.virtio_pci_driver import STATUS_DEVICE_NEEDS_RESET
 
-from tests.harness import vfio_user_client as vu
-from tests.harness.virtio_pci_driver import STATUS_DEVICE_NEEDS_RESET
 from tests.protocol.lvu_sample import SampleServer
 from tests.protocol.support import DeviceEnv, open_session
 

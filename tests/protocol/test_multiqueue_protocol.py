@@ -41,11 +41,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-
-from tests.harness import vfio_user_client as vu
-from tests.harness.guest_memory import GuestMemory
-from tests.harness.toeplitz import toeplitz
-from tests.harness.virtio_pci_driver import (
+from vfiouser_net_harness import vfio_user_client as vu
+from vfiouser_net_harness.guest_memory import GuestMemory
+from vfiouser_net_harness.toeplitz import toeplitz
+from vfiouser_net_harness.virtio_pci_driver import (
     STATUS_DEVICE_NEEDS_RESET,
     STEER_STATE_LEN,
     STEER_STATE_OFF,
@@ -67,6 +66,7 @@ from tests.harness.virtio_pci_driver import (
     bit,
     read_steer_state,
 )
+
 from tests.protocol.support import (
     BROADCAST,
     ETH_P_TEST,

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tests.harness.virtio_pci_driver import (
+from vfiouser_net_harness.virtio_pci_driver import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_NET_CTRL_RX,
     VIRTIO_NET_CTRL_RX_PROMISC,
     bit,
 )
+
 from tests.protocol.support import (
     BROADCAST,
     GUEST_FEATURES,

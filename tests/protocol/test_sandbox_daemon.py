@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from vfiouser_net_harness.metrics import scrape_text
+from vfiouser_net_harness.procstat import proc_status
+from vfiouser_net_harness.virtio_pci_driver import VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC
 
-from tests.harness.metrics import scrape_text
-from tests.harness.procstat import proc_status
-from tests.harness.virtio_pci_driver import VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC
 from tests.protocol.support import (
     DeviceEnv,
     exchange_tagged,

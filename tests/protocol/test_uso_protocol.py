@@ -17,7 +17,8 @@ import subprocess
 import sys
 import textwrap
 
-from tests.harness.virtio_pci_driver import NetHdr, bit
+from vfiouser_net_harness.virtio_pci_driver import NetHdr, bit
+
 from tests.protocol.support import GUEST_FEATURES, GUEST_MAC, DeviceEnv, open_session
 
 VIRTIO_NET_F_CSUM = 0

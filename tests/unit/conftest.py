@@ -1,4 +1,4 @@
-"""Make the repository root importable (``tests.harness``) however pytest is run."""
+"""Make the repository root importable (``vfiouser_net_harness``) however pytest is run."""
 
 import sys
 from pathlib import Path

@@ -1,6 +1,6 @@
 """A tiny in-process vfio-user server emulating a modern virtio-net device.
 
-Only for testing the test-side driver (tests/harness/virtio_pci_driver.py)
+Only for testing the test-side driver (harness/vfiouser_net_harness/virtio_pci_driver.py)
 without the real device: written independently from the spec, single-threaded,
 slow, and loopback-only (every transmitted frame is recorded and, with
 ``loopback``, delivered back on the rx queue of the same pair).
@@ -24,8 +24,8 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
-from tests.harness import vfio_user_client as vu
-from tests.harness import virtio_pci_driver as vp
+from vfiouser_net_harness import vfio_user_client as vu
+from vfiouser_net_harness import virtio_pci_driver as vp
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import msgpack
 import pytest
+from vfiouser_net_harness.prereq import require
 
-from tests.harness.prereq import require
 from vfiouser_net import cli
 from vfiouser_net.admin import protocol as p
 from vfiouser_net.admin.commands import CaptureRequest, CommandError

@@ -20,8 +20,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from tests.harness.prereq import require
+from vfiouser_net_harness.prereq import require
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "vfiouser_net" / "csrc"

@@ -33,15 +33,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tests.harness.prereq import require
-from tests.harness.systemd_unit import (
+from vfiouser_net_harness.prereq import require
+from vfiouser_net_harness.systemd_unit import (
     UnitFile,
     exec_argv,
     parse_unit,
     read_environment_file,
     service_environment,
 )
+
 from vfiouser_net import cli
 from vfiouser_net.config import DaemonConfig
 from vfiouser_net.config import load as load_config

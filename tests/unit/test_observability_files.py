@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-
-from tests.harness import dashboards
-from tests.harness.prereq import require
+from vfiouser_net_harness import dashboards
+from vfiouser_net_harness.prereq import require
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"

@@ -16,9 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from tests.harness import vfio_user_client as vu
-from tests.harness.guest_memory import GuestMemory
+from vfiouser_net_harness import vfio_user_client as vu
+from vfiouser_net_harness.guest_memory import GuestMemory
 
 
 def h(s: str) -> bytes:

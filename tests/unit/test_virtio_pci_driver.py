@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vfiouser_net_harness import virtio_pci_driver as vp
+from vfiouser_net_harness.guest_memory import GuestMemory, GuestMemoryError
+from vfiouser_net_harness.vfio_user_client import VfioUserClient
 
-from tests.harness import virtio_pci_driver as vp
-from tests.harness.guest_memory import GuestMemory, GuestMemoryError
-from tests.harness.vfio_user_client import VfioUserClient
 from tests.unit.fake_virtio_net import FakeVirtioNet
 
 # -- guest memory ---------------------------------------------------------------

@@ -8,10 +8,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tests.harness.hostile_driver.layout import ATTACKED
+from vfiouser_net_harness.hostile_driver.layout import ATTACKED
 
 if TYPE_CHECKING:
-    from tests.harness.hostile_driver.driver import HostileDriver
+    from vfiouser_net_harness.hostile_driver.driver import HostileDriver
 
 log = logging.getLogger(__name__)
 

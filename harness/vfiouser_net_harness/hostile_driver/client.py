@@ -7,7 +7,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from tests.harness import vfio_user_client as vu
+from vfiouser_net_harness import vfio_user_client as vu
 
 
 class LockedClient(vu.VfioUserClient):

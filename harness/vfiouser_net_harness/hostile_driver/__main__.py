@@ -10,9 +10,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.harness.hostile_driver.catalogue import CATALOGUE
-from tests.harness.hostile_driver.counters import admin_sources
-from tests.harness.hostile_driver.driver import HostileDriver
+from vfiouser_net_harness.hostile_driver.catalogue import CATALOGUE
+from vfiouser_net_harness.hostile_driver.counters import admin_sources
+from vfiouser_net_harness.hostile_driver.driver import HostileDriver
 
 
 def open_packet_socket(ifname: str) -> socket.socket:
@@ -23,7 +23,7 @@ def open_packet_socket(ifname: str) -> socket.socket:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m tests.harness.hostile_driver",
+        prog="python -m vfiouser_net_harness.hostile_driver",
         description="Attack a vfiouser-net device while healthy traffic runs on its other pairs.",
     )
     p.add_argument("--socket", help="the daemon's vfio-user socket")

@@ -6,9 +6,9 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from tests.harness.hostile_driver.attack import BROKEN_DROPS, RX, TX, AttackRun
-from tests.harness.hostile_driver.counters import counter_value
-from tests.harness.hostile_driver.layout import (
+from vfiouser_net_harness.hostile_driver.attack import BROKEN_DROPS, RX, TX, AttackRun
+from vfiouser_net_harness.hostile_driver.counters import counter_value
+from vfiouser_net_harness.hostile_driver.layout import (
     A_END,
     A_START,
     ATTACKED,
@@ -19,7 +19,7 @@ from tests.harness.hostile_driver.layout import (
     guest_frame,
     tag_of,
 )
-from tests.harness.virtio_pci_driver import (
+from vfiouser_net_harness.virtio_pci_driver import (
     NET_HDR_SIZE,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
@@ -28,7 +28,7 @@ from tests.harness.virtio_pci_driver import (
 )
 
 if TYPE_CHECKING:
-    from tests.harness.hostile_driver.driver import HostileDriver
+    from vfiouser_net_harness.hostile_driver.driver import HostileDriver
 
 
 def tx_frame_in_c(hd: HostileDriver, tag: str) -> int:

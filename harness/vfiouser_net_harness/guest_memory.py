@@ -181,7 +181,7 @@ class GuestMemory:
         """The driver lets the device write [addr, addr+length) (a used ring,
         or a buffer offered as device-writable). Nothing to do here; a memory
         that checks what the device wrote records it
-        (tests/harness/hostile_driver/)."""
+        (harness/vfiouser_net_harness/hostile_driver/)."""
 
     # -- DmaBacking (serves the server's DMA_READ / DMA_WRITE messages) -------------
 

@@ -7,16 +7,16 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from tests.harness import vfio_user_client as vu
-from tests.harness.hostile_driver.attack import AttackRun
-from tests.harness.hostile_driver.layout import (
+from vfiouser_net_harness import vfio_user_client as vu
+from vfiouser_net_harness.hostile_driver.attack import AttackRun
+from vfiouser_net_harness.hostile_driver.layout import (
     CTRL_BUDGET,
     CTRL_BUSY_SECONDS,
     MSG_REPLY_BOUND,
     PAIRS,
     rss_config,
 )
-from tests.harness.virtio_pci_driver import (
+from vfiouser_net_harness.virtio_pci_driver import (
     VIRTIO_NET_CTRL_MQ,
     VIRTIO_NET_CTRL_MQ_RSS_CONFIG,
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
@@ -26,7 +26,7 @@ from tests.harness.virtio_pci_driver import (
 )
 
 if TYPE_CHECKING:
-    from tests.harness.hostile_driver.driver import HostileDriver
+    from vfiouser_net_harness.hostile_driver.driver import HostileDriver
 
 
 def attack_ctrl_ring_corrupt(hd: HostileDriver, run: AttackRun) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tests.harness.hostile_driver.attack import Attack, AttackRun
-from tests.harness.hostile_driver.ctrl import (
+from vfiouser_net_harness.hostile_driver.attack import Attack, AttackRun
+from vfiouser_net_harness.hostile_driver.ctrl import (
     attack_ctrl_malformed_commands,
     attack_ctrl_queue_busy,
     attack_ctrl_ring_corrupt,
 )
-from tests.harness.hostile_driver.dma_map import (
+from vfiouser_net_harness.hostile_driver.dma_map import (
     attack_dma_file_truncated,
     attack_dma_map_beyond_file,
     attack_dma_map_no_access,
@@ -19,13 +19,13 @@ from tests.harness.hostile_driver.dma_map import (
     attack_dma_map_unaligned_offset,
     attack_dma_map_write_only,
 )
-from tests.harness.hostile_driver.dma_unmap import (
+from vfiouser_net_harness.hostile_driver.dma_unmap import (
     attack_dma_unmap_buffers_in_use,
     attack_dma_unmap_during_steering_drain,
     attack_dma_unmap_rings_in_use,
     attack_rings_in_unmapped_memory,
 )
-from tests.harness.hostile_driver.doorbells import (
+from vfiouser_net_harness.hostile_driver.doorbells import (
     attack_bar0_writes,
     attack_config_space_writes,
     attack_doorbells_before_driver_ok,
@@ -33,8 +33,8 @@ from tests.harness.hostile_driver.doorbells import (
     attack_message_flood,
     attack_set_irqs_churn,
 )
-from tests.harness.hostile_driver.layout import MSG_REPLY_BOUND
-from tests.harness.hostile_driver.rings import (
+from vfiouser_net_harness.hostile_driver.layout import MSG_REPLY_BOUND
+from vfiouser_net_harness.hostile_driver.rings import (
     attack_avail_idx_jump,
     attack_chain_longer_than_ring,
     attack_desc_loops,
@@ -43,15 +43,15 @@ from tests.harness.hostile_driver.rings import (
     attack_head_index_out_of_range,
     attack_rx_ring_starved,
 )
-from tests.harness.hostile_driver.steering import attack_steering_to_unconfigured_pairs
-from tests.harness.hostile_driver.vfio_messages import (
+from vfiouser_net_harness.hostile_driver.steering import attack_steering_to_unconfigured_pairs
+from vfiouser_net_harness.hostile_driver.vfio_messages import (
     attack_region_access_out_of_range,
     attack_region_info_small_argsz,
     attack_set_irqs_overflow,
 )
 
 if TYPE_CHECKING:
-    from tests.harness.hostile_driver.driver import HostileDriver
+    from vfiouser_net_harness.hostile_driver.driver import HostileDriver
 
 
 SECURITY_ENTRIES: list[tuple[Callable[[HostileDriver, AttackRun], None], str, str]] = [

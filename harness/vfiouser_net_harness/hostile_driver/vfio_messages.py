@@ -8,13 +8,13 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from tests.harness import vfio_user_client as vu
-from tests.harness.hostile_driver.attack import AttackRun
-from tests.harness.hostile_driver.counters import daemon_fds
-from tests.harness.hostile_driver.layout import HEALTHY
+from vfiouser_net_harness import vfio_user_client as vu
+from vfiouser_net_harness.hostile_driver.attack import AttackRun
+from vfiouser_net_harness.hostile_driver.counters import daemon_fds
+from vfiouser_net_harness.hostile_driver.layout import HEALTHY
 
 if TYPE_CHECKING:
-    from tests.harness.hostile_driver.driver import HostileDriver
+    from vfiouser_net_harness.hostile_driver.driver import HostileDriver
 
 
 def attack_set_irqs_overflow(hd: HostileDriver, run: AttackRun) -> None:

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tests.harness import vfio_user_client as vu
-from tests.harness.guest_memory import GuestMemory
-from tests.harness.hostile_driver.attack import RX, TX, AttackRun
-from tests.harness.hostile_driver.counters import counter_value, daemon_fds
-from tests.harness.hostile_driver.layout import (
+from vfiouser_net_harness import vfio_user_client as vu
+from vfiouser_net_harness.guest_memory import GuestMemory
+from vfiouser_net_harness.hostile_driver.attack import RX, TX, AttackRun
+from vfiouser_net_harness.hostile_driver.counters import counter_value, daemon_fds
+from vfiouser_net_harness.hostile_driver.layout import (
     ATTACKED,
     BUF_SIZE,
     CANARY,
@@ -28,15 +28,15 @@ from tests.harness.hostile_driver.layout import (
     guest_frame,
     tag_of,
 )
-from tests.harness.hostile_driver.memory import diff_runs, merge_ranges
-from tests.harness.virtio_pci_driver import (
+from vfiouser_net_harness.hostile_driver.memory import diff_runs, merge_ranges
+from vfiouser_net_harness.virtio_pci_driver import (
     NET_HDR_SIZE,
     STATUS_DEVICE_NEEDS_RESET,
     VRING_DESC_F_WRITE,
 )
 
 if TYPE_CHECKING:
-    from tests.harness.hostile_driver.driver import HostileDriver
+    from vfiouser_net_harness.hostile_driver.driver import HostileDriver
 
 
 @dataclass

@@ -13,7 +13,7 @@ Layers:
   index to notify cap offset + queue_notify_off * notify_off_multiplier),
   device config reads with config_generation, MSI-X vectors as eventfds.
 * :class:`SplitQueue` - descriptor table / avail ring / used ring in
-  :class:`~tests.harness.guest_memory.GuestMemory`, direct and indirect
+  :class:`~vfiouser_net_harness.guest_memory.GuestMemory`, direct and indirect
   chains, EVENT_IDX (used_event / avail_event).
 * :class:`VirtioNetDriver` - rx/tx queue pairs and the control queue, packet
   send/receive (12-byte virtio_net_hdr_v1, mergeable rx buffers), control

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from tests.harness.hostile_driver.attack import BROKEN_DROPS, RX, TX, AttackRun
-from tests.harness.hostile_driver.counters import counter_value
-from tests.harness.hostile_driver.layout import (
+from vfiouser_net_harness.hostile_driver.attack import BROKEN_DROPS, RX, TX, AttackRun
+from vfiouser_net_harness.hostile_driver.counters import counter_value
+from vfiouser_net_harness.hostile_driver.layout import (
     A_END,
     ATTACKED,
     B_END,
@@ -17,15 +17,15 @@ from tests.harness.hostile_driver.layout import (
     DRAIN_UNMAP_ATTEMPTS,
     PAIRS,
 )
-from tests.harness.hostile_driver.rings import tx_frame_in_c
-from tests.harness.virtio_pci_driver import (
+from vfiouser_net_harness.hostile_driver.rings import tx_frame_in_c
+from vfiouser_net_harness.virtio_pci_driver import (
     NET_HDR_SIZE,
     STATUS_DEVICE_NEEDS_RESET,
     VIRTIO_NET_OK,
 )
 
 if TYPE_CHECKING:
-    from tests.harness.hostile_driver.driver import HostileDriver
+    from vfiouser_net_harness.hostile_driver.driver import HostileDriver
 
 
 def attack_rings_in_unmapped_memory(hd: HostileDriver, run: AttackRun) -> None:

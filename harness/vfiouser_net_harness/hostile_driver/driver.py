@@ -16,13 +16,13 @@ from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
-from tests.harness import vfio_user_client as vu
-from tests.harness.hostile_driver.attack import Attack, AttackRun, diff_counts
-from tests.harness.hostile_driver.catalogue import CATALOGUE
-from tests.harness.hostile_driver.client import LockedClient
-from tests.harness.hostile_driver.counters import CounterSource, counter_value
-from tests.harness.hostile_driver.dma_map import ForeignRegion
-from tests.harness.hostile_driver.layout import (
+from vfiouser_net_harness import vfio_user_client as vu
+from vfiouser_net_harness.hostile_driver.attack import Attack, AttackRun, diff_counts
+from vfiouser_net_harness.hostile_driver.catalogue import CATALOGUE
+from vfiouser_net_harness.hostile_driver.client import LockedClient
+from vfiouser_net_harness.hostile_driver.counters import CounterSource, counter_value
+from vfiouser_net_harness.hostile_driver.dma_map import ForeignRegion
+from vfiouser_net_harness.hostile_driver.layout import (
     A_END,
     ATTACKED,
     B_END,
@@ -51,9 +51,14 @@ from tests.harness.hostile_driver.layout import (
     rss_config,
     tag_of,
 )
-from tests.harness.hostile_driver.memory import RegionBacking, TrackedGuestMemory, Violation, Zone
-from tests.harness.hostile_driver.traffic import Traffic
-from tests.harness.virtio_pci_driver import (
+from vfiouser_net_harness.hostile_driver.memory import (
+    RegionBacking,
+    TrackedGuestMemory,
+    Violation,
+    Zone,
+)
+from vfiouser_net_harness.hostile_driver.traffic import Traffic
+from vfiouser_net_harness.virtio_pci_driver import (
     NET_HDR_SIZE,
     STATUS_DEVICE_NEEDS_RESET,
     VIRTIO_NET_CTRL_MQ,

@@ -9,9 +9,9 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tests.harness.hostile_driver.attack import AttackRun
-from tests.harness.hostile_driver.counters import counter_value, daemon_rss_anon_kib
-from tests.harness.hostile_driver.layout import (
+from vfiouser_net_harness.hostile_driver.attack import AttackRun
+from vfiouser_net_harness.hostile_driver.counters import counter_value, daemon_rss_anon_kib
+from vfiouser_net_harness.hostile_driver.layout import (
     ATTACKED,
     BUF_SIZE,
     ETH_P_IP,
@@ -31,7 +31,7 @@ from tests.harness.hostile_driver.layout import (
     rss_config,
     tag_of,
 )
-from tests.harness.virtio_pci_driver import (
+from vfiouser_net_harness.virtio_pci_driver import (
     NET_HDR_SIZE,
     VIRTIO_NET_CTRL_MQ,
     VIRTIO_NET_CTRL_MQ_RSS_CONFIG,
@@ -42,7 +42,7 @@ from tests.harness.virtio_pci_driver import (
 )
 
 if TYPE_CHECKING:
-    from tests.harness.hostile_driver.driver import HostileDriver
+    from vfiouser_net_harness.hostile_driver.driver import HostileDriver
 
 
 def _set_mtu(sock: socket.socket, mtu: int) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from tests.harness.toeplitz import toeplitz
-from tests.harness.virtio_pci_driver import (
+from vfiouser_net_harness.toeplitz import toeplitz
+from vfiouser_net_harness.virtio_pci_driver import (
     DEFAULT_NET_FEATURES,
     VIRTIO_NET_F_CTRL_MAC_ADDR,
     VIRTIO_NET_F_CTRL_RX,

@@ -10,8 +10,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tests.harness.guest_memory import GuestMemory
-from tests.harness.hostile_driver.layout import CANARY, HOLES, REGIONS
+from vfiouser_net_harness.guest_memory import GuestMemory
+from vfiouser_net_harness.hostile_driver.layout import CANARY, HOLES, REGIONS
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,16 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tests.harness import vfio_user_client as vu
-from tests.harness.hostile_driver.attack import AttackRun
-from tests.harness.hostile_driver.counters import daemon_rss_kib
-from tests.harness.hostile_driver.layout import HEALTHY, PAIRS
-from tests.harness.virtio_pci_driver import (
+from vfiouser_net_harness import vfio_user_client as vu
+from vfiouser_net_harness.hostile_driver.attack import AttackRun
+from vfiouser_net_harness.hostile_driver.counters import daemon_rss_kib
+from vfiouser_net_harness.hostile_driver.layout import HEALTHY, PAIRS
+from vfiouser_net_harness.virtio_pci_driver import (
     COMMON_GF,
 )
 
 if TYPE_CHECKING:
-    from tests.harness.hostile_driver.driver import HostileDriver
+    from vfiouser_net_harness.hostile_driver.driver import HostileDriver
 
 
 def _notify(hd: HostileDriver) -> tuple[int, int, int]:

@@ -10,14 +10,14 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from tests.harness.hostile_driver.attack import AttackFailed, PairCounts
-from tests.harness.hostile_driver.layout import PACKET_OUTGOING, guest_frame, tag_of
-from tests.harness.virtio_pci_driver import (
+from vfiouser_net_harness.hostile_driver.attack import AttackFailed, PairCounts
+from vfiouser_net_harness.hostile_driver.layout import PACKET_OUTGOING, guest_frame, tag_of
+from vfiouser_net_harness.virtio_pci_driver import (
     VirtioNetDriver,
 )
 
 if TYPE_CHECKING:
-    from tests.harness.hostile_driver.driver import HostileDriver
+    from vfiouser_net_harness.hostile_driver.driver import HostileDriver
 
 log = logging.getLogger(__name__)
 

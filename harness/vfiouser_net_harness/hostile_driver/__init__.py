@@ -5,7 +5,7 @@ writes nothing but its used rings and the buffers it was offered, and that
 every event is counted.
 
 Built on the tests' own vfio-user client and virtio driver
-(:mod:`tests.harness.vfio_user_client`, :mod:`tests.harness.virtio_pci_driver`):
+(:mod:`vfiouser_net_harness.vfio_user_client`, :mod:`vfiouser_net_harness.virtio_pci_driver`):
 
 * **Device**: 4 queue pairs with MQ and RSS (VQ_PAIRS_SET 4, an RSS table
   ``[0, 1, 2, 3]`` over UDP/IPv4), so that host-to-guest flows land on a
@@ -34,14 +34,14 @@ The daemon's counters come from a callable (the protocol tests pass
 
 Command line (run it where the TAP is, e.g. under ``ip netns exec``)::
 
-    python -m tests.harness.hostile_driver --socket PATH --tap IFNAME \\
+    python -m vfiouser_net_harness.hostile_driver --socket PATH --tap IFNAME \\
         --admin-socket PATH [--attacks a,b,...] [--json out.json] [--list]
 
 Exit status 0 when every attack had its expected outcome, 1 otherwise.
 """
 
-from tests.harness.hostile_driver.catalogue import CATALOGUE, SECURITY_ATTACKS
-from tests.harness.hostile_driver.counters import admin_sources, daemon_rss_anon_kib
-from tests.harness.hostile_driver.driver import HostileDriver
+from vfiouser_net_harness.hostile_driver.catalogue import CATALOGUE, SECURITY_ATTACKS
+from vfiouser_net_harness.hostile_driver.counters import admin_sources, daemon_rss_anon_kib
+from vfiouser_net_harness.hostile_driver.driver import HostileDriver
 
 __all__ = ["CATALOGUE", "SECURITY_ATTACKS", "HostileDriver", "admin_sources", "daemon_rss_anon_kib"]
