@@ -382,7 +382,7 @@ def serve(args: argparse.Namespace) -> int:
     def on_usr2(sig: signal.Signals) -> None:
         for dev in daemon.devices():
             try:
-                log.info("device %s: counters %s", dev.name, json.dumps(dev.snapshot()))
+                log.info("device %s: counters %s", dev.name, json.dumps(dev.snapshot().to_dict()))
             except DeviceError as exc:
                 log.warning("SIGUSR2: %s", exc)
 

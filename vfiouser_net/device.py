@@ -32,6 +32,7 @@ from vfiouser_net.native import ffi, lib
 from vfiouser_net.net_config import NetConfig
 from vfiouser_net.options import STEERING_POLICIES
 from vfiouser_net.pci_setup import create_context
+from vfiouser_net.snapshot import DeviceSnapshot, SteeringState
 from vfiouser_net.tap import Tap
 from vfiouser_net.tap_link import TapLink
 from vfiouser_net.unix_socket import SocketPathError, check_listening_socket, socket_name
@@ -221,7 +222,7 @@ class VirtioNetDevice:
         # workers must be stopped first.
         lib.vn_dev_reset(self._dev)
         self.connected = False
-        log.info("device %s: final counters %s", self.name, json.dumps(self._snapshot()))
+        log.info("device %s: final counters %s", self.name, json.dumps(self._snapshot().to_dict()))
         lib.vfu_destroy_ctx(self._vfu)
         lib.vn_dev_free(self._dev)
         self.tap.close()
@@ -303,15 +304,12 @@ class VirtioNetDevice:
             # The context thread applies it between messages: normally at
             # once; wait for it so callers read back what they set.
             deadline = time.monotonic() + 2.0
-            while self._steering()["policy"] != policy and time.monotonic() < deadline:
+            while counters.steering(self._dev).policy != policy and time.monotonic() < deadline:
                 time.sleep(0.005)
 
-    def steering(self) -> dict[str, Any]:
+    def steering(self) -> SteeringState:
         with self._in_use():
-            return self._steering()
-
-    def _steering(self) -> dict[str, Any]:
-        return counters.steering(self._dev)
+            return counters.steering(self._dev)
 
     def set_config_vector(self, vector: int) -> None:
         lib.vn_dev_set_config_vector(self._dev, vector)
@@ -370,18 +368,6 @@ class VirtioNetDevice:
 
     # -- observation ---------------------------------------------------------------
 
-    def queue_stats(self, qp: int) -> dict[str, dict[str, Any]]:
-        return counters.queue_stats(self._dev, qp)
-
-    def ctrl_stats(self) -> dict[str, Any]:
-        return counters.ctrl_stats(self._dev)
-
-    def device_stats(self) -> dict[str, Any]:
-        return counters.device_stats(self._dev)
-
-    def rx_filter(self) -> dict[str, Any]:
-        return counters.rx_filter(self._dev)
-
     def ring_state(self) -> list[dict[str, Any]]:
         """Per virtqueue, as the device sees it (indices, in flight, flags)."""
         with self._in_use():
@@ -438,31 +424,31 @@ class VirtioNetDevice:
         """What the datapath does now ("writev" also after io_uring failed)."""
         return "io_uring" if lib.vn_dev_tap_batching(self._dev) else "writev"
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> DeviceSnapshot:
         with self._in_use():
             return self._snapshot()
 
-    def _snapshot(self) -> dict[str, Any]:
+    def _snapshot(self) -> DeviceSnapshot:
         t = self.transport
-        return {
-            "name": self.name,
-            "socket": self.opts.socket_path,
-            "tap": self.tap.name,
-            "connected": self.connected,
-            "status": int(t.device_status()),
-            "features": feature_names(t.negotiated),
-            "offered_features": feature_names(self.offered),
-            "link_up": self.config.link_up,
-            "tap_lost": self.tap_lost,
-            "mtu": self.opts.mtu,
-            "tap_io": self.tap_io,
-            "queue_pairs": self.max_qps,
-            "steering": self._steering(),
-            "rx_filter": self.rx_filter(),
-            "queues": [self.queue_stats(i) for i in range(self.max_qps)],
-            "ctrl": self.ctrl_stats(),
-            "device": self.device_stats(),
-        }
+        return DeviceSnapshot(
+            name=self.name,
+            socket=self.opts.socket_path,
+            tap=self.tap.name,
+            connected=self.connected,
+            status=int(t.device_status()),
+            features=feature_names(t.negotiated),
+            offered_features=feature_names(self.offered),
+            link_up=self.config.link_up,
+            tap_lost=self.tap_lost,
+            mtu=self.opts.mtu,
+            tap_io=self.tap_io,
+            queue_pairs=self.max_qps,
+            steering=counters.steering(self._dev),
+            rx_filter=counters.rx_filter(self._dev),
+            queues=[counters.queue_stats(self._dev, i) for i in range(self.max_qps)],
+            ctrl=counters.ctrl_stats(self._dev),
+            device=counters.device_stats(self._dev),
+        )
 
 
 # Callbacks from C: find the device through the handle and never let an

@@ -34,6 +34,7 @@ from vfiouser_net.budget import EXIT_REASONS, Budget
 from vfiouser_net.capture import CAPTURE_MAX_FRAMES
 from vfiouser_net.counters import format_mac
 from vfiouser_net.device_options import DeviceError, DeviceOptions
+from vfiouser_net.snapshot import DeviceSnapshot, SnapshotError, SteeringState
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class DeviceProcess:
         self._restart_delay = RESTART_DELAY_SECONDS
         # What the health check killed the process for (its exit's reason).
         self._kill_reason: str | None = None
-        self._last_reply: tuple[float, dict[str, Any]] | None = None
+        self._last_reply: tuple[float, DeviceSnapshot] | None = None
         self._listener: socket.socket | None = None
         if opts.listen_fd is not None:
             self._listen_fd = opts.listen_fd
@@ -308,12 +309,12 @@ class DeviceProcess:
 
     @property
     def connected(self) -> bool:
-        return bool(self.snapshot()["connected"])
+        return self.snapshot().connected
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> DeviceSnapshot:
         return self._snapshot_call(CALL_TIMEOUT_SECONDS)
 
-    def cached_snapshot(self) -> dict[str, Any]:
+    def cached_snapshot(self) -> DeviceSnapshot:
         """The health check's last snapshot (at most STALE_SECONDS old): what a
         scrape reads, never waiting for the process."""
         with self._lock:
@@ -322,19 +323,24 @@ class DeviceProcess:
             raise DeviceError(f"device {self.name}: its process has not answered lately")
         return last[1]
 
-    def _snapshot_call(self, timeout: float) -> dict[str, Any]:
+    def _snapshot_call(self, timeout: float) -> DeviceSnapshot:
         reply = self._call("snapshot", timeout=timeout, device=self.name)
+        # The process serves a guest: what it answers is checked, field by field.
+        try:
+            snap = DeviceSnapshot.from_dict(reply["snapshot"])
+        except (SnapshotError, KeyError, TypeError) as exc:
+            raise DeviceError(
+                f"device {self.name}: its process answered a bad snapshot: {exc}"
+            ) from exc
         self.resets = {k: v for k, v in reply["resets"].items() if k != "driver"}
         self.transport.driver_resets = int(reply["resets"].get("driver", 0))
         self.operator_link_up = bool(reply["operator_link_up"])
-        snap: dict[str, Any] = reply["snapshot"]
         with self._lock:
             self._last_reply = (time.monotonic(), snap)
         return snap
 
-    def steering(self) -> dict[str, Any]:
-        steer: dict[str, Any] = self.snapshot()["steering"]
-        return steer
+    def steering(self) -> SteeringState:
+        return self.snapshot().steering
 
     def set_steering(self, policy: str) -> None:
         self._call("steering", device=self.name, policy=policy)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import Protocol
 
 from prometheus_client import start_http_server
 from prometheus_client.core import (
@@ -27,6 +27,7 @@ from vfiouser_net.counters import format_mac
 from vfiouser_net.device_options import DeviceOptions
 from vfiouser_net.device_process import COMMON_EXIT_REASONS
 from vfiouser_net.native import lib
+from vfiouser_net.snapshot import DeviceSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class MetricsDevice(Protocol):
     def resets(self) -> dict[str, int]: ...
     @property
     def transport(self) -> _Transport: ...
-    def snapshot(self) -> dict[str, Any]: ...
+    def snapshot(self) -> DeviceSnapshot: ...
 
 
 # vn_dev_stats fields exported as vfiouser_net_device_events_total{event=...}.
@@ -241,58 +242,55 @@ class _Families:
             self.process_exits.add_metric([name, reason], n)
         # A device process's last answer to the health check: a scrape never
         # waits for a process.
-        snap: dict[str, Any] = getattr(dev, "cached_snapshot", dev.snapshot)()
-        for qp, queue in enumerate(snap["queues"]):
-            for direction in ("rx", "tx"):
-                s = queue[direction]
+        snap: DeviceSnapshot = getattr(dev, "cached_snapshot", dev.snapshot)()
+        for qp, queue in enumerate(snap.queues):
+            for direction, s in (("rx", queue.rx), ("tx", queue.tx)):
                 lab = [name, str(qp), direction]
-                self.packets.add_metric(lab, s["packets"])
-                self.bytes.add_metric(lab, s["bytes"])
-                for reason, n in s["drops"].items():
+                self.packets.add_metric(lab, s.packets)
+                self.bytes.add_metric(lab, s.bytes)
+                for reason, n in s.drops.items():
                     self.drops.add_metric([*lab, reason], n)
-                for reason, n in s["errors"].items():
+                for reason, n in s.errors.items():
                     self.errors.add_metric([*lab, reason], n)
-                self.kicks.add_metric(lab, s["doorbells"])
-                self.interrupts.add_metric(lab, s["interrupts"])
-                self.suppressed.add_metric(lab, s["interrupts_suppressed"])
-                self.coalesced.add_metric(lab, s["interrupts_coalesced"])
-                self.coal_packets.add_metric(lab, s.get("coalesce_max_packets", 0))
-                self.coal_usecs.add_metric(lab, s.get("coalesce_max_usecs", 0))
-                self.ring_full.add_metric(lab, s["ring_full"])
+                self.kicks.add_metric(lab, s.doorbells)
+                self.interrupts.add_metric(lab, s.interrupts)
+                self.suppressed.add_metric(lab, s.interrupts_suppressed)
+                self.coalesced.add_metric(lab, s.interrupts_coalesced)
+                self.coal_packets.add_metric(lab, s.coalesce_max_packets or 0)
+                self.coal_usecs.add_metric(lab, s.coalesce_max_usecs or 0)
+                self.ring_full.add_metric(lab, s.ring_full)
                 if direction == "rx":
-                    self.steered.add_metric(lab, s["steered_out"])
-                self.in_flight.add_metric(lab, (s["avail_seen"] - s["used_idx"]) & 0xFFFF)
+                    self.steered.add_metric(lab, s.steered_out)
+                self.in_flight.add_metric(lab, s.in_flight)
                 self.batch.add_metric(
-                    lab, _cumulative(s["batch_hist"], BATCH_BOUNDS), sum_value=s["packets"]
+                    lab, _cumulative(s.batch_hist, BATCH_BOUNDS), sum_value=s.packets
                 )
-                self.size.add_metric(
-                    lab, _cumulative(s["size_hist"], SIZE_BOUNDS), sum_value=s["bytes"]
-                )
-        steer = snap["steering"]
+                self.size.add_metric(lab, _cumulative(s.size_hist, SIZE_BOUNDS), sum_value=s.bytes)
+        steer = snap.steering
         self.info.add_metric(
             [name],
             {
-                "socket": snap["socket"],
-                "tap": snap["tap"],
-                "mac": snap["rx_filter"]["mac"],
+                "socket": snap.socket,
+                "tap": snap.tap,
+                "mac": snap.rx_filter.mac,
                 "configured_mac": format_mac(dev.opts.mac),
-                "mtu": str(snap["mtu"]),
-                "features": ",".join(snap["features"]),
-                "tap_io": str(snap.get("tap_io", "")),
+                "mtu": str(snap.mtu),
+                "features": ",".join(snap.features),
+                "tap_io": snap.tap_io,
             },
         )
-        status = snap["status"]
-        self.link.add_metric([name], int(snap["link_up"]))
+        status = snap.status
+        self.link.add_metric([name], int(snap.link_up))
         self.status.add_metric([name], status)
         self.driver_ok.add_metric([name], int(bool(status & 4)))
         self.needs_reset.add_metric([name], int(bool(status & 64)))
-        self.connected.add_metric([name], int(snap["connected"]))
-        self.pairs_active.add_metric([name], steer["active_queue_pairs"])
-        self.pairs_max.add_metric([name], steer["max_queue_pairs"])
-        self.steering.add_metric([name, steer["policy"], steer["effective"]], 1)
-        device = snap["device"]
-        self.switches.add_metric([name], device["steering_switches"])
-        for cls, cmds in device["ctrl_cmds"].items():
+        self.connected.add_metric([name], int(snap.connected))
+        self.pairs_active.add_metric([name], steer.active_queue_pairs)
+        self.pairs_max.add_metric([name], steer.max_queue_pairs)
+        self.steering.add_metric([name, steer.policy, steer.effective], 1)
+        device = snap.device
+        self.switches.add_metric([name], device.events["steering_switches"])
+        for cls, cmds in device.ctrl_cmds.items():
             cls_name = ctrl_class_name(int(cls))
             for cmd, (ok, err) in cmds.items():
                 cmd_name = ctrl_command_name(cls_name, int(cmd))
@@ -302,9 +300,9 @@ class _Families:
         resets["driver"] = dev.transport.driver_resets
         for kind, n in resets.items():
             self.resets.add_metric([name, kind], n)
-        self.dma.add_metric([name], max(0, device["dma_maps"] - device["dma_unmaps"]))
+        self.dma.add_metric([name], max(0, device.events["dma_maps"] - device.events["dma_unmaps"]))
         for event in DEVICE_EVENTS:
-            self.events.add_metric([name, event], device[event])
+            self.events.add_metric([name, event], device.events[event])
 
     def all(self) -> Iterator[Metric]:
         yield from (v for v in vars(self).values() if isinstance(v, Metric))

@@ -24,10 +24,13 @@ from typing import Any
 import atheris
 
 with atheris.instrument_imports(include=["vfiouser_net"]):
+    from vfiouser_net_harness.fake_snapshot import fake_snapshot
+
     from vfiouser_net.admin import protocol as p
     from vfiouser_net.admin.commands import CommandError, Commands, Peer
     from vfiouser_net.daemon import DaemonError
     from vfiouser_net.device_options import DeviceOptions
+    from vfiouser_net.snapshot import DeviceSnapshot, SteeringState
 
 EXECUTED = ("help", "version", "add", "remove", "link", "steering", "log-level")
 MAC = bytes([0x52, 0x54, 0, 0, 0, 1])
@@ -40,23 +43,22 @@ class FakeDevice:
         self.name = opts.name or opts.socket_path.rsplit("/", 1)[-1]
         self.connected = False
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "socket": self.opts.socket_path,
-            "tap": self.opts.tap,
-            "connected": False,
-            "link_up": True,
-            "status": 0,
-            "steering": {
-                "active_queue_pairs": 0,
-                "max_queue_pairs": self.opts.queue_pairs,
-                "policy": self.opts.steering,
-                "effective": self.opts.steering,
-            },
-        }
+    def snapshot(self) -> DeviceSnapshot:
+        return fake_snapshot(
+            {
+                "socket": self.opts.socket_path,
+                "tap": self.opts.tap,
+                "steering": self.steering().to_dict(),
+            }
+        )
 
-    def steering(self) -> dict[str, Any]:
-        return {}
+    def steering(self) -> SteeringState:
+        steer = {
+            "max_queue_pairs": self.opts.queue_pairs,
+            "policy": self.opts.steering,
+            "effective": self.opts.steering,
+        }
+        return fake_snapshot({"steering": steer}).steering
 
     def set_steering(self, policy: str) -> None:
         assert policy in p.STEERING_POLICIES

@@ -28,6 +28,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from vfiouser_net_harness.fake_snapshot import fake_snapshot
 from vfiouser_net_harness.prereq import require
 
 from vfiouser_net import cli
@@ -40,6 +41,7 @@ from vfiouser_net.config import ConfigError, DaemonConfig
 from vfiouser_net.counters import format_mac
 from vfiouser_net.daemon import DaemonError
 from vfiouser_net.device_options import DeviceError, DeviceOptions, parse_mac
+from vfiouser_net.snapshot import DeviceSnapshot, SteeringState
 
 NOBODY = 65534
 PCAP_HEADER = b"\x4d\x3c\xb2\xa1" + bytes(20)
@@ -103,65 +105,69 @@ class FakeDevice:
     def link_up(self) -> bool:
         return self.operator_link_up and self.tap_up
 
-    def steering(self) -> dict[str, Any]:
+    def steering(self) -> SteeringState:
         policy = self.opts.steering
         effective = policy
         if policy == "auto":
             effective = "rss" if self.rss_configured else "rx-follows-tx"
-        return {
-            "policy": policy,
-            "effective": effective,
-            "active_queue_pairs": self.active_qps,
-            "max_queue_pairs": self.opts.queue_pairs,
-            "switches": self.switches,
-            "rss": {
-                "configured": self.rss_configured,
-                "hash_types": 0b111111 if self.rss_configured else 0,
-                "table": [i % self.opts.queue_pairs for i in range(128)]
-                if self.rss_configured
-                else [],
-                "unclassified_queue": 0,
-                "key": "6d5a56da" * 5 if self.rss_configured else "",
-            },
-        }
+        return SteeringState.from_dict(
+            {
+                "policy": policy,
+                "effective": effective,
+                "active_queue_pairs": self.active_qps,
+                "max_queue_pairs": self.opts.queue_pairs,
+                "switches": self.switches,
+                "rss": {
+                    "configured": self.rss_configured,
+                    "hash_types": 0b111111 if self.rss_configured else 0,
+                    "table": [i % self.opts.queue_pairs for i in range(128)]
+                    if self.rss_configured
+                    else [],
+                    "unclassified_queue": 0,
+                    "key": "6d5a56da" * 5 if self.rss_configured else "",
+                },
+            }
+        )
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> DeviceSnapshot:
         if self.fail is not None:
             raise self.fail
-        return {
-            "name": self.name,
-            "socket": self.opts.socket_path,
-            "tap": self.opts.tap,
-            "connected": self.connected,
-            "status": self.status,
-            "features": list(self.features),
-            "link_up": self.link_up,
-            "mtu": self.opts.mtu,
-            "tap_io": "io_uring",
-            "queue_pairs": self.opts.queue_pairs,
-            "steering": self.steering(),
-            "rx_filter": {
-                "mac": "52:54:00:aa:bb:cc" if self.connected else format_mac(self.opts.mac),
-                "promisc": False,
-                "allmulti": True,
-                "unicast": [],
-                "multicast": ["33:33:00:00:00:01"],
-                "uni_overflow": False,
-                "multi_overflow": False,
-            },
-            "queues": [
-                {"rx": dir_stats(1000 * (i + 1), {"mac_filter": i}), "tx": dir_stats(500)}
-                for i in range(self.opts.queue_pairs)
-            ],
-            "ctrl": dir_stats(7),
-            "device": {
-                "ctrl_ok": 7,
-                "ctrl_err": 1,
-                "needs_reset": 0,
-                "steering_switches": self.switches,
-                "ctrl_cmds": {"4": {"0": [1, 0]}},
-            },
-        }
+        return fake_snapshot(
+            {
+                "name": self.name,
+                "socket": self.opts.socket_path,
+                "tap": self.opts.tap,
+                "connected": self.connected,
+                "status": self.status,
+                "features": list(self.features),
+                "link_up": self.link_up,
+                "mtu": self.opts.mtu,
+                "tap_io": "io_uring",
+                "queue_pairs": self.opts.queue_pairs,
+                "steering": self.steering().to_dict(),
+                "rx_filter": {
+                    "mac": "52:54:00:aa:bb:cc" if self.connected else format_mac(self.opts.mac),
+                    "promisc": False,
+                    "allmulti": True,
+                    "unicast": [],
+                    "multicast": ["33:33:00:00:00:01"],
+                    "uni_overflow": False,
+                    "multi_overflow": False,
+                },
+                "queues": [
+                    {"rx": dir_stats(1000 * (i + 1), {"mac_filter": i}), "tx": dir_stats(500)}
+                    for i in range(self.opts.queue_pairs)
+                ],
+                "ctrl": dir_stats(7),
+                "device": {
+                    "ctrl_ok": 7,
+                    "ctrl_err": 1,
+                    "needs_reset": 0,
+                    "steering_switches": self.switches,
+                    "ctrl_cmds": {"4": {"0": [1, 0]}},
+                },
+            }
+        )
 
     def set_steering(self, policy: str) -> None:
         if policy not in p.STEERING_POLICIES:
@@ -205,7 +211,7 @@ class FakeDevice:
         return out
 
     def queue_stats(self, qp: int) -> dict[str, dict[str, Any]]:
-        return dict(self.snapshot()["queues"][qp])
+        return self.snapshot().queues[qp].to_dict()
 
 
 class FakeDaemon:

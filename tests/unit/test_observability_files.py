@@ -24,7 +24,10 @@ from typing import Any, cast
 
 import pytest
 from vfiouser_net_harness import dashboards
+from vfiouser_net_harness.fake_snapshot import fake_snapshot
 from vfiouser_net_harness.prereq import require
+
+from vfiouser_net.snapshot import DeviceSnapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -115,50 +118,52 @@ class _StubDevice:
                 "errors": {"desc_addr": 0},
             }
 
-        self._snapshot: dict[str, Any] = {
-            "name": self.name,
-            "socket": "/run/vfiouser-net/vm1.sock",
-            "tap": "tap-vm1",
-            "connected": True,
-            "status": 15,
-            "features": ["MAC", "MQ"],
-            "link_up": True,
-            "mtu": 1500,
-            "tap_io": "io_uring",
-            "queue_pairs": 2,
-            "steering": {
-                "policy": "auto",
-                "effective": "rss",
-                "active_queue_pairs": 2,
-                "max_queue_pairs": 2,
-            },
-            "rx_filter": {"mac": "52:54:00:c0:ff:01"},
-            "queues": [{"rx": direction(), "tx": direction()} for _ in range(2)],
-            "ctrl": direction(),
-            "device": {
-                "steering_switches": 1,
-                "dma_maps": 3,
-                "dma_unmaps": 1,
-                "needs_reset": 0,
-                "doorbells_invalid": 2,
-                "irq_errors": 0,
-                "quiesces": 4,
-                "steering_drain_timeouts": 0,
-                "tap_failures": 1,
-                "tap_replacements": 1,
-                "dma_refused": 1,
-                "guest_mem_faults": 1,
-                "irqs_msix_off": 1,
-                "pci_cfg_invalid": 1,
-                "rx_reselected": 1,
-                "doorbells_inline": 1,
-                "rx_inline": 1,
-                "ctrl_budget_exhausted": 0,
-                "ctrl_cmds": {"0": {"0": [1, 0]}, "4": {"0": [1, 1]}},
-            },
-        }
+        self._snapshot = fake_snapshot(
+            {
+                "name": self.name,
+                "socket": "/run/vfiouser-net/vm1.sock",
+                "tap": "tap-vm1",
+                "connected": True,
+                "status": 15,
+                "features": ["MAC", "MQ"],
+                "link_up": True,
+                "mtu": 1500,
+                "tap_io": "io_uring",
+                "queue_pairs": 2,
+                "steering": {
+                    "policy": "auto",
+                    "effective": "rss",
+                    "active_queue_pairs": 2,
+                    "max_queue_pairs": 2,
+                },
+                "rx_filter": {"mac": "52:54:00:c0:ff:01"},
+                "queues": [{"rx": direction(), "tx": direction()} for _ in range(2)],
+                "ctrl": direction(),
+                "device": {
+                    "steering_switches": 1,
+                    "dma_maps": 3,
+                    "dma_unmaps": 1,
+                    "needs_reset": 0,
+                    "doorbells_invalid": 2,
+                    "irq_errors": 0,
+                    "quiesces": 4,
+                    "steering_drain_timeouts": 0,
+                    "tap_failures": 1,
+                    "tap_replacements": 1,
+                    "dma_refused": 1,
+                    "guest_mem_faults": 1,
+                    "irqs_msix_off": 1,
+                    "pci_cfg_invalid": 1,
+                    "rx_reselected": 1,
+                    "doorbells_inline": 1,
+                    "rx_inline": 1,
+                    "ctrl_budget_exhausted": 0,
+                    "ctrl_cmds": {"0": {"0": [1, 0]}, "4": {"0": [1, 1]}},
+                },
+            }
+        )
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> DeviceSnapshot:
         return self._snapshot
 
 

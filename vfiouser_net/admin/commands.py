@@ -25,6 +25,7 @@ from vfiouser_net.config import ConfigError, device_options
 from vfiouser_net.counters import format_mac
 from vfiouser_net.daemon import DaemonError
 from vfiouser_net.device_options import DeviceError, DeviceOptions
+from vfiouser_net.snapshot import DeviceSnapshot, SteeringState
 from vfiouser_net.tap import TapError
 from vfiouser_net.virtio_spec import DeviceStatus
 
@@ -38,8 +39,8 @@ class DeviceLike(Protocol):
     def opts(self) -> DeviceOptions: ...
     @property
     def connected(self) -> bool: ...
-    def snapshot(self) -> dict[str, Any]: ...
-    def steering(self) -> dict[str, Any]: ...
+    def snapshot(self) -> DeviceSnapshot: ...
+    def steering(self) -> SteeringState: ...
     def set_steering(self, policy: str) -> None: ...
     def set_link(self, up: bool) -> None: ...
     def ring_state(self) -> list[dict[str, Any]]: ...
@@ -181,21 +182,21 @@ def _describe_args(values: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={v!r}" for k, v in values.items())
 
 
-def _summary(dev: DeviceLike, snap: Mapping[str, Any]) -> dict[str, Any]:
-    steer = snap["steering"]
-    status = int(snap["status"])
+def _summary(dev: DeviceLike, snap: DeviceSnapshot) -> dict[str, Any]:
+    steer = snap.steering
+    status = snap.status
     return {
         "name": dev.name,
-        "socket": snap["socket"],
-        "tap": snap["tap"],
-        "connected": bool(snap["connected"]),
-        "link_up": bool(snap["link_up"]),
+        "socket": snap.socket,
+        "tap": snap.tap,
+        "connected": snap.connected,
+        "link_up": snap.link_up,
         "status": status,
         "status_names": status_names(status),
-        "active_queue_pairs": steer["active_queue_pairs"],
-        "max_queue_pairs": steer["max_queue_pairs"],
-        "policy": steer["policy"],
-        "effective": steer["effective"],
+        "active_queue_pairs": steer.active_queue_pairs,
+        "max_queue_pairs": steer.max_queue_pairs,
+        "policy": steer.policy,
+        "effective": steer.effective,
         **_process(dev),
     }
 
@@ -259,32 +260,32 @@ def _show(cmds: Commands, args: dict[str, Any], peer: Peer) -> Any:
     snap = dev.snapshot()
     out = _summary(dev, snap)
     status = out["status"]
-    steer = snap["steering"]
-    rss = dict(steer["rss"])
-    rss["hash_type_names"] = hash_type_names(int(rss.get("hash_types", 0)))
+    steer = snap.steering
+    rss = steer.to_dict()["rss"]
+    rss["hash_type_names"] = hash_type_names(steer.rss.hash_types)
     out.update(
         {
             "driver_ok": bool(status & DeviceStatus.DRIVER_OK),
             "needs_reset": bool(status & DeviceStatus.DEVICE_NEEDS_RESET),
-            "features": list(snap["features"]),
-            "offered_features": list(snap.get("offered_features", [])),
-            "mac": snap["rx_filter"]["mac"],
+            "features": list(snap.features),
+            "offered_features": list(snap.offered_features),
+            "mac": snap.rx_filter.mac,
             "configured_mac": format_mac(dev.opts.mac),
-            "mtu": snap["mtu"],
+            "mtu": snap.mtu,
             "speed_mbps": dev.opts.speed_mbps,
             "queue_size": dev.opts.queue_size,
             "notify_mode": dev.opts.notify_mode,
             "busy_poll_us": dev.opts.busy_poll_us,
-            "tap_io": snap.get("tap_io", dev.opts.tap_io),
+            "tap_io": snap.tap_io,
             "tx_inline": dev.opts.tx_inline,
             "operator_link_up": bool(getattr(dev, "operator_link_up", True)),
             "steering": {
-                "policy": steer["policy"],
-                "effective": steer["effective"],
-                "switches": steer["switches"],
+                "policy": steer.policy,
+                "effective": steer.effective,
+                "switches": steer.switches,
                 "rss": rss,
             },
-            "rx_filter": snap["rx_filter"],
+            "rx_filter": snap.rx_filter.to_dict(),
         }
     )
     return out
@@ -302,9 +303,9 @@ def _stats(cmds: Commands, args: dict[str, Any], peer: Peer) -> Any:
     snap = dev.snapshot()
     return {
         "device": dev.name,
-        "queues": snap["queues"],
-        "ctrl": snap["ctrl"],
-        "counters": snap["device"],
+        "queues": [q.to_dict() for q in snap.queues],
+        "ctrl": snap.ctrl.to_dict(),
+        "counters": snap.device.to_dict(),
         "resets": dict(getattr(dev, "resets", {})),
     }
 
@@ -317,7 +318,7 @@ def _snapshot(cmds: Commands, args: dict[str, Any], peer: Peer) -> Any:
     if transport is not None:
         resets["driver"] = transport.driver_resets
     return {
-        "snapshot": dev.snapshot(),
+        "snapshot": dev.snapshot().to_dict(),
         "resets": resets,
         "operator_link_up": bool(getattr(dev, "operator_link_up", True)),
     }
@@ -328,7 +329,7 @@ def _link(cmds: Commands, args: dict[str, Any], peer: Peer) -> Any:
     dev = cmds.device(args["device"])
     up = args["state"] == "up"
     dev.set_link(up)
-    link_up = bool(dev.snapshot()["link_up"])
+    link_up = dev.snapshot().link_up
     return {"device": dev.name, "operator_link_up": up, "link_up": link_up, "tap": dev.opts.tap}
 
 
@@ -339,9 +340,9 @@ def _steering(cmds: Commands, args: dict[str, Any], peer: Peer) -> Any:
     steer = dev.steering()
     return {
         "device": dev.name,
-        "policy": steer["policy"],
-        "effective": steer["effective"],
-        "switches": steer["switches"],
+        "policy": steer.policy,
+        "effective": steer.effective,
+        "switches": steer.switches,
     }
 
 
