@@ -12,27 +12,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from vfiouser_net_harness.guest import Guest, GuestPaths
+from vfiouser_net_harness.netns import NetNS, Tap, create_netns, netns_with_tap
 
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from vfiouser_net_harness import prereq  # noqa: E402
-from vfiouser_net_harness.guest import Guest, GuestPaths  # noqa: E402
-from vfiouser_net_harness.netns import NetNS, Tap, create_netns, netns_with_tap  # noqa: E402
-from vfiouser_net_harness.prereq import SETUP_HINT  # noqa: E402
+from tests.e2e.stack import require
 
 log = logging.getLogger(__name__)
-
-
-def require(ok: bool, what: str) -> None:
-    """A prerequisite the set-up provides."""
-    prereq.require(ok, what, SETUP_HINT)
 
 
 @pytest.fixture(scope="session")

@@ -14,31 +14,26 @@ carrier, TAP up) and rebuilds the part that a previous test broke or used up
 (a killed QEMU, a stopped daemon). Everything is stopped and deleted at the
 end of the module, also when a test fails, by an ExitStack.
 
-Import the fixtures into the test module (``from tests.e2e.device_fixtures
-import device_stack_fixture, stack_fixture``). When CI=true a missing prerequisite fails the
-tests instead of skipping them.
+The stack itself (namespace, TAP, daemon, guests) is tests/e2e/stack.py's,
+configured by DEVICE_CONFIG; this module adds the guest's configuration and
+the checks of its state. Import the fixtures into the test module (``from
+tests.e2e.device_fixtures import device_stack_fixture, stack_fixture``). When
+CI=true a missing prerequisite fails the tests instead of skipping them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
-from vfiouser_net_harness import prereq
-from vfiouser_net_harness.guest import Guest, GuestError, GuestPaths, vfio_user_pci_args
-from vfiouser_net_harness.netns import NetNS, Tap, create_netns
-from vfiouser_net_harness.prereq import SETUP_HINT, VN_CACHE
-from vfiouser_net_harness.server import Server
+from vfiouser_net_harness.guest import Guest, GuestError
+
+from tests.e2e.stack import Stack, StackConfig, open_stack
 
 log = logging.getLogger(__name__)
 
@@ -48,41 +43,10 @@ DEVICE_MTU = 1400  # not the default 1500, so that the guest must read it from t
 VIRTIO_VENDOR = "0x1af4"
 VIRTIO_NET_MODERN = "0x1041"
 TAP_NAME = "vntap0"
-GUEST_CPUS = 2
 
 _PING_RE = re.compile(
     r"(\d+) packets transmitted, (\d+) packets received, (?:\+\d+ duplicates, )?(\d+)% packet loss"
 )
-
-
-def require(ok: bool, what: str) -> None:
-    """A prerequisite of the device stack (the set-up provides it)."""
-    prereq.require(ok, what, SETUP_HINT)
-
-
-def _native_importable() -> bool:
-    proc = subprocess.run(
-        [sys.executable, "-c", "import vfiouser_net.native"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        log.warning("vfiouser_net.native: %s", proc.stderr.strip())
-    return proc.returncode == 0
-
-
-def check_prerequisites() -> GuestPaths:
-    """Everything the device stack needs; skip (or fail under CI) otherwise."""
-    require(os.geteuid() == 0, "needs root (network namespaces, TAP devices)")
-    for tool in ("ip", "iperf3", "ss", "ping"):
-        require(shutil.which(tool) is not None, f"{tool} not installed")
-    require(Path("/dev/net/tun").exists(), "/dev/net/tun missing")
-    paths = GuestPaths.from_cache(VN_CACHE)
-    missing = paths.missing()
-    require(not missing, f"missing {', '.join(map(str, missing))}")
-    require(_native_importable(), f"vfiouser_net's C datapath does not import in {sys.executable}")
-    return paths
 
 
 @dataclass(frozen=True)
@@ -104,64 +68,17 @@ class PingResult:
         return self.transmitted > 0 and self.received == self.transmitted
 
 
-@dataclass
-class DeviceStack:
-    """netns + TAP + daemon + guest; see the module docstring."""
+DEVICE_CONFIG = StackConfig(mac=DEVICE_MAC, mtu=DEVICE_MTU, tap_name=TAP_NAME)
 
-    ns: NetNS
-    tap: Tap
-    guest_paths: GuestPaths
-    workdir: Path
-    exits: contextlib.ExitStack
-    mac: str = DEVICE_MAC
-    mtu: int = DEVICE_MTU
-    server: Server | None = None
-    guest: Guest | None = None
-    pci_addr: str = ""
-    servers_started: int = 0
-    guests_started: int = 0
-    old_guests: list[Guest] = field(default_factory=list)
 
-    @property
-    def socket_path(self) -> Path:
-        return self.workdir / "vn.sock"
+class DeviceStack(Stack):
+    """The stack of DEVICE_CONFIG; see the module docstring."""
 
-    @property
-    def guest_addr(self) -> str:
-        return self.ns.guest_addr()
-
-    @property
-    def host_addr(self) -> str:
-        return self.ns.host_addr
-
-    # --- daemon --------------------------------------------------------------
-    def start_server(self) -> Server:
-        """Start the daemon in the namespace (the previous one must be gone)."""
-        assert self.server is None or not self.server.alive()
-        server = Server(
-            self.socket_path,
-            self.tap.name,
-            netns=self.ns.name,
-            extra_args=["--mac", self.mac, "--mtu", str(self.mtu)],
-        )
-        self.server = server
-        self.servers_started += 1
-        # Stopped (SIGTERM, then SIGKILL) when the module ends, whatever happens.
-        self.exits.callback(self._stop_server, server)
-        server.start()
-        log.info("daemon pid %s, log %s", server.proc.pid if server.proc else "?", server.log_path)
-        return server
-
-    @staticmethod
-    def _stop_server(server: Server) -> None:
-        if server.alive():
-            code = server.stop()
-            log.info("daemon stopped at teardown: exit %s", code)
-        log.info("daemon log %s (tail):\n%s", server.log_path, server.log()[-3000:])
-
-    def require_server(self) -> Server:
-        assert self.server is not None, "no daemon started"
-        return self.server
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mtu = self.config.mtu
+        self.pci_addr = ""
+        self.old_guests: list[Guest] = []
 
     # --- guest ------------------------------------------------------------------
     def boot_guest(self) -> Guest:
@@ -169,27 +86,9 @@ class DeviceStack:
         if self.guest is not None:
             self.guest.close()
             self.old_guests.append(self.guest)
-        self.guests_started += 1
-        name = f"guest{self.guests_started}"
-        guest = Guest(
-            paths=self.guest_paths,
-            cpus=GUEST_CPUS,
-            extra_args=vfio_user_pci_args(self.socket_path, "vn0"),
-            workdir=self.workdir / name,
-            name=name,
-        )
-        self.exits.callback(guest.close)
-        self.guest = guest
-        guest.start()
-        log.info(
-            "%s booted in %.1f s; console %s", name, guest.boot_seconds or 0, guest.console_log
-        )
+        self.guest = self.start_guest(f"guest{self.guests_started + 1}")
         self.pci_addr = self.find_pci_addr()
         self.configure_guest()
-        return guest
-
-    def require_guest(self) -> Guest:
-        assert self.guest is not None and self.guest.alive, "no guest running"
         return self.guest
 
     def find_pci_addr(self) -> str:
@@ -295,24 +194,11 @@ class DeviceStack:
 @pytest.fixture(scope="module", name="device_stack")
 def device_stack_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeviceStack]:
     """The module's shared stack (daemon + guest booted); torn down at the end."""
-    paths = check_prerequisites()
     workdir = tmp_path_factory.mktemp("vn-device")
-    with contextlib.ExitStack() as exits:
-        ns = create_netns()
-        exits.callback(ns.delete)  # after the daemon and guests (LIFO)
-        # Only traffic that the tests send: no IPv6 autoconfiguration noise on the TAP.
-        ns.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"], check=False)
-        ns.run(["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"], check=False)
-        tap = ns.add_tap(TAP_NAME)
-        stack = DeviceStack(ns=ns, tap=tap, guest_paths=paths, workdir=workdir, exits=exits)
+    with open_stack(DeviceStack, DEVICE_CONFIG, workdir) as stack:
         stack.start_server()
         stack.boot_guest()
         yield stack
-        log.info(
-            "stack used %d daemon(s) and %d guest boot(s)",
-            stack.servers_started,
-            stack.guests_started,
-        )
 
 
 @pytest.fixture(name="stack")

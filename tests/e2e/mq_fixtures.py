@@ -28,27 +28,22 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-from vfiouser_net_harness.guest import Guest, GuestError, GuestPaths, vfio_user_pci_args
-from vfiouser_net_harness.netns import NetNS, Tap, create_netns
-from vfiouser_net_harness.server import Server
+from vfiouser_net_harness.guest import Guest, GuestError
 
-from tests.e2e.device_fixtures import check_prerequisites, require
+from tests.e2e.stack import Stack, StackConfig, open_stack, require
 
 log = logging.getLogger(__name__)
 
 QUEUE_PAIRS = 4
-GUEST_CPUS = 2
 RSS_TABLE_LEN = 128
 RSS_KEY_LEN = 40
 MQ_MAC = "52:54:00:5e:a1:04"
@@ -105,66 +100,15 @@ def deltas(before: list[int], after: list[int]) -> list[int]:
 # --- the stack --------------------------------------------------------------------------
 
 
-@dataclass
-class MQStack:
-    """netns + multi_queue TAP + 4-pair daemon + 2-vCPU guest."""
+MQ_CONFIG = StackConfig(mac=MQ_MAC, queue_pairs=QUEUE_PAIRS, tap_name=TAP_NAME)
 
-    ns: NetNS
-    tap: Tap
-    guest_paths: GuestPaths
-    workdir: Path
-    exits: contextlib.ExitStack
-    mac: str = MQ_MAC
-    server: Server | None = None
-    guest: Guest | None = None
-    boot_key: str = ""  # the RSS key the guest driver chose at boot (hex)
-    servers_started: int = 0
-    guests_started: int = 0
 
-    @property
-    def socket_path(self) -> Path:
-        return self.workdir / "vn.sock"
+class MQStack(Stack):
+    """The stack of MQ_CONFIG: a multi_queue TAP, a 4-pair daemon, a 2-vCPU guest."""
 
-    @property
-    def guest_addr(self) -> str:
-        return self.ns.guest_addr()
-
-    @property
-    def host_addr(self) -> str:
-        return self.ns.host_addr
-
-    # --- daemon -------------------------------------------------------------------
-    def start_server(self) -> Server:
-        server = Server(
-            self.socket_path,
-            self.tap.name,
-            netns=self.ns.name,
-            extra_args=["--mac", self.mac, "--queue-pairs", str(QUEUE_PAIRS)],
-        )
-        self.server = server
-        self.servers_started += 1
-        self.exits.callback(self._stop_server, server)
-        server.start()
-        log.info("daemon pid %s, log %s", server.proc.pid if server.proc else "?", server.log_path)
-        return server
-
-    def _stop_server(self, server: Server) -> None:
-        """Stop the daemon; its log moves into the module's directory."""
-        if server.alive():
-            log.info("daemon stopped at teardown: exit %s", server.stop())
-        kept = self.workdir / server.log_path.name
-        with contextlib.suppress(OSError):
-            shutil.move(server.log_path, kept)
-            log.info("daemon log %s (tail):\n%s", kept, kept.read_text(errors="replace")[-3000:])
-
-    def require_server(self) -> Server:
-        assert self.server is not None and self.server.alive(), "daemon not running"
-        return self.server
-
-    def daemon_pid(self) -> int:
-        proc = self.require_server().proc
-        assert proc is not None
-        return proc.pid
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.boot_key = ""  # the RSS key the guest driver chose at boot (hex)
 
     def counters(self, timeout: float = 10.0) -> Counters:
         """The daemon's live snapshot: SIGUSR2, then the ``counters`` line it
@@ -231,32 +175,14 @@ class MQStack:
     def boot_guest(self) -> Guest:
         if self.guest is not None:
             self.guest.close()
-        self.guests_started += 1
-        name = f"mqguest{self.guests_started}"
-        guest = Guest(
-            paths=self.guest_paths,
-            cpus=GUEST_CPUS,
-            extra_args=vfio_user_pci_args(self.socket_path, "vn0"),
-            # devmem on BAR0 (the steering state) while virtio_pci holds it.
-            cmdline_extra="iomem=relaxed",
-            workdir=self.workdir / name,
-            name=name,
-        )
-        self.exits.callback(guest.close)
+        # devmem on BAR0 (the steering state) while virtio_pci holds it.
+        guest = self.start_guest(f"mqguest{self.guests_started + 1}", cmdline_extra="iomem=relaxed")
         self.guest = guest
-        guest.start()
-        log.info(
-            "%s booted in %.1f s; console %s", name, guest.boot_seconds or 0, guest.console_log
-        )
         missing = [t for t in GUEST_TOOLS if guest.run(f"command -v {t}", timeout=30)[0] != 0]
         require(not missing, f"guest image lacks {', '.join(missing)}")
         self.configure_guest()
         self.boot_key = str(self.counters().steering["rss"]["key"])
         return guest
-
-    def require_guest(self) -> Guest:
-        assert self.guest is not None and self.guest.alive, "no guest running"
-        return self.guest
 
     def configure_guest(self) -> None:
         """Address eth0, bring it up, pin both neighbour entries."""
@@ -389,23 +315,11 @@ class MQStack:
 @pytest.fixture(scope="module", name="mq_stack")
 def mq_stack_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MQStack]:
     """The module's shared stack (daemon + guest booted); torn down at the end."""
-    paths = check_prerequisites()
     workdir = tmp_path_factory.mktemp("vn-mq")
-    with contextlib.ExitStack() as exits:
-        ns = create_netns()
-        exits.callback(ns.delete)  # runs last: after the daemon and the guests
-        ns.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"], check=False)
-        ns.run(["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"], check=False)
-        tap = ns.add_tap(TAP_NAME, multi_queue=True)
-        stack = MQStack(ns=ns, tap=tap, guest_paths=paths, workdir=workdir, exits=exits)
+    with open_stack(MQStack, MQ_CONFIG, workdir) as stack:
         stack.start_server()
         stack.boot_guest()
         yield stack
-        log.info(
-            "mq stack used %d daemon(s) and %d guest boot(s)",
-            stack.servers_started,
-            stack.guests_started,
-        )
 
 
 @pytest.fixture(name="mq")

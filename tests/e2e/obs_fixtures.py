@@ -46,7 +46,7 @@ from typing import Any, Literal, TypeVar
 
 from vfiouser_net_harness.netns import NetNS
 
-from tests.e2e.device_fixtures import require
+from tests.e2e.stack import require
 
 log = logging.getLogger(__name__)
 

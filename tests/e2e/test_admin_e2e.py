@@ -46,14 +46,12 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -61,11 +59,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vfiouser_net_harness.guest import Guest, GuestError, GuestPaths, vfio_user_pci_args
-from vfiouser_net_harness.netns import NetNS, Tap, create_netns
-from vfiouser_net_harness.server import Server
+from vfiouser_net_harness.guest import Guest, GuestError
+from vfiouser_net_harness.netns import NetNS
 
-from tests.e2e.device_fixtures import check_prerequisites, require
+from tests.e2e.stack import Stack, StackConfig, open_stack, require
 from vfiouser_net import __version__
 from vfiouser_net.admin import protocol as p
 
@@ -366,80 +363,15 @@ class BackgroundPing:
 # --- the stack ----------------------------------------------------------------------------
 
 
-@dataclass
-class AdminStack:
-    """netns + multi_queue TAP + daemon with an admin socket + one guest."""
+ADMIN_CONFIG = StackConfig(
+    mac=DEV_MAC, mtu=DEV_MTU, queue_pairs=PAIRS, name=DEV, socket_name="vn0.sock", admin=True,
+    tap_name=TAP0,
+)  # fmt: skip
 
-    ns: NetNS
-    tap: Tap
-    paths: GuestPaths
-    workdir: Path  # the test's tmp files (pcap files, guests' consoles, daemon log)
-    admin_dir: Path  # 0755, so that another uid reaches the socket itself
-    exits: contextlib.ExitStack
-    server: Server | None = None
-    guest: Guest | None = None
 
-    @property
-    def admin_socket(self) -> str:
-        return str(self.admin_dir / "admin.sock")
-
-    @property
-    def socket_path(self) -> Path:
-        return self.admin_dir / "vn0.sock"
-
-    @property
-    def capture_dir(self) -> Path:
-        """The daemon's --capture-dir: ctl capture names files in it."""
-        return self.workdir / "captures"
-
-    @property
-    def guest_addr(self) -> str:
-        return self.ns.guest_addr()
-
-    @property
-    def host_addr(self) -> str:
-        return self.ns.host_addr
-
-    # --- daemon -----------------------------------------------------------------------------
-    def start_server(self) -> Server:
-        server = Server(
-            self.socket_path,
-            TAP0,
-            netns=self.ns.name,
-            extra_args=[
-                "--name", DEV, "--mac", DEV_MAC, "--mtu", str(DEV_MTU),
-                "--queue-pairs", str(PAIRS), "--admin-socket", self.admin_socket,
-                "--capture-dir", str(self.capture_dir),
-            ],
-        )  # fmt: skip
-        self.server = server
-        self.exits.callback(self._stop_server, server)
-        server.start()
-        deadline = time.monotonic() + 20
-        while not os.path.exists(self.admin_socket):
-            assert server.alive(), f"daemon exited:\n{server.log()}"
-            assert time.monotonic() < deadline, f"no admin socket:\n{server.log()}"
-            time.sleep(0.05)
-        return server
-
-    def _stop_server(self, server: Server) -> None:
-        if server.alive():
-            log.info("daemon stopped at teardown: exit %s", server.stop())
-        kept = self.workdir / "daemon.log"
-        with contextlib.suppress(OSError):
-            shutil.move(server.log_path, kept)
-            log.info("daemon log %s (tail):\n%s", kept, kept.read_text(errors="replace")[-3000:])
-
-    def require_server(self) -> Server:
-        assert self.server is not None and self.server.alive(), "the daemon is not running:\n" + (
-            self.server.log()[-4000:] if self.server else ""
-        )
-        return self.server
-
-    def daemon_pid(self) -> int:
-        proc = self.require_server().proc
-        assert proc is not None
-        return proc.pid
+class AdminStack(Stack):
+    """The stack of ADMIN_CONFIG: a daemon with an admin socket, one guest,
+    and the operator's ctl."""
 
     def log(self) -> str:
         return self.require_server().log()
@@ -500,25 +432,12 @@ class AdminStack:
     # --- guest -------------------------------------------------------------------------------
     def boot_guest(self, name: str, socket_path: Path, cpus: int, addr: str, host: str) -> Guest:
         """Boot a guest on socket_path, eth0 at addr/24, pinging host."""
-        guest = Guest(
-            paths=self.paths,
-            cpus=cpus,
-            extra_args=vfio_user_pci_args(socket_path, "vn"),
-            workdir=self.workdir / name,
-            name=name,
-        )
-        self.exits.callback(guest.close)
-        guest.start()
-        log.info("%s booted in %.1f s; console %s", name, guest.boot_seconds, guest.console_log)
+        guest = self.start_guest(name, socket_path=socket_path, cpus=cpus)
         guest.run("sysctl -qw net.ipv6.conf.all.disable_ipv6=1", timeout=30)
         guest.check(f"ip addr add {addr}/24 dev eth0 && ip link set eth0 up")
         wait_carrier(guest, True)
         guest.wait_until(f"ping -c 1 -W 2 {host}", timeout=30)
         return guest
-
-    def require_guest(self) -> Guest:
-        assert self.guest is not None and self.guest.alive, "guest 1 is not running"
-        return self.guest
 
     def guest_ping(self, count: int = 5, guest: Guest | None = None, host: str = "") -> str:
         g = guest or self.require_guest()
@@ -561,23 +480,9 @@ def deltas(before: Sequence[int], after: Sequence[int]) -> list[int]:
 
 @pytest.fixture(scope="module", name="admin_stack")
 def admin_stack_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminStack]:
-    paths = check_prerequisites()
     workdir = tmp_path_factory.mktemp("vn-admin")
-    with contextlib.ExitStack() as exits:
-        # The admin socket's directory is world-searchable: only the socket's
-        # own mode (and the daemon's peer check) keeps other users out.
-        admin_dir = Path(tempfile.mkdtemp(prefix="vn-admin-", dir="/tmp"))
-        exits.callback(shutil.rmtree, admin_dir, True)
-        admin_dir.chmod(0o755)
-        ns = create_netns()
-        exits.callback(ns.delete)  # last: after the daemon and the guests
-        for key in ("all", "default"):
-            ns.run(["sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1"], check=False)
-        tap = ns.add_tap(TAP0, multi_queue=True)
-        stack = AdminStack(
-            ns=ns, tap=tap, paths=paths, workdir=workdir, admin_dir=admin_dir, exits=exits
-        )
-        stack.capture_dir.mkdir(mode=0o750)
+    with open_stack(AdminStack, ADMIN_CONFIG, workdir) as stack:
+        ns = stack.ns
         stack.start_server()
         guest = stack.boot_guest("adm-guest1", stack.socket_path, 2, ns.guest_addr(), ns.host_addr)
         stack.guest = guest
@@ -977,7 +882,7 @@ def test_refused_capture_leaves_no_capture_running(stack: AdminStack) -> None:
 
 def test_add_remove_readd(stack: AdminStack) -> None:
     ns = stack.ns
-    sock = stack.admin_dir / "vn1.sock"
+    sock = stack.run_dir / "vn1.sock"
     host1, guest1 = f"10.202.{ns.index}.1", f"10.202.{ns.index}.2"
     add_args = ("add", "--socket", str(sock), "--tap", TAP1, "--name", DEV2, "--mac", DEV2_MAC)
     dev_rx0 = sum(rx_packets(stack.stats()))
@@ -993,7 +898,7 @@ def test_add_remove_readd(stack: AdminStack) -> None:
         # What cannot be added.
         err = stack.ctl(*add_args, expect=1)
         assert "already exists" in err, err
-        other = ("--socket", str(stack.admin_dir / "vn9.sock"), "--name", "vn9")
+        other = ("--socket", str(stack.run_dir / "vn9.sock"), "--name", "vn9")
         assert f"already used by {DEV}" in stack.ctl("add", *other, "--tap", TAP0, expect=1)
         err = stack.ctl("add", "--socket", str(sock), "--tap", "vntap9", "--name", "vn9", expect=1)
         assert f"already served by {DEV2}" in err, err
@@ -1164,7 +1069,7 @@ def test_other_users_refused(stack: AdminStack) -> None:
     st = os.stat(path)
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode)
     assert st.st_uid == 0
-    assert stat.S_IMODE(os.stat(stack.admin_dir).st_mode) & 0o001, "test set-up: dir not 0755"
+    assert stat.S_IMODE(os.stat(stack.run_dir).st_mode) & 0o001, "test set-up: dir not 0755"
     link_down = request_frame(p.make_request(1, "link", {"device": DEV, "state": "down"}))
 
     child = connect_as(NOBODY, path, link_down)

@@ -34,7 +34,7 @@ import pytest
 from vfiouser_net_harness.netns import cleanup_stale
 from vfiouser_net_harness.scenarios import dpdk_testpmd
 
-from tests.e2e.device_fixtures import check_prerequisites, require
+from tests.e2e.stack import check_prerequisites, require
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from vfiouser_net_harness.netns import list_netns
 
 from bench import device_level
 from bench.device_level import ALL_CASES, NETNS_PREFIX, Case
-from tests.e2e.conftest import require
+from tests.e2e.stack import require
 
 log = logging.getLogger(__name__)
 

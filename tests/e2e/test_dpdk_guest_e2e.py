@@ -22,9 +22,10 @@ from pathlib import Path
 from vfiouser_net_harness import metrics
 from vfiouser_net_harness.guest import Guest, vfio_user_pci_args
 from vfiouser_net_harness.netns import NetNS
+from vfiouser_net_harness.prereq import VN_CACHE
 from vfiouser_net_harness.server import Server
 
-from tests.e2e.device_fixtures import VN_CACHE, check_prerequisites, require
+from tests.e2e.stack import check_prerequisites, require
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from vfiouser_net_harness.netns import NetNS
 from vfiouser_net_harness.procstat import proc_status
 from vfiouser_net_harness.vfio_user_client import VfioUserClient, VfioUserError
 
-from tests.e2e.device_fixtures import check_prerequisites
+from tests.e2e.stack import check_prerequisites
 from tests.e2e.test_security_e2e import (
     SIGTERM_BOUND,
     Daemon,

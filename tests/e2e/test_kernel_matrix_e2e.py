@@ -21,9 +21,10 @@ import pytest
 from vfiouser_net_harness.guest import Guest, GuestPaths, vfio_user_pci_args
 from vfiouser_net_harness.iperf import run_iperf3
 from vfiouser_net_harness.netns import NetNS
+from vfiouser_net_harness.prereq import VN_CACHE
 from vfiouser_net_harness.server import Server
 
-from tests.e2e.device_fixtures import VN_CACHE, check_prerequisites, require
+from tests.e2e.stack import check_prerequisites, require
 
 log = logging.getLogger(__name__)
 

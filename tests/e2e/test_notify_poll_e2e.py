@@ -17,7 +17,7 @@ from vfiouser_net_harness.netns import NetNS
 from vfiouser_net_harness.scenarios import guest_on_vfiouser_net
 from vfiouser_net_harness.server import Server
 
-from tests.e2e.conftest import require
+from tests.e2e.stack import require
 
 pytestmark = pytest.mark.e2e
 

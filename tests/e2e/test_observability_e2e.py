@@ -49,7 +49,6 @@ from vfiouser_net_harness.netns import NetNS
 from vfiouser_net_harness.scenarios import GUEST_MAC, TAP_NAME, guest_on_vfiouser_net
 from vfiouser_net_harness.server import Server
 
-from tests.e2e.device_fixtures import check_prerequisites
 from tests.e2e.obs_fixtures import (
     JOB,
     RULES,
@@ -63,6 +62,7 @@ from tests.e2e.obs_fixtures import (
     vector_selectors,
     without_thresholds,
 )
+from tests.e2e.stack import check_prerequisites
 
 log = logging.getLogger(__name__)
 

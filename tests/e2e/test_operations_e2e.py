@@ -79,7 +79,8 @@ from vfiouser_net_harness.systemd_unit import (
 from vfiouser_net_harness.vfio_user_client import VfioUserClient
 
 import vfiouser_net
-from tests.e2e.device_fixtures import PingResult, check_prerequisites, require
+from tests.e2e.device_fixtures import PingResult
+from tests.e2e.stack import check_prerequisites, require
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from vfiouser_net_harness.netns import NetNS
 from vfiouser_net_harness.procstat import fd_targets
 from vfiouser_net_harness.vfio_user_client import VfioUserClient
 
-from tests.e2e.device_fixtures import check_prerequisites
+from tests.e2e.stack import check_prerequisites
 from tests.protocol.support import open_packet_socket
 
 log = logging.getLogger(__name__)

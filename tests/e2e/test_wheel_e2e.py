@@ -30,7 +30,7 @@ from pathlib import Path
 from vfiouser_net_harness.prereq import VN_CACHE
 from vfiouser_net_harness.scenarios import guest_on_vfiouser_net
 
-from tests.e2e.device_fixtures import check_prerequisites
+from tests.e2e.stack import check_prerequisites
 
 log = logging.getLogger(__name__)
 

@@ -1,24 +1,17 @@
 """Fixtures for the protocol tests (see support.py).
 
-Also makes the repository root importable (``vfiouser_net_harness``) however pytest
-is run, and attaches the daemon's log to the report of a failed test.
+Also attaches the daemon's log to the report of a failed test.
 """
 
 import contextlib
-import sys
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
+from vfiouser_net_harness import vfio_user_client as vu
 
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from vfiouser_net_harness import vfio_user_client as vu  # noqa: E402
-
-from tests.protocol.lvu_sample import SampleServer  # noqa: E402
-from tests.protocol.support import (  # noqa: E402
+from tests.protocol.lvu_sample import SampleServer
+from tests.protocol.support import (
     DeviceEnv,
     GuestSession,
     check_prerequisites,
