@@ -122,8 +122,9 @@ def test_iperf3_tcp_both_directions(
             **{f"tap_{k}": tap_after[k] - tap_before[k] for k in ("rx_dropped", "tx_dropped")},
             **{f"guest_{k}": guest_after[k] - guest_before[k] for k in guest_after},
         }
+        # Data both ways, and received <= sent up to the one block per stream
+        # iperf3 3.18's sender may leave out of its count (IperfResult).
         assert not r.inconsistencies(), r.inconsistencies()
-        assert 0 < r.received_bytes <= r.sent_bytes, r.summary()
         # The TAP counts whole frames: at least the payload went through it.
         # guest_tx: the host receives on the TAP (rx); guest_rx: it transmits (tx).
         key = "rx_bytes" if direction == "guest_tx" else "tx_bytes"
