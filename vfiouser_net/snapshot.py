@@ -12,6 +12,7 @@ malformed answer is a SnapshotError, not a crash of the scrape.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -57,6 +58,34 @@ def _counts(d: Any, key: str) -> dict[str, int]:
     return dict(values)
 
 
+def _optional_int(d: Any, key: str) -> int | None:
+    return _get(d, key, int) if isinstance(d, dict) and key in d else None
+
+
+# The checker of each plain field type, by its annotation.
+_READERS: dict[str, Callable[[Any, str], Any]] = {
+    "int": lambda d, k: _get(d, k, int),
+    "str": lambda d, k: _get(d, k, str),
+    "bool": lambda d, k: _get(d, k, bool),
+    "list[int]": _ints,
+    "list[str]": _strs,
+    "dict[str, int]": _counts,
+    "int | None": _optional_int,
+}
+
+
+def _plain_fields(cls: type, d: Any, nested: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every field of dataclass cls but the nested ones, read from d and
+    checked against its annotation."""
+    if not isinstance(d, dict):
+        raise SnapshotError(f"{cls.__name__}: expected a map, got {type(d).__name__}")
+    return {
+        f.name: _READERS[str(f.type)](d, f.name)
+        for f in dataclasses.fields(cls)
+        if f.name not in nested
+    }
+
+
 @dataclass
 class DirStats:
     """One direction of a queue pair, or the control queue (struct vn_dir_stats)."""
@@ -95,21 +124,10 @@ class DirStats:
 
     @classmethod
     def from_dict(cls, d: Any) -> DirStats:
-        ints = {
-            f.name: _get(d, f.name, int)
-            for f in dataclasses.fields(cls)
-            if f.type == "int" and not f.name.startswith("coalesce")
-        }
-        coal = "coalesce_max_packets" in d if isinstance(d, dict) else False
-        return cls(
-            **ints,
-            batch_hist=_ints(d, "batch_hist"),
-            size_hist=_ints(d, "size_hist"),
-            drops=_counts(d, "drops"),
-            errors=_counts(d, "errors"),
-            coalesce_max_packets=_get(d, "coalesce_max_packets", int) if coal else None,
-            coalesce_max_usecs=_get(d, "coalesce_max_usecs", int) if coal else None,
-        )
+        out = cls(**_plain_fields(cls, d))
+        if (out.coalesce_max_packets is None) != (out.coalesce_max_usecs is None):
+            raise SnapshotError("coalescing: both parameters or neither")
+        return out
 
 
 @dataclass
@@ -137,13 +155,7 @@ class RssState:
 
     @classmethod
     def from_dict(cls, d: Any) -> RssState:
-        return cls(
-            configured=_get(d, "configured", bool),
-            hash_types=_get(d, "hash_types", int),
-            table=_ints(d, "table"),
-            unclassified_queue=_get(d, "unclassified_queue", int),
-            key=_get(d, "key", str),
-        )
+        return cls(**_plain_fields(cls, d))
 
 
 @dataclass
@@ -162,14 +174,8 @@ class SteeringState:
 
     @classmethod
     def from_dict(cls, d: Any) -> SteeringState:
-        return cls(
-            policy=_get(d, "policy", str),
-            effective=_get(d, "effective", str),
-            active_queue_pairs=_get(d, "active_queue_pairs", int),
-            max_queue_pairs=_get(d, "max_queue_pairs", int),
-            switches=_get(d, "switches", int),
-            rss=RssState.from_dict(_get(d, "rss", dict)),
-        )
+        fields = _plain_fields(cls, d, nested=("rss",))
+        return cls(**fields, rss=RssState.from_dict(_get(d, "rss", dict)))
 
 
 @dataclass
@@ -189,15 +195,7 @@ class RxFilterState:
 
     @classmethod
     def from_dict(cls, d: Any) -> RxFilterState:
-        return cls(
-            mac=_get(d, "mac", str),
-            promisc=_get(d, "promisc", bool),
-            allmulti=_get(d, "allmulti", bool),
-            unicast=_strs(d, "unicast"),
-            multicast=_strs(d, "multicast"),
-            uni_overflow=_get(d, "uni_overflow", bool),
-            multi_overflow=_get(d, "multi_overflow", bool),
-        )
+        return cls(**_plain_fields(cls, d))
 
 
 @dataclass
@@ -270,19 +268,9 @@ class DeviceSnapshot:
 
     @classmethod
     def from_dict(cls, d: Any) -> DeviceSnapshot:
+        nested = ("steering", "rx_filter", "queues", "ctrl", "device")
         return cls(
-            name=_get(d, "name", str),
-            socket=_get(d, "socket", str),
-            tap=_get(d, "tap", str),
-            connected=_get(d, "connected", bool),
-            status=_get(d, "status", int),
-            features=_strs(d, "features"),
-            offered_features=_strs(d, "offered_features"),
-            link_up=_get(d, "link_up", bool),
-            tap_lost=_get(d, "tap_lost", bool),
-            mtu=_get(d, "mtu", int),
-            tap_io=_get(d, "tap_io", str),
-            queue_pairs=_get(d, "queue_pairs", int),
+            **_plain_fields(cls, d, nested),
             steering=SteeringState.from_dict(_get(d, "steering", dict)),
             rx_filter=RxFilterState.from_dict(_get(d, "rx_filter", dict)),
             queues=[PairStats.from_dict(q) for q in _get(d, "queues", list)],

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from vfiouser_net_harness.guest import Guest, GuestPaths
 from vfiouser_net_harness.netns import NetNS, Tap, create_netns, netns_with_tap
+from vfiouser_net_harness.prereq import require_host_network
 
 from tests.e2e.stack import require
 
@@ -69,10 +69,7 @@ def libvfio_user_build(vn_cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def netns_capable() -> None:
     """Root and the tools needed for namespaces, TAPs and iperf3."""
-    require(os.geteuid() == 0, "needs root (network namespaces, TAP devices)")
-    for tool in ("ip", "iperf3", "ss", "ping"):
-        require(shutil.which(tool) is not None, f"{tool} not installed")
-    require(Path("/dev/net/tun").exists(), "/dev/net/tun missing")
+    require_host_network("ip", "iperf3", "ss", "ping")
 
 
 @pytest.fixture

@@ -55,10 +55,7 @@ def _native_importable() -> bool:
 
 def check_prerequisites() -> GuestPaths:
     """Everything a stack needs; skip (or fail under CI) otherwise."""
-    require(os.geteuid() == 0, "needs root (network namespaces, TAP devices)")
-    for tool in ("ip", "iperf3", "ss", "ping"):
-        require(shutil.which(tool) is not None, f"{tool} not installed")
-    require(Path("/dev/net/tun").exists(), "/dev/net/tun missing")
+    prereq.require_host_network("ip", "iperf3", "ss", "ping")
     paths = GuestPaths.from_cache(VN_CACHE)
     missing = paths.missing()
     require(not missing, f"missing {', '.join(map(str, missing))}")

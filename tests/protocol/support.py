@@ -37,7 +37,7 @@ from typing import Any
 
 from vfiouser_net_harness.guest_memory import GuestMemory
 from vfiouser_net_harness.netns import NetNS, Tap, netns
-from vfiouser_net_harness.prereq import require
+from vfiouser_net_harness.prereq import require, require_host_network
 from vfiouser_net_harness.server import Server
 from vfiouser_net_harness.vfio_user_client import VfioUserClient
 from vfiouser_net_harness.virtio_pci_driver import (
@@ -70,9 +70,7 @@ GUEST_MEM_SIZE = 8 << 20
 
 
 def check_prerequisites() -> None:
-    require(os.geteuid() == 0, "needs root (network namespaces, TAP devices)")
-    require(Path("/dev/net/tun").exists(), "/dev/net/tun missing")
-    require(shutil.which("ip") is not None, "ip (iproute2) not installed")
+    require_host_network("ip")
     try:
         import vfiouser_net.native  # noqa: F401
     except Exception as e:  # ImportError, or the native module failing to load
